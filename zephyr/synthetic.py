@@ -143,7 +143,7 @@ def llama_tensors(shape: ModelShape, layout: str, seed: int = 0):
         qtype = tensor_type(layout, kind, layer, shape.n_layers)
         # About 1/sqrt(cols) per weight keeps activations of a random network at a sane size.
         scale = 0.7 / np.sqrt(cols)
-        tensor_seed = (seed, len(name), sum(map(ord, name)), layer)
+        tensor_seed = (seed, len(name), sum(map(ord, name)), layer + 1)
         return TensorSpec(name, qtype, (rows, cols),
                           lambda: random_blocks(qtype, (rows, cols), np.random.default_rng(tensor_seed), scale))
 
