@@ -1,0 +1,49 @@
+"""The CPU backend's build: OpenMP compiled in, and thread counts that change nothing but speed."""
+import numpy as np
+import pytest
+
+from zephyr.quants import GGMLType
+from zephyr_backends.cpu import _openmp
+from zephyr_backends.cpu.backend import CPUBackend
+
+
+def test_openmp_is_compiled_in():
+    assert _openmp.openmp_enabled(), "the CPU kernels were built without OpenMP: rebuild with -fopenmp"
+
+
+def test_threads_default_honours_omp_num_threads(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert CPUBackend(threads=0).threads == 3
+    assert CPUBackend(threads=-1).threads == 3
+    assert CPUBackend(threads=1).threads == 1
+
+
+def _every_op(backend, weights):
+    """Outputs of every op on fixed inputs."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 512)).astype(np.float32)
+    matrix = backend.load_weight(weights["matrix"])
+    outputs = {
+        "matmul1": backend.matmul(x[:1], matrix),
+        "matmul": backend.matmul(x, matrix),
+        "embed": backend.embed(matrix, np.array([3, 0, 32], np.int32)),
+        "rms_norm": backend.rms_norm(x, backend.load_weight(weights["norm"]), 1e-6),
+        "rope": backend.rope(x, 11, 64, 32, 10000.0, False),
+        "rope_neox": backend.rope(x, 11, 64, 64, 10000.0, True),
+        "swiglu": backend.swiglu(x, x[::-1].copy()),
+        "add": backend.add(x, x[::-1].copy()),
+    }
+    cache = backend.new_kv_cache(1, 16, 2, 64)
+    q = rng.standard_normal((5, 8 * 64)).astype(np.float32)
+    kv = rng.standard_normal((5, 2 * 64)).astype(np.float32)
+    outputs["attention"] = backend.attention(cache, 0, q, kv, kv, 0, 8, 2, window=3)
+    outputs["decode"] = backend.attention(cache, 0, q[:1], kv[:1], kv[:1], 5, 8, 2)
+    return outputs
+
+
+def test_thread_counts_give_identical_results(make_weight):
+    weights = {"matrix": make_weight(GGMLType.Q4_K, (33, 512)), "norm": make_weight(GGMLType.F32, (512,))}
+    single = _every_op(CPUBackend(threads=1), weights)
+    for threads in (2, 3):
+        for op, result in _every_op(CPUBackend(threads=threads), weights).items():
+            np.testing.assert_array_equal(result, single[op], err_msg=f"{op} with {threads} threads")

@@ -1,0 +1,115 @@
+"""Bad arguments to the CPU backend raise BackendError before native code sees them."""
+import numpy as np
+import pytest
+
+from zephyr.backend import Weight
+from zephyr.errors import BackendError
+from zephyr.quants import GGMLType
+from zephyr_backends.cpu import _ops
+from zephyr_backends.cpu.backend import CPUBackend
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    return CPUBackend(threads=2)
+
+
+@pytest.fixture
+def matrix(cpu, make_weight):
+    return cpu.load_weight(make_weight(GGMLType.Q4_0, (4, 64)))
+
+
+def f32(*shape):
+    return np.zeros(shape, np.float32)
+
+
+@pytest.mark.parametrize("x, message", [
+    (np.zeros((1, 64)), "float32"),
+    (f32(1, 128)[:, ::2], "contiguous"),
+    (f32(64), "2-D"),
+    ([[0.0] * 64], "numpy array"),
+    (f32(1, 32), "width"),
+])
+def test_matmul_rejects_bad_activations(cpu, matrix, x, message):
+    with pytest.raises(BackendError, match=message):
+        cpu.matmul(x, matrix)
+
+
+def test_matmul_rejects_raw_arrays_as_weights(cpu):
+    with pytest.raises(BackendError, match="load_weight"):
+        cpu.matmul(f32(1, 64), f32(4, 64))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(shape=(4, 48)), "blocks"),                              # k not a multiple of 32
+    (dict(shape=(5, 64)), "bytes"),                               # more rows than data
+    (dict(data=np.zeros(10, np.uint8)), "bytes"),                 # truncated data
+    (dict(data=np.zeros(36, np.float32)), "uint8"),
+    (dict(type=GGMLType.IQ4_NL), "not supported"),
+    (dict(shape=(2, 2, 64)), "vector or matrix"),
+])
+def test_load_weight_rejects_bad_weights(cpu, make_weight, change, message):
+    weight = make_weight(GGMLType.Q4_0, (4, 64))
+    fields = dict(name="w", type=weight.type, shape=weight.shape, data=weight.data) | change
+    with pytest.raises(BackendError, match=message):
+        cpu.load_weight(Weight(**fields))
+
+
+@pytest.mark.parametrize("ids", [np.array([4]), np.array([-1]), np.array([0.0]), np.array([[0]])])
+def test_embed_rejects_bad_ids(cpu, matrix, ids):
+    with pytest.raises(BackendError, match="token ids"):
+        cpu.embed(matrix, ids)
+
+
+def test_rms_norm_rejects_wrong_weight_length(cpu):
+    with pytest.raises(BackendError, match="norm weight"):
+        cpu.rms_norm(f32(2, 64), f32(63), 1e-5)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((0, 64, 63, 1e4, False), "even"),
+    ((0, 64, 66, 1e4, False), "even"),
+    ((0, 48, 16, 1e4, False), "multiple of head_dim"),
+    ((-1, 64, 64, 1e4, False), "start_pos"),
+])
+def test_rope_rejects_bad_geometry(cpu, args, message):
+    with pytest.raises(BackendError, match=message):
+        cpu.rope(f32(2, 128), *args)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(start_pos=7), "do not fit"),                 # 7 + 2 tokens > 8 positions
+    (dict(start_pos=-1), "start_pos"),
+    (dict(layer=2), "layer"),
+    (dict(n_kv_heads=4), "kv heads"),
+    (dict(n_heads=3), "kv heads"),
+    (dict(k=f32(3, 32)), "rows"),
+    (dict(v=f32(2, 16)), "width"),
+    (dict(q=np.zeros((2, 64))), "float32"),
+    (dict(window=-1), "window"),
+    (dict(cache=object()), "new_kv_cache"),
+])
+def test_attention_rejects_bad_arguments(cpu, kwargs, message):
+    args = dict(cache=cpu.new_kv_cache(2, 8, 2, 16), layer=0, q=f32(2, 64), k=f32(2, 32), v=f32(2, 32),
+                start_pos=0, n_heads=4, n_kv_heads=2) | kwargs
+    with pytest.raises(BackendError, match=message):
+        cpu.attention(**args)
+
+
+@pytest.mark.parametrize("op", ["swiglu", "add"])
+def test_elementwise_ops_reject_mismatched_shapes(cpu, op):
+    with pytest.raises(BackendError, match="shapes"):
+        getattr(cpu, op)(f32(2, 8), f32(2, 9))
+    with pytest.raises(BackendError, match="float32"):
+        getattr(cpu, op)(f32(2, 8), np.zeros((2, 8), np.float16))
+
+
+def test_native_layer_refuses_short_buffers():
+    """A wrapper bug must surface as an exception, not as an out-of-bounds read."""
+    with pytest.raises(ValueError, match="smaller"):
+        _ops.matmul(f32(1, 32), np.zeros(17, np.uint8), int(GGMLType.Q4_0), 1, f32(1, 1), 1)
+    with pytest.raises(ValueError, match="out of range"):
+        _ops.embed(np.zeros(18, np.uint8), int(GGMLType.Q4_0), 1, np.array([1], np.int32), f32(1, 32), 1)
+    with pytest.raises(ValueError, match="cache positions"):
+        _ops.attention(f32(2, 16), f32(2, 16), f32(2, 16), f32(1, 1, 16), f32(1, 1, 16), 0, 1, 1, 0,
+                       f32(2, 16), 1)
