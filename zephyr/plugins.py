@@ -1,0 +1,93 @@
+"""Finding backends: the plugin manager, entry-point discovery, and selection by name or score.
+
+Built-in backends are plugins too: they are declared under the same entry-point group
+(`zephyr.backends`) in pyproject.toml as any third-party package's.
+"""
+import threading
+
+import pluggy
+
+from . import hookspecs
+from .backend import BACKEND_API_VERSION, Backend
+from .errors import BackendError
+
+ENTRY_POINT_GROUP = "zephyr.backends"
+
+_manager = None
+_lock = threading.Lock()
+
+
+def plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, with every installed plugin loaded (once, on first use)."""
+    global _manager
+    with _lock:
+        if _manager is None:
+            manager = pluggy.PluginManager(hookspecs.PROJECT)
+            manager.add_hookspecs(hookspecs)
+            manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+            _manager = manager
+        return _manager
+
+
+def register_plugin(plugin, name=None):
+    """Register a plugin object or module by hand (for apps and tests; packages use entry points)."""
+    plugin_manager().register(plugin, name=name)
+
+
+def unregister_plugin(plugin=None, name=None):
+    plugin_manager().unregister(plugin, name=name)
+
+
+def backend_classes() -> dict:
+    """Every registered backend class by name, whatever its interface version or availability."""
+    found = {}
+    for batch in plugin_manager().hook.zephyr_register_backends():
+        for cls in batch or ():
+            if not (isinstance(cls, type) and issubclass(cls, Backend)):
+                raise BackendError(f"plugin returned {cls!r}, which is not a zephyr.backend.Backend subclass")
+            found.setdefault(cls.name, cls)
+    return found
+
+
+def check_compatible(cls):
+    """Raise BackendError if `cls` was built for another version of the backend interface."""
+    if cls.api_version != BACKEND_API_VERSION:
+        raise BackendError(
+            f"backend {cls.name!r} implements backend interface version {cls.api_version}, but this "
+            f"zephyr speaks version {BACKEND_API_VERSION}; upgrade the package that provides it (or zephyr)")
+
+
+def describe_backends() -> list:
+    """(name, score, usable, reason) for every installed backend, best first: what `zephyr backends` shows."""
+    rows = []
+    for name, cls in backend_classes().items():
+        try:
+            check_compatible(cls)
+            status = cls.availability()
+            usable, reason = status.available, status.reason
+        except Exception as exc:  # a broken plugin must not hide the others
+            usable, reason = False, str(exc)
+        rows.append((name, cls.score, usable, reason))
+    return sorted(rows, key=lambda row: (-row[1], row[0]))
+
+
+def get_backend_class(name: str):
+    """The usable backend class called `name`, or a BackendError saying why it cannot be used."""
+    classes = backend_classes()
+    if name not in classes:
+        known = ", ".join(sorted(classes)) or "none"
+        raise BackendError(f"no backend named {name!r} is installed (installed: {known})")
+    cls = classes[name]
+    check_compatible(cls)
+    status = cls.availability()
+    if not status:
+        raise BackendError(f"backend {name!r} is installed but unavailable here: {status.reason}")
+    return cls
+
+
+def best_backend_class(exclude=()):
+    """The usable backend with the highest score (ties broken by name)."""
+    for name, _score, usable, _reason in describe_backends():
+        if usable and name not in exclude:
+            return backend_classes()[name]
+    raise BackendError("no usable backend is installed; reinstall zephyr (the CPU backend ships with it)")
