@@ -1,0 +1,144 @@
+"""Configuration: the model's hyperparameters (read from GGUF metadata) and the user's run settings.
+
+`ModelConfig` is the blueprint of the network; `Config` mirrors ctransformers 0.2.27's Config so
+code written for ctransformers passes the same keyword arguments.
+"""
+from dataclasses import dataclass, field, fields
+from typing import Optional, Sequence, Union
+
+from .errors import GGUFError
+
+# Architectures that share llama's graph (RMSNorm, RoPE, GQA attention, SwiGLU MLP).
+LLAMA_LIKE = ("llama", "mistral")
+
+# Unless the user asks, the KV cache is capped at this many positions: Mistral's 32768-token
+# window would otherwise cost 4 GiB of cache on a 7B model.
+DEFAULT_MAX_CONTEXT = 4096
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters of a llama-architecture model."""
+
+    architecture: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_ffn: int
+    vocab_size: int
+    context_length: int        # what the model was trained for
+    rope_base: float
+    rope_dims: int
+    rope_neox: bool            # split-half rotation (NeoX) rather than adjacent pairs
+    rms_eps: float
+    sliding_window: int        # 0: full attention
+    tied_embeddings: bool      # no output.weight: the token embedding doubles as the output head
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @classmethod
+    def from_gguf(cls, model) -> "ModelConfig":
+        """Read from a GGUFFile; every missing or ill-typed key is a GGUFError naming it."""
+        meta = model.metadata
+        arch = meta.get("general.architecture")
+        if arch not in LLAMA_LIKE:
+            raise GGUFError(f"architecture {arch!r} is not supported (zephyr runs: {', '.join(LLAMA_LIKE)})",
+                            model.path)
+
+        def get(key, kind, default=None):
+            full = f"{arch}.{key}"
+            value = meta.get(full, default)
+            if value is None:
+                raise GGUFError(f"required metadata key {full!r} is missing", model.path)
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise GGUFError(f"metadata {full!r} should be an integer, got {value!r}", model.path)
+            if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise GGUFError(f"metadata {full!r} should be a number, got {value!r}", model.path)
+            return kind(value)
+
+        d_model = get("embedding_length", int)
+        n_heads = get("attention.head_count", int)
+        if "token_embd.weight" not in model:
+            raise GGUFError("tensor 'token_embd.weight' is missing", model.path)
+        vocab_size = model.tensor("token_embd.weight").shape[0]
+        config = cls(
+            architecture=arch,
+            n_layers=get("block_count", int),
+            d_model=d_model,
+            n_heads=n_heads,
+            n_kv_heads=get("attention.head_count_kv", int, n_heads),
+            d_ffn=get("feed_forward_length", int),
+            vocab_size=vocab_size,
+            context_length=get("context_length", int, 2048),
+            rope_base=get("rope.freq_base", float, 10000.0),
+            rope_dims=get("rope.dimension_count", int, d_model // max(n_heads, 1)),
+            rope_neox=False,
+            rms_eps=get("attention.layer_norm_rms_epsilon", float, 1e-5),
+            sliding_window=get("attention.sliding_window", int, 0),
+            tied_embeddings="output.weight" not in model,
+        )
+        config.validate(model.path)
+        return config
+
+    def validate(self, path=None):
+        problems = []
+        for name in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ffn", "vocab_size", "context_length"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} = {getattr(self, name)} must be positive")
+        if not problems:
+            if self.d_model % self.n_heads:
+                problems.append(f"embedding_length {self.d_model} is not divisible by head_count {self.n_heads}")
+            elif self.n_heads % self.n_kv_heads:
+                problems.append(f"head_count {self.n_heads} is not a multiple of head_count_kv {self.n_kv_heads}")
+            elif not (0 < self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0):
+                problems.append(f"rope.dimension_count {self.rope_dims} must be even and at most the head size {self.head_dim}")
+        if self.rope_base <= 0 or not self.rms_eps > 0:
+            problems.append("rope.freq_base and layer_norm_rms_epsilon must be positive")
+        if problems:
+            raise GGUFError("invalid hyperparameters: " + "; ".join(problems), path)
+
+
+@dataclass
+class Config:
+    """Run settings, with ctransformers 0.2.27's names and defaults."""
+
+    top_k: int = 40
+    top_p: float = 0.95
+    temperature: float = 0.8
+    repetition_penalty: float = 1.1
+    last_n_tokens: int = 64
+    seed: int = -1
+    max_new_tokens: int = 256
+    stop: Optional[Union[str, Sequence[str]]] = None
+    stream: bool = False
+    reset: bool = True
+    batch_size: int = 8
+    threads: int = -1
+    context_length: int = -1
+    gpu_layers: int = 0
+    mmap: bool = True
+    mlock: bool = False
+
+    @classmethod
+    def field_names(cls):
+        return [f.name for f in fields(cls)]
+
+    def updated(self, **kwargs) -> "Config":
+        """A copy with `kwargs` applied; an unknown name is a TypeError, as a misspelt argument should be."""
+        unknown = set(kwargs) - set(self.field_names())
+        if unknown:
+            raise TypeError(f"unknown setting(s) {', '.join(sorted(unknown))}; valid: {', '.join(self.field_names())}")
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(kwargs)
+        return Config(**values)
+
+
+GENERATION_SETTINGS = ("top_k", "top_p", "temperature", "repetition_penalty", "last_n_tokens", "seed",
+                       "max_new_tokens", "stop", "stream", "reset", "batch_size", "threads")

@@ -1,0 +1,135 @@
+"""The llama-architecture network (Llama 1/2/3, Mistral/Zephyr, SmolLM2, TinyLlama) as backend calls.
+
+The graph never knows about quant formats, SIMD or devices: it calls the operations of
+`zephyr.backend.Backend` on whichever backend the placement gave each layer, and moves the
+hidden state between backends only where neighbouring layers differ.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import Weight
+from .config import ModelConfig
+from .errors import ContextOverflowError, GGUFError
+from .placement import Placement
+from .quants import GGMLType
+
+
+@dataclass
+class Block:
+    """The weights of one transformer block, as handles of the backend that runs it."""
+
+    attn_norm: object
+    wq: object
+    wk: object
+    wv: object
+    wo: object
+    ffn_norm: object
+    w_gate: object
+    w_up: object
+    w_down: object
+
+
+class LlamaModel:
+    """Weights (read-only, from the memory map) + KV caches (run state) + the forward pass."""
+
+    def __init__(self, gguf_file, config: ModelConfig, placement: Placement, n_ctx: int):
+        self.config = config
+        self.placement = placement
+        self.n_ctx = n_ctx
+        c = config
+
+        def load(backend, name, shape):
+            weight = _weight(gguf_file, name, shape)
+            if len(shape) == 2 and not backend.supports("matmul", weight.type):
+                raise GGUFError(f"tensor {name!r} has type {weight.type.name}, which backend {backend.name!r} "
+                                f"cannot compute with (it supports {', '.join(sorted(t.name for t in backend.supported_types))})",
+                                gguf_file.path)
+            return backend.load_weight(weight)
+
+        self.token_embd = load(placement.embedding, "token_embd.weight", (c.vocab_size, c.d_model))
+        self.blocks = []
+        for i, backend in enumerate(placement.layers):
+            p = f"blk.{i}."
+            self.blocks.append(Block(
+                attn_norm=load(backend, p + "attn_norm.weight", (c.d_model,)),
+                wq=load(backend, p + "attn_q.weight", (c.n_heads * c.head_dim, c.d_model)),
+                wk=load(backend, p + "attn_k.weight", (c.kv_dim, c.d_model)),
+                wv=load(backend, p + "attn_v.weight", (c.kv_dim, c.d_model)),
+                wo=load(backend, p + "attn_output.weight", (c.d_model, c.n_heads * c.head_dim)),
+                ffn_norm=load(backend, p + "ffn_norm.weight", (c.d_model,)),
+                w_gate=load(backend, p + "ffn_gate.weight", (c.d_ffn, c.d_model)),
+                w_up=load(backend, p + "ffn_up.weight", (c.d_ffn, c.d_model)),
+                w_down=load(backend, p + "ffn_down.weight", (c.d_model, c.d_ffn)),
+            ))
+        head = placement.head
+        self.output_norm = load(head, "output_norm.weight", (c.d_model,))
+        output_name = "token_embd.weight" if c.tied_embeddings else "output.weight"
+        self.output = load(head, output_name, (c.vocab_size, c.d_model))
+
+        # One cache per backend, holding that backend's layers (numbered locally).
+        self.caches, self.local_layer = {}, []
+        for backend in placement.backends:
+            owned = [i for i, b in enumerate(placement.layers) if b is backend]
+            if owned:
+                self.caches[id(backend)] = backend.new_kv_cache(len(owned), n_ctx, c.n_kv_heads, c.head_dim)
+        counters = {}
+        for backend in placement.layers:
+            self.local_layer.append(counters.get(id(backend), 0))
+            counters[id(backend)] = self.local_layer[-1] + 1
+
+    def forward(self, tokens: np.ndarray, start_pos: int, output="logits") -> np.ndarray:
+        """Evaluate `tokens` sitting at positions start_pos.. and return, as numpy float32:
+        output="logits": logits of the last token [vocab]; "hidden": final-normed states [n, d]."""
+        tokens = np.ascontiguousarray(tokens, dtype=np.int32)
+        n = tokens.shape[0]
+        if start_pos + n > self.n_ctx:
+            raise ContextOverflowError(
+                f"{start_pos + n} tokens do not fit the context window of {self.n_ctx}; "
+                f"shorten the prompt, reset the model, or load it with a larger context_length")
+        if n and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got {tokens.min()}..{tokens.max()}")
+        c = self.config
+        backend = self.placement.embedding
+        x = backend.embed(self.token_embd, tokens)                          # x: [n, d]
+        for i, (block, layer_backend) in enumerate(zip(self.blocks, self.placement.layers)):
+            x, backend = _move(x, backend, layer_backend)
+            x = self._block(backend, block, i, x, start_pos)
+        x, backend = _move(x, backend, self.placement.head)
+        if output == "hidden":
+            return backend.to_host(backend.rms_norm(x, self.output_norm, c.rms_eps))
+        normed = backend.rms_norm(x[-1:], self.output_norm, c.rms_eps)     # normed: [1, d]
+        return backend.to_host(backend.matmul(normed, self.output))[0]     # [vocab]
+
+    def _block(self, b, w: Block, i: int, x, start_pos: int):
+        c = self.config
+        h = b.rms_norm(x, w.attn_norm, c.rms_eps)                           # h: [n, d]
+        q = b.rope(b.matmul(h, w.wq), start_pos, c.head_dim, c.rope_dims, c.rope_base, c.rope_neox)
+        k = b.rope(b.matmul(h, w.wk), start_pos, c.head_dim, c.rope_dims, c.rope_base, c.rope_neox)
+        v = b.matmul(h, w.wv)                                               # k, v: [n, kv_dim]
+        attn = b.attention(self.caches[id(b)], self.local_layer[i], q, k, v, start_pos,
+                           c.n_heads, c.n_kv_heads, c.sliding_window)       # attn: [n, d]
+        x = b.add(x, b.matmul(attn, w.wo))
+        h = b.rms_norm(x, w.ffn_norm, c.rms_eps)
+        f = b.swiglu(b.matmul(h, w.w_gate), b.matmul(h, w.w_up))           # f: [n, d_ffn]
+        return b.add(x, b.matmul(f, w.w_down))
+
+
+def _move(x, src, dst):
+    """Hand the hidden state to `dst` (a no-op when it is already there)."""
+    if src is dst:
+        return x, src
+    return dst.from_host(src.to_host(x)), dst
+
+
+def _weight(gguf_file, name, shape) -> Weight:
+    """The named tensor as a Weight, after checking it has the shape the config implies."""
+    if name not in gguf_file:
+        raise GGUFError(f"tensor {name!r} is missing", gguf_file.path)
+    info = gguf_file.tensor(name)
+    if tuple(info.shape) != tuple(shape) and not (len(shape) == 1 and info.shape == (1, shape[0])):
+        raise GGUFError(f"tensor {name!r} has shape {list(info.shape)}, but the metadata implies {list(shape)}",
+                        gguf_file.path)
+    if len(shape) == 1 and info.type != GGMLType.F32:
+        raise GGUFError(f"norm tensor {name!r} has type {info.type.name}; expected F32", gguf_file.path)
+    return Weight(name, info.type, tuple(shape), gguf_file.tensor_data(info))
