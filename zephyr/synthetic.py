@@ -84,7 +84,7 @@ def minimal_llama_vocab(size: int):
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     types = [2, 3, 3] + [6] * 256
     letters = "etaoinshrdlucmfwypvbgkjqxz"
-    pieces = [f"\u2581{c}" for c in letters] + list(letters)
+    pieces = ["\u2581"] + [f"\u2581{c}" for c in letters] + list(letters)
     pieces += [a + b for a in letters for b in letters]
     i = 0
     while len(pieces) < size:
