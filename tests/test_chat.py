@@ -1,0 +1,406 @@
+"""Chat prompts: built-in formats, sandboxed GGUF templates, and how a format is chosen."""
+import time
+
+import pytest
+
+from zephyr import chat
+from zephyr.chat import (CHAT_FORMATS, ChatFormat, chat_format_from_template, register_chat_format,
+                         resolve_chat_format)
+from zephyr.errors import ChatTemplateError
+
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Hi!"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "What is 2+2?"},
+]
+
+EXPECTED = {
+    "zephyr": (
+        "<|system|>\nYou are terse.</s>\n"
+        "<|user|>\nHi!</s>\n"
+        "<|assistant|>\nHello.</s>\n"
+        "<|user|>\nWhat is 2+2?</s>\n"
+        "<|assistant|>\n"
+    ),
+    "chatml": (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n"
+        "<|im_start|>user\nHi!<|im_end|>\n"
+        "<|im_start|>assistant\nHello.<|im_end|>\n"
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    ),
+    "llama-2": (
+        "<s>[INST] <<SYS>>\nYou are terse.\n<</SYS>>\n\nHi! [/INST] Hello. </s>"
+        "<s>[INST] What is 2+2? [/INST]"
+    ),
+    "mistral-instruct": (
+        "<s>[INST] You are terse.\n\nHi! [/INST]Hello.</s>"
+        "[INST] What is 2+2? [/INST]"
+    ),
+}
+
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Zephyr-7B-beta's template, laid out one tag per line as Hugging Face ships it: trim_blocks and
+# lstrip_blocks must eat the newlines after block tags, and keep those after {{ }}.
+ZEPHYR_TEMPLATE = r"""{% for message in messages %}
+{% if message['role'] == 'user' %}
+{{ '<|user|>\n' + message['content'] + eos_token }}
+{% elif message['role'] == 'system' %}
+{{ '<|system|>\n' + message['content'] + eos_token }}
+{% elif message['role'] == 'assistant' %}
+{{ '<|assistant|>\n'  + message['content'] + eos_token }}
+{% endif %}
+{% if loop.last and add_generation_prompt %}
+{{ '<|assistant|>' }}
+{% endif %}
+{% endfor %}"""
+
+TOKENS = ["<unk>", "<s>", "</s>", "<|im_end|>"]
+
+
+def metadata(**extra):
+    """GGUF metadata shaped like a Llama-family file: <s> and </s> are tokens 1 and 2."""
+    return {"tokenizer.ggml.tokens": TOKENS, "tokenizer.ggml.bos_token_id": 1,
+            "tokenizer.ggml.eos_token_id": 2, **extra}
+
+
+def render_template(source, messages=CONVERSATION, **kwargs):
+    return chat_format_from_template(source, name="test", origin="the test template").render(messages, **kwargs)
+
+
+# ---- built-in formats --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_builtin_format_renders_canonical_prompt(name):
+    assert CHAT_FORMATS[name].render(CONVERSATION) == EXPECTED[name]
+
+
+@pytest.mark.parametrize("name, stop", [("zephyr", ("</s>",)), ("chatml", ("<|im_end|>",)),
+                                        ("llama-2", ("</s>",)), ("mistral-instruct", ("</s>",))])
+def test_builtin_format_stop_strings(name, stop):
+    assert CHAT_FORMATS[name].name == name
+    assert CHAT_FORMATS[name].stop == stop
+
+
+def test_builtin_formats_without_system_message():
+    messages = [{"role": "user", "content": "Hi!"}]
+    assert CHAT_FORMATS["zephyr"].render(messages) == "<|user|>\nHi!</s>\n<|assistant|>\n"
+    assert CHAT_FORMATS["llama-2"].render(messages) == "<s>[INST] Hi! [/INST]"
+    assert CHAT_FORMATS["mistral-instruct"].render(messages) == "<s>[INST] Hi! [/INST]"
+
+
+def test_builtin_formats_without_generation_prompt():
+    messages = CONVERSATION[:3]
+    assert CHAT_FORMATS["zephyr"].render(messages, add_generation_prompt=False) == (
+        "<|system|>\nYou are terse.</s>\n<|user|>\nHi!</s>\n<|assistant|>\nHello.</s>\n")
+    assert CHAT_FORMATS["chatml"].render(messages, add_generation_prompt=False) == (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n"
+        "<|im_start|>assistant\nHello.<|im_end|>\n")
+    assert CHAT_FORMATS["llama-2"].render(messages, add_generation_prompt=False) == (
+        "<s>[INST] <<SYS>>\nYou are terse.\n<</SYS>>\n\nHi! [/INST] Hello. </s>")
+
+
+def test_none_content_renders_empty_in_builtin_formats():
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}]
+    assert CHAT_FORMATS["chatml"].render(messages, add_generation_prompt=False) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<|im_end|>\n")
+
+
+@pytest.mark.parametrize("name", ["llama-2", "mistral-instruct"])
+@pytest.mark.parametrize("messages", [
+    [{"role": "assistant", "content": "first"}],
+    [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+    [{"role": "user", "content": "a"}, {"role": "system", "content": "late"}],
+    [{"role": "system", "content": "only a system message"}],
+])
+def test_instruction_formats_need_alternating_turns(name, messages):
+    with pytest.raises(ChatTemplateError, match=name):
+        CHAT_FORMATS[name].render(messages)
+
+
+def test_zephyr_format_rejects_unknown_role():
+    with pytest.raises(ChatTemplateError, match="'tool'"):
+        CHAT_FORMATS["zephyr"].render([{"role": "tool", "content": "42"}])
+
+
+def test_register_chat_format():
+    def shout(messages, add_generation_prompt=True, **extra):
+        return "".join(m["content"].upper() for m in messages) + extra.get("suffix", "")
+
+    try:
+        fmt = register_chat_format("test-shout", shout, stop=["!"])
+        assert CHAT_FORMATS["test-shout"] is fmt
+        assert resolve_chat_format({}, "test-shout").render([{"role": "user", "content": "hi"}], suffix="?") == "HI?"
+        assert fmt.stop == ("!",)
+        with pytest.raises(ChatTemplateError, match="already registered"):
+            register_chat_format("test-shout", shout)
+        assert register_chat_format("test-shout", shout, replace=True) is CHAT_FORMATS["test-shout"]
+    finally:
+        CHAT_FORMATS.pop("test-shout", None)
+
+
+# ---- Jinja templates ---------------------------------------------------------------------------
+
+def test_smollm2_template_adds_default_system_prompt():
+    messages = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Bye"}]
+    assert render_template(SMOLLM2_TEMPLATE, messages) == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nHi!<|im_end|>\n"
+        "<|im_start|>assistant\nHello.<|im_end|>\n"
+        "<|im_start|>user\nBye<|im_end|>\n"
+        "<|im_start|>assistant\n")
+
+
+def test_smollm2_template_keeps_given_system_prompt():
+    assert render_template(SMOLLM2_TEMPLATE) == EXPECTED["chatml"]
+    assert render_template(SMOLLM2_TEMPLATE, add_generation_prompt=False) == (
+        EXPECTED["chatml"].removesuffix("<|im_start|>assistant\n"))
+
+
+def test_real_smollm2_file_uses_its_template(smollm2_path):
+    from zephyr import gguf
+
+    with gguf.read(smollm2_path) as model:
+        fmt = resolve_chat_format(model.metadata)
+    assert fmt.name == "gguf"
+    assert fmt.stop == ("<|im_end|>",)
+    assert fmt.render(CONVERSATION) == EXPECTED["chatml"]
+
+
+def test_zephyr_jinja_template_matches_builtin_format():
+    fmt = resolve_chat_format(metadata(**{"tokenizer.chat_template": ZEPHYR_TEMPLATE}))
+    assert fmt.stop == ("</s>",)
+    assert fmt.render(CONVERSATION) == EXPECTED["zephyr"]
+    assert fmt.render(CONVERSATION[:3], add_generation_prompt=False) == (
+        CHAT_FORMATS["zephyr"].render(CONVERSATION[:3], add_generation_prompt=False))
+
+
+def test_template_can_emit_bos_and_eos_from_metadata():
+    source = "{{ bos_token }}{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}"
+    fmt = resolve_chat_format(metadata(), source)
+    assert fmt.render(CONVERSATION[1:3]) == "<s>Hi!</s>Hello.</s>"
+
+
+def test_caller_can_keep_bos_out_of_the_prompt():
+    fmt = resolve_chat_format(metadata(), "{{ bos_token }}{{ messages[0].content }}")
+    assert fmt.render(CONVERSATION, bos_token="") == "You are terse."
+
+
+def test_special_tokens_default_to_empty_without_vocabulary():
+    fmt = resolve_chat_format({}, "[{{ bos_token }}|{{ eos_token }}]")
+    assert fmt.render([]) == "[|]"
+    assert fmt.stop == ()
+
+
+def test_eot_token_is_also_a_stop_string():
+    meta = metadata(**{"tokenizer.ggml.eot_token_id": 3, "tokenizer.chat_template": "{{ messages|length }}"})
+    assert resolve_chat_format(meta).stop == ("</s>", "<|im_end|>")
+
+
+def test_extra_variables_tojson_and_strftime_now():
+    source = ("{{ tools|tojson }}|{{ tools|tojson(indent=2) }}|{{ date_string }}|"
+              "{{ strftime_now('%Y') }}|{{ not_given }}|{% for m in messages %}{% if loop.index > 1 %}{% break %}"
+              "{% endif %}{{ m.role }}{% endfor %}")
+    tools = [{"name": "météo", "n": 1}]
+    year = time.strftime("%Y")
+    assert render_template(source, tools=tools, date_string="26 Jul 2024") == (
+        '[{"name": "météo", "n": 1}]|'
+        '[\n  {\n    "name": "météo",\n    "n": 1\n  }\n]|'
+        f'26 Jul 2024|{year}||system')
+
+
+def test_extra_keys_of_messages_reach_the_template():
+    messages = [{"role": "assistant", "content": None, "tool_calls": [{"name": "f"}]}]
+    assert render_template("{{ messages[0].tool_calls[0].name }}|{{ messages[0].content }}", messages) == "f|None"
+
+
+def test_raise_exception_carries_the_template_message():
+    source = "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    with pytest.raises(ChatTemplateError, match="the test template refused these messages: System role not supported"):
+        render_template(source)
+
+
+def test_syntax_error_names_origin_and_line():
+    why = r"tokenizer.chat_template of model 'Broken' is not valid Jinja: line 2"
+    with pytest.raises(ChatTemplateError, match=why):
+        resolve_chat_format(metadata(**{"general.name": "Broken", "tokenizer.chat_template": "ok\n{% if %}"}))
+
+
+def test_runtime_error_names_origin():
+    with pytest.raises(ChatTemplateError, match="the test template failed while rendering: ZeroDivisionError"):
+        render_template("{{ 1 // 0 }}")
+
+
+def test_compiled_once_per_source():
+    first = chat_format_from_template(SMOLLM2_TEMPLATE)
+    second = chat_format_from_template(SMOLLM2_TEMPLATE)
+    assert first.build.template is second.build.template
+
+
+# ---- the sandbox -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("payload", [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ cycler.__init__.__globals__.os.popen('touch {marker}').read() }}",
+    "{{ joiner.__init__.__globals__.os.system('touch {marker}') }}",
+    "{{ namespace.__init__.__globals__.os.popen('touch {marker}').read() }}",
+    "{{ self.__init__.__globals__.__builtins__.__import__('os').system('touch {marker}') }}",
+    "{% set x = namespace() %}{{ x.__class__ }}",
+    "{{ lipsum.__globals__['os'].popen('touch {marker}').read() }}",
+    "{{ raise_exception.__globals__['os'] }}",
+    "{{ messages.__class__.__base__.__subclasses__() }}",
+    "{{ ''|attr('__class__')|attr('__mro__') }}",
+    "{{ '{0.__class__.__mro__}'.format('') }}",
+    "{{ ().__class__.__base__.__subclasses__()[0].__init__.__globals__ }}",
+    "{{ loop.__class__ }}{% for m in messages %}{{ loop.__init__.__globals__ }}{% endfor %}",
+])
+def test_sandbox_refuses_escape_payloads(payload, tmp_path):
+    marker = tmp_path / "pwned"
+    source = payload.replace("{marker}", str(marker))
+    with pytest.raises(ChatTemplateError, match="sandbox forbids"):
+        resolve_chat_format(metadata(**{"tokenizer.chat_template": source})).render(CONVERSATION)
+    assert not marker.exists()
+
+
+def test_sandbox_keeps_caller_data_immutable():
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ChatTemplateError, match="sandbox forbids"):
+        render_template("{{ messages.append({'role': 'user', 'content': 'injected'}) }}", messages)
+    assert messages == [{"role": "user", "content": "hi"}]
+
+
+DOUBLING = "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s OP ns.s %}{% endfor %}"
+
+
+@pytest.mark.parametrize("source, why", [
+    ("{% for i in range(10**9) %}x{% endfor %}", "the number 1000000000"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "loop iterations and calls"),
+    ("{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}", "output passed"),
+    ("{{ 'x' * 10**7 }}", "repeated a value"),
+    ("{{ ([1, 2] * 900000)|length }}", "repeated a value"),
+    (DOUBLING.replace("OP", "~"), "value of more"),
+    (DOUBLING.replace("OP", "+"), "value of more"),
+    ("{{ 'x'|center(10**10) }}", "the number 10000000000"),
+    ("{{ 'x'.ljust(10**10) }}", "the number 10000000000"),
+    ("{{ 10 ** 100000 }}", "integer of more than"),
+])
+def test_sandbox_limits_stop_runaway_templates_quickly(source, why):
+    start = time.perf_counter()
+    with pytest.raises(ChatTemplateError, match=why):
+        render_template(source)
+    assert time.perf_counter() - start < 10
+
+
+def test_step_budget_stops_exponential_recursion(monkeypatch):
+    monkeypatch.setattr(chat, "MAX_TEMPLATE_STEPS", 5_000)
+    source = "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}"
+    with pytest.raises(ChatTemplateError, match="loop iterations and calls"):
+        render_template(source)
+
+
+def test_budget_is_per_render(monkeypatch):
+    monkeypatch.setattr(chat, "MAX_TEMPLATE_STEPS", 50)
+    fmt = chat_format_from_template("{% for i in range(40) %}.{% endfor %}")
+    assert fmt.render([]) == fmt.render([]) == "." * 40
+
+
+def test_infinite_recursion_is_a_chat_template_error():
+    with pytest.raises(ChatTemplateError, match="RecursionError"):
+        render_template("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}")
+
+
+# ---- message validation ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("messages, why", [
+    ("hello", "must be a list"),
+    ([("user", "hi")], "message 0 must be a dict"),
+    ([{"content": "hi"}], "message 0 needs a str 'role'"),
+    ([{"role": "user", "content": "a"}, {"role": 3, "content": "hi"}], "message 1 needs a str 'role'"),
+    ([{"role": "user"}], r"message 0 \(user\) has no 'content'"),
+    ([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "content of type list"),
+])
+@pytest.mark.parametrize("fmt", [CHAT_FORMATS["chatml"], chat_format_from_template(SMOLLM2_TEMPLATE)],
+                         ids=["builtin", "template"])
+def test_bad_messages_are_rejected(fmt, messages, why):
+    with pytest.raises(ChatTemplateError, match=why):
+        fmt.render(messages)
+
+
+# ---- choosing the format -----------------------------------------------------------------------
+
+ZEPHYR_BETA_2023 = metadata(**{"general.name": "huggingfaceh4_zephyr-7b-beta"})
+
+
+def test_explicit_name_beats_file_template():
+    fmt = resolve_chat_format(metadata(**{"tokenizer.chat_template": SMOLLM2_TEMPLATE}), chat_format="llama-2")
+    assert fmt is CHAT_FORMATS["llama-2"]
+
+
+def test_explicit_template_string_beats_file_template():
+    fmt = resolve_chat_format(metadata(**{"tokenizer.chat_template": SMOLLM2_TEMPLATE}),
+                              chat_format="{% for m in messages %}{{ m.content }};{% endfor %}")
+    assert fmt.name == "custom"
+    assert fmt.render(CONVERSATION) == "You are terse.;Hi!;Hello.;What is 2+2?;"
+
+
+def test_explicit_chat_format_object_is_used_as_is():
+    assert resolve_chat_format({}, CHAT_FORMATS["chatml"]) is CHAT_FORMATS["chatml"]
+
+
+def test_explicit_name_of_a_template_stored_in_the_file():
+    meta = metadata(**{"tokenizer.chat_template": SMOLLM2_TEMPLATE,
+                       "tokenizer.chat_template.tool_use": "tools: {{ tools|length }}"})
+    fmt = resolve_chat_format(meta, "tool_use")
+    assert fmt.name == "tool_use"
+    assert fmt.render(CONVERSATION, tools=[1, 2]) == "tools: 2"
+
+
+def test_file_template_beats_general_name():
+    fmt = resolve_chat_format({**ZEPHYR_BETA_2023, "tokenizer.chat_template": SMOLLM2_TEMPLATE})
+    assert fmt.name == "gguf"
+    assert fmt.render(CONVERSATION) == EXPECTED["chatml"]
+
+
+def test_zephyr_beta_2023_file_is_recognised_by_name():
+    fmt = resolve_chat_format(ZEPHYR_BETA_2023)
+    assert fmt is CHAT_FORMATS["zephyr"]
+    assert fmt.render(CONVERSATION) == EXPECTED["zephyr"]
+
+
+@pytest.mark.parametrize("general_name, expected", [
+    ("TheBloke_Zephyr-7B-Alpha", "zephyr"),
+    ("mistralai_mistral-7b-instruct-v0.1", "mistral-instruct"),
+    ("LLaMA-2-7B-Chat", "llama-2"),
+    ("meta-llama_llama2-13b-chat-hf", "llama-2"),
+])
+def test_formats_recognised_from_general_name(general_name, expected):
+    assert resolve_chat_format(metadata(**{"general.name": general_name})) is CHAT_FORMATS[expected]
+
+
+@pytest.mark.parametrize("general_name", ["mistral-7b-v0.1", "llama-2-7b", None])
+def test_unrecognised_model_without_template_is_an_error(general_name):
+    meta = metadata() if general_name is None else metadata(**{"general.name": general_name})
+    with pytest.raises(ChatTemplateError, match="chat_format=") as excinfo:
+        resolve_chat_format(meta)
+    for name in EXPECTED:
+        assert repr(name) in str(excinfo.value)
+
+
+def test_unknown_explicit_name_lists_known_formats():
+    with pytest.raises(ChatTemplateError, match="unknown chat_format 'vicuna'.*'chatml'"):
+        resolve_chat_format(ZEPHYR_BETA_2023, "vicuna")
+
+
+def test_chat_format_is_a_frozen_value():
+    fmt = CHAT_FORMATS["chatml"]
+    assert isinstance(fmt, ChatFormat)
+    with pytest.raises(AttributeError):
+        fmt.name = "other"
