@@ -18,7 +18,7 @@ from .quants import GGMLType
 # Bumped whenever the abstract methods below change in an incompatible way.
 BACKEND_API_VERSION = 1
 
-OPS = ("matmul", "embed", "rms_norm", "rope", "attention", "swiglu", "add")
+OPS = ("matmul", "embed", "rms_norm", "rope", "attention", "swiglu", "add", "decoder_layer")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,35 @@ class Weight:
     @property
     def cols(self) -> int:
         return self.shape[-1]
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One transformer block's weights, as handles returned by `load_weight`."""
+
+    attn_norm: object   # [d] f32
+    wq: object          # [h * hd, d]
+    wk: object          # [h_kv * hd, d]
+    wv: object          # [h_kv * hd, d]
+    wo: object          # [d, h * hd]
+    ffn_norm: object    # [d] f32
+    w_gate: object      # [f, d]
+    w_up: object        # [f, d]
+    w_down: object      # [d, f]
+
+
+@dataclass(frozen=True)
+class LayerParams:
+    """The hyperparameters one block needs."""
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope_dims: int
+    rope_base: float
+    rope_neox: bool
+    rms_eps: float
+    sliding_window: int   # 0: full attention
 
 
 @dataclass(frozen=True)
@@ -139,3 +168,20 @@ class Backend(ABC):
     @abstractmethod
     def add(self, a, b):
         """a + b, both [n, d]."""
+
+    # -- whole steps ------------------------------------------------------------------------
+    def decoder_layer(self, x, w: LayerWeights, p: LayerParams, cache, layer: int, start_pos: int):
+        """One pre-norm llama block on x: [n, d] -> [n, d]; token i sits at start_pos + i.
+
+        Optional: this default composes the ops above. A backend may override it with a fused
+        implementation (one native call per layer) that must match this one.
+        """
+        h = self.rms_norm(x, w.attn_norm, p.rms_eps)                                  # h: [n, d]
+        q = self.rope(self.matmul(h, w.wq), start_pos, p.head_dim, p.rope_dims, p.rope_base, p.rope_neox)
+        k = self.rope(self.matmul(h, w.wk), start_pos, p.head_dim, p.rope_dims, p.rope_base, p.rope_neox)
+        v = self.matmul(h, w.wv)                                                      # k, v: [n, h_kv * hd]
+        attn = self.attention(cache, layer, q, k, v, start_pos, p.n_heads, p.n_kv_heads, p.sliding_window)
+        x = self.add(x, self.matmul(attn, w.wo))
+        h = self.rms_norm(x, w.ffn_norm, p.rms_eps)
+        f = self.swiglu(self.matmul(h, w.w_gate), self.matmul(h, w.w_up))            # f: [n, f]
+        return self.add(x, self.matmul(f, w.w_down))

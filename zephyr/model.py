@@ -4,30 +4,13 @@ The graph never knows about quant formats, SIMD or devices: it calls the operati
 `zephyr.backend.Backend` on whichever backend the placement gave each layer, and moves the
 hidden state between backends only where neighbouring layers differ.
 """
-from dataclasses import dataclass
-
 import numpy as np
 
-from .backend import Weight
+from .backend import LayerParams, LayerWeights, Weight
 from .config import ModelConfig
 from .errors import ContextOverflowError, GGUFError
 from .placement import Placement
 from .quants import GGMLType
-
-
-@dataclass
-class Block:
-    """The weights of one transformer block, as handles of the backend that runs it."""
-
-    attn_norm: object
-    wq: object
-    wk: object
-    wv: object
-    wo: object
-    ffn_norm: object
-    w_gate: object
-    w_up: object
-    w_down: object
 
 
 class LlamaModel:
@@ -48,10 +31,12 @@ class LlamaModel:
             return backend.load_weight(weight)
 
         self.token_embd = load(placement.embedding, "token_embd.weight", (c.vocab_size, c.d_model))
+        self.params = LayerParams(c.n_heads, c.n_kv_heads, c.head_dim, c.rope_dims, c.rope_base, c.rope_neox,
+                                  c.rms_eps, c.sliding_window)
         self.blocks = []
         for i, backend in enumerate(placement.layers):
             p = f"blk.{i}."
-            self.blocks.append(Block(
+            self.blocks.append(LayerWeights(
                 attn_norm=load(backend, p + "attn_norm.weight", (c.d_model,)),
                 wq=load(backend, p + "attn_q.weight", (c.n_heads * c.head_dim, c.d_model)),
                 wk=load(backend, p + "attn_k.weight", (c.kv_dim, c.d_model)),
@@ -94,25 +79,12 @@ class LlamaModel:
         x = backend.embed(self.token_embd, tokens)                          # x: [n, d]
         for i, (block, layer_backend) in enumerate(zip(self.blocks, self.placement.layers)):
             x, backend = _move(x, backend, layer_backend)
-            x = self._block(backend, block, i, x, start_pos)
+            x = backend.decoder_layer(x, block, self.params, self.caches[id(backend)], self.local_layer[i], start_pos)
         x, backend = _move(x, backend, self.placement.head)
         if output == "hidden":
             return backend.to_host(backend.rms_norm(x, self.output_norm, c.rms_eps))
         normed = backend.rms_norm(x[-1:], self.output_norm, c.rms_eps)     # normed: [1, d]
         return backend.to_host(backend.matmul(normed, self.output))[0]     # [vocab]
-
-    def _block(self, b, w: Block, i: int, x, start_pos: int):
-        c = self.config
-        h = b.rms_norm(x, w.attn_norm, c.rms_eps)                           # h: [n, d]
-        q = b.rope(b.matmul(h, w.wq), start_pos, c.head_dim, c.rope_dims, c.rope_base, c.rope_neox)
-        k = b.rope(b.matmul(h, w.wk), start_pos, c.head_dim, c.rope_dims, c.rope_base, c.rope_neox)
-        v = b.matmul(h, w.wv)                                               # k, v: [n, kv_dim]
-        attn = b.attention(self.caches[id(b)], self.local_layer[i], q, k, v, start_pos,
-                           c.n_heads, c.n_kv_heads, c.sliding_window)       # attn: [n, d]
-        x = b.add(x, b.matmul(attn, w.wo))
-        h = b.rms_norm(x, w.ffn_norm, c.rms_eps)
-        f = b.swiglu(b.matmul(h, w.w_gate), b.matmul(h, w.w_up))           # f: [n, d_ffn]
-        return b.add(x, b.matmul(f, w.w_down))
 
 
 def _move(x, src, dst):
