@@ -1,0 +1,62 @@
+"""The `zephyr` command line: generate, chat, info, backends."""
+import subprocess
+import sys
+
+import pytest
+
+from zephyr.cli import main
+from zephyr.synthetic import write_llama_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(write_llama_model(tmp_path_factory.mktemp("cli") / "tiny.gguf", "tiny", "Q4_K_M"))
+
+
+def test_backends_lists_cpu_and_reference(capsys):
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu" in out and "reference" in out and "available" in out
+
+
+def test_info_shows_metadata_and_tensors(capsys, tiny):
+    assert main(["info", tiny]) == 0
+    out = capsys.readouterr().out
+    assert "llama.block_count = 2" in out and "blk.0.attn_q.weight" in out and "Q4_K" in out
+    assert "ModelConfig(" in out
+
+
+def test_generate_demo_streams_a_sensible_answer(capsys, smollm2_path):
+    assert main(["generate", "demo", "-p", "The capital of France is", "--max-new-tokens", "8",
+                 "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("The capital of France is") and "Paris" in out
+
+
+def test_chat_keeps_history_and_resets(monkeypatch, capsys, smollm2_path):
+    lines = iter(["What is the capital of France? Answer in one sentence.", "/reset", "", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", str(smollm2_path), "--temperature", "0", "--max-new-tokens", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "Paris" in out and "(history cleared)" in out
+
+
+def test_chat_ends_on_end_of_input(monkeypatch, capsys, tiny):
+    def no_more(prompt=""):
+        raise EOFError
+    monkeypatch.setattr("builtins.input", no_more)
+    assert main(["chat", tiny, "--chat-format", "zephyr"]) == 0
+
+
+def test_errors_are_messages_not_tracebacks(capsys, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a model at all")
+    assert main(["info", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("zephyr: error:") and "bad magic" in err
+    assert main(["generate", str(tmp_path / "missing.gguf"), "-p", "x"]) == 1
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "zephyr.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "generate" in result.stdout and "backends" in result.stdout
