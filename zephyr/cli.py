@@ -1,0 +1,146 @@
+"""The `zephyr` command: generate, chat, info, backends.
+
+MODEL is a .gguf path, a directory, a Hugging Face repo id (with --model-file), or `demo`.
+"""
+import argparse
+import sys
+
+from .errors import ZephyrError
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except (ZephyrError, ValueError, FileNotFoundError) as exc:
+        print(f"zephyr: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="zephyr", description="Run GGUF language models.")
+    sub = parser.add_subparsers(dest="command")
+
+    def model_command(name, help, run):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("model", help="a .gguf file, a directory, a Hugging Face repo id, or 'demo'")
+        p.add_argument("--model-file", help="which .gguf file of a directory or repo")
+        p.set_defaults(run=run)
+        return p
+
+    def run_options(p):
+        p.add_argument("--threads", type=int, default=-1)
+        p.add_argument("--gpu-layers", type=int, default=0)
+        p.add_argument("--context-length", type=int, default=-1)
+        p.add_argument("--backend", help="backend for the non-GPU layers (see `zephyr backends`)")
+        p.add_argument("--temperature", type=float)
+        p.add_argument("--top-k", type=int)
+        p.add_argument("--top-p", type=float)
+        p.add_argument("--repetition-penalty", type=float)
+        p.add_argument("--seed", type=int)
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--chat-format", help="override the chat template (e.g. zephyr, chatml, llama-2)")
+
+    g = model_command("generate", "complete a prompt, streaming the text", _generate)
+    g.add_argument("-p", "--prompt", required=True)
+    run_options(g)
+    c = model_command("chat", "chat interactively (/reset clears the history, /exit quits)", _chat)
+    c.add_argument("--system", help="a system message")
+    run_options(c)
+    model_command("info", "show metadata, tensor types and sizes", _info)
+    b = sub.add_parser("backends", help="list installed backends and whether they can run here")
+    b.set_defaults(run=_backends)
+    return parser
+
+
+def _model_path(args):
+    if args.model == "demo":
+        from .demo import demo_model_path
+        return demo_model_path()
+    from .sources import resolve_model_file
+    return resolve_model_file(args.model, model_file=args.model_file)
+
+
+def _load(args):
+    from .llm import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(
+        str(_model_path(args)), threads=args.threads, gpu_layers=args.gpu_layers,
+        context_length=args.context_length, backend=args.backend, chat_format=args.chat_format)
+
+
+def _sampling(args):
+    names = ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "max_new_tokens")
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def _generate(args):
+    with _load(args) as llm:
+        print(args.prompt, end="", flush=True)
+        for chunk in llm(args.prompt, stream=True, **_sampling(args)):
+            print(chunk, end="", flush=True)
+        print()
+
+
+def _chat(args):
+    with _load(args) as llm:
+        history = [{"role": "system", "content": args.system}] if args.system else []
+        start = list(history)
+        print(f"Chatting with {llm.model_path} ({llm.placement.describe()}). /reset clears, /exit quits.")
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                print()
+                return
+            if line.strip() == "/exit":
+                return
+            if line.strip() == "/reset":
+                history = list(start)
+                print("(history cleared)")
+                continue
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line})
+            reply = ""
+            try:
+                for chunk in llm.chat(history, stream=True, **_sampling(args)):
+                    reply += chunk
+                    print(chunk, end="", flush=True)
+            except KeyboardInterrupt:
+                print(" [interrupted]", end="")
+            print()
+            history.append({"role": "assistant", "content": reply})
+
+
+def _info(args):
+    from . import gguf
+    from .config import ModelConfig
+    with gguf.read(_model_path(args)) as f:
+        print(f.summary())
+        try:
+            config = ModelConfig.from_gguf(f)
+            print(f"\n{config}")
+        except ZephyrError as exc:
+            print(f"\nnot runnable by zephyr: {exc}")
+        print("\ntensors:")
+        for t in f.tensors:
+            print(f"  {t.name:<32} {t.type.name:<6} {'x'.join(map(str, t.shape)):<14} {t.nbytes:>12,} bytes")
+
+
+def _backends(args):
+    from .plugins import backend_classes, describe_backends
+    classes = backend_classes()
+    for name, score, usable, reason in describe_backends():
+        state = "available" if usable else f"unavailable: {reason}"
+        print(f"{name:<12} device={classes[name].device:<4} score={score:<4} {state}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
