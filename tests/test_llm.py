@@ -172,3 +172,33 @@ def test_close_and_context_manager(tiny_path):
     with llm:
         assert llm("hello", max_new_tokens=2, temperature=0) is not None
     assert llm.model is None and "closed" in repr(llm)
+
+
+def test_a_cache_that_cannot_fit_is_refused_before_allocation(tiny_path):
+    from zephyr import InsufficientMemoryError
+    with pytest.raises(InsufficientMemoryError, match="KV cache for 1000000000 positions needs .* smaller context_length"):
+        AutoModelForCausalLM.from_pretrained(str(tiny_path), context_length=10**9)
+
+
+def test_threads_share_one_model_safely(tiny_path):
+    import threading
+    with AutoModelForCausalLM.from_pretrained(str(tiny_path)) as llm:
+        prompts = ["one", "two", "three", "four"]
+        expected = {p: llm(p, max_new_tokens=6, temperature=0.7, seed=5) for p in prompts}
+        results = {}
+        threads = [threading.Thread(target=lambda p=p: results.__setitem__(p, llm(p, max_new_tokens=6, temperature=0.7,
+                                                                                    seed=5))) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == expected
+
+
+def test_a_stream_closed_half_way_leaves_the_model_usable(tiny_path):
+    with AutoModelForCausalLM.from_pretrained(str(tiny_path)) as llm:
+        expected = llm("hello there", max_new_tokens=8, temperature=0)
+        stream = llm("something else", max_new_tokens=50, temperature=0, stream=True)
+        next(stream)
+        stream.close()
+        assert llm("hello there", max_new_tokens=8, temperature=0) == expected

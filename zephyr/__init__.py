@@ -9,10 +9,11 @@ from .demo import demo_model_path
 from .errors import (BackendError, ChatTemplateError, ContextOverflowError, DemoModelError, GGUFError,
                      TokenizerError, ZephyrError)
 from .llm import LLM, AutoModelForCausalLM
+from .memory import InsufficientMemoryError
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = ["AutoModelForCausalLM", "LLM", "Config", "ModelConfig", "Tokenizer", "demo_model_path",
            "ZephyrError", "GGUFError", "TokenizerError", "ChatTemplateError", "BackendError",
-           "ContextOverflowError", "DemoModelError"]
+           "ContextOverflowError", "DemoModelError", "InsufficientMemoryError"]

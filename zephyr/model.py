@@ -6,6 +6,7 @@ hidden state between backends only where neighbouring layers differ.
 """
 import numpy as np
 
+from . import memory
 from .backend import LayerParams, LayerWeights, Weight
 from .config import ModelConfig
 from .errors import ContextOverflowError, GGUFError
@@ -57,6 +58,9 @@ class LlamaModel:
         for backend in placement.backends:
             owned = [i for i, b in enumerate(placement.layers) if b is backend]
             if owned:
+                if backend.device == "cpu":
+                    memory.require(2 * len(owned) * n_ctx * c.kv_dim * 4, f"the KV cache for {n_ctx} positions",
+                                   "load the model with a smaller context_length")
                 self.caches[id(backend)] = backend.new_kv_cache(len(owned), n_ctx, c.n_kv_heads, c.head_dim)
         counters = {}
         for backend in placement.layers:
