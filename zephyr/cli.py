@@ -1,8 +1,9 @@
-"""The `zephyr` command: generate, chat, info, backends.
+"""The `zephyr` command: generate, chat, serve, info, backends.
 
 MODEL is a .gguf path, a directory, a Hugging Face repo id (with --model-file), or `demo`.
 """
 import argparse
+import os
 import sys
 
 from .errors import ZephyrError
@@ -35,18 +36,21 @@ def _parser():
         p.set_defaults(run=run)
         return p
 
-    def run_options(p):
+    def load_options(p):
         p.add_argument("--threads", type=int, default=-1)
         p.add_argument("--gpu-layers", type=int, default=0)
         p.add_argument("--context-length", type=int, default=-1)
         p.add_argument("--backend", help="backend for the non-GPU layers (see `zephyr backends`)")
+        p.add_argument("--chat-format", help="override the chat template (e.g. zephyr, chatml, llama-2)")
+
+    def run_options(p):
+        load_options(p)
         p.add_argument("--temperature", type=float)
         p.add_argument("--top-k", type=int)
         p.add_argument("--top-p", type=float)
         p.add_argument("--repetition-penalty", type=float)
         p.add_argument("--seed", type=int)
         p.add_argument("--max-new-tokens", type=int, default=256)
-        p.add_argument("--chat-format", help="override the chat template (e.g. zephyr, chatml, llama-2)")
 
     g = model_command("generate", "complete a prompt, streaming the text", _generate)
     g.add_argument("-p", "--prompt", required=True)
@@ -54,6 +58,15 @@ def _parser():
     c = model_command("chat", "chat interactively (/reset clears the history, /exit quits)", _chat)
     c.add_argument("--system", help="a system message")
     run_options(c)
+    s = model_command("serve", "serve an OpenAI-compatible HTTP API and a chat page (see docs/server.md)", _serve)
+    s.add_argument("--host", default="127.0.0.1", help="listen address (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: $ZEPHYR_API_KEY)")
+    s.add_argument("--model-alias", help="the model id /v1/models reports (default: the file name)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests that may run or wait at once; more get 503")
+    s.add_argument("--cors-origin", action="append", default=[], help="allow web pages from ORIGIN (repeatable)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    load_options(s)
     model_command("info", "show metadata, tensor types and sizes", _info)
     b = sub.add_parser("backends", help="list installed backends and whether they can run here")
     b.set_defaults(run=_backends)
@@ -117,6 +130,22 @@ def _chat(args):
                 print(" [interrupted]", end="")
             print()
             history.append({"role": "assistant", "content": reply})
+
+
+def _serve(args):
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise ZephyrError(f"`zephyr serve` needs the server extra ({exc.name} is missing): "
+                          f"pip install 'zephyr[server]'") from None
+    from .server import serve
+    with _load(args) as llm:
+        print(f"zephyr: serving {llm.model_path} ({llm.placement.describe()}) at http://{args.host}:{args.port}/ "
+              f"(chat page at /, OpenAI API at /v1; one generation at a time, the others wait)", flush=True)
+        serve(llm, host=args.host, port=args.port, log_level=args.log_level, model_name=args.model_alias,
+              api_key=args.api_key or os.environ.get("ZEPHYR_API_KEY"), max_queue=args.max_queue,
+              cors_origins=args.cors_origin)
 
 
 def _info(args):

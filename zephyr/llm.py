@@ -18,6 +18,7 @@ from .errors import ContextOverflowError, ZephyrError
 from .model import LlamaModel
 from .placement import plan_placement
 from .sampling import SamplingParams, new_rng, sample
+from .sources import load_progress
 from .stopping import StopStringFilter
 from .tokenizer import Tokenizer
 
@@ -29,7 +30,7 @@ class LLM:
     """A loaded model. Not safe for concurrent use from several threads: calls are serialised by a lock."""
 
     def __init__(self, model_path, config: Config = None, *, model_type=None, backend=None, gpu_backend=None,
-                 chat_format=None):
+                 chat_format=None, progress=None):
         self.model_path = str(model_path)
         self.config = config or Config()
         self._file = gguf.read(model_path)
@@ -43,17 +44,21 @@ class LLM:
             placement = plan_placement(self.model_config.n_layers, backend=backend, gpu_layers=self.config.gpu_layers,
                                        gpu_backend=gpu_backend, threads=self.config.threads)
             self.placement = placement
-            self.model = LlamaModel(self._file, self.model_config, placement, n_ctx)
+            with load_progress(progress, self.model_config.n_layers, f"loading {Path(model_path).name}") as report:
+                self.model = LlamaModel(self._file, self.model_config, placement, n_ctx, progress=report)
         except BaseException:
             self._file.close()
             raise
         self.tokens = []          # ids whose keys/values are in the cache, in order
         self._logits = None       # logits after the last evaluated token: [vocab]
         self._lock = threading.RLock()
+        self._epoch = 0           # bumped whenever the context changes; a paused generation checks it
 
     # -- vocabulary ---------------------------------------------------------------------------
     @property
     def context_length(self) -> int:
+        if self.model is None:
+            raise ZephyrError(f"{Path(self.model_path).name} has been closed; load it again to use it")
         return self.model.n_ctx
 
     @property
@@ -93,6 +98,7 @@ class LLM:
         with self._lock:
             self.tokens = []
             self._logits = None
+            self._epoch += 1
 
     def eval(self, tokens, *, batch_size=None, threads=None):
         """Append `tokens` to the context, in chunks of `batch_size`."""
@@ -112,6 +118,7 @@ class LLM:
                 chunk = tokens[start:start + batch_size]
                 self._logits = self.model.forward(np.array(chunk, dtype=np.int32), len(self.tokens))
                 self.tokens.extend(chunk)
+                self._epoch += 1
 
     def sample(self, *, top_k=None, top_p=None, temperature=None, repetition_penalty=None, last_n_tokens=None,
                seed=None, min_p=0.0, rng=None) -> int:
@@ -138,6 +145,7 @@ class LLM:
                 shared -= 1
             self.tokens = self.tokens[:max(shared, 0)]
             self._logits = None
+            self._epoch += 1
             return tokens[max(shared, 0):]
 
     def generate(self, tokens, *, top_k=None, top_p=None, temperature=None, repetition_penalty=None,
@@ -151,7 +159,11 @@ class LLM:
                 token = sample(self._logits, params, self.tokens, rng)
                 if self.is_eos_token(token):
                     return
+                epoch = self._epoch
                 yield token
+                if self._epoch != epoch:
+                    raise ZephyrError("another call used the model while this generation was paused (in the same "
+                                      "thread), so its context is gone; finish or close one stream before the next")
                 if len(self.tokens) >= self.context_length:
                     return   # the context is full: generation ends (finish reason "length")
                 self.eval([token], threads=threads)
@@ -165,8 +177,9 @@ class LLM:
             return (chunk for chunk, _ in stream)
         return "".join(chunk for chunk, _ in stream)
 
-    def _text_stream(self, prompt_tokens, settings, extra_stops=()):
-        """Yield (text, finish_reason or None); the last item carries the finish reason."""
+    def _text_stream(self, prompt_tokens, settings, extra_stops=(), on_token=None):
+        """Yield (text, finish_reason or None); the last item carries the finish reason.
+        on_token(id), if given, is called for every generated token (the server counts usage with it)."""
         stop = settings["stop"]
         stops = ([stop] if isinstance(stop, str) else list(stop or [])) + list(extra_stops)
         if len(prompt_tokens) >= self.context_length:
@@ -182,6 +195,8 @@ class LLM:
             count = 0
             for token in generation:
                 count += 1
+                if on_token:
+                    on_token(token)
                 chunk = text_filter.push(decoder.push(token))
                 if chunk:
                     yield chunk, None
@@ -273,6 +288,7 @@ class LLM:
             self.placement = None
             self._logits = None
             self.tokens = []
+            self._epoch += 1
             self._file.close()
 
     def __enter__(self):
@@ -337,14 +353,16 @@ class AutoModelForCausalLM:
     @classmethod
     def from_pretrained(cls, model_path_or_repo_id, *, model_type=None, model_file=None, config=None,
                         local_files_only=False, revision=None, backend=None, gpu_backend=None,
-                        chat_format=None, **kwargs) -> LLM:
+                        chat_format=None, progress=None, **kwargs) -> LLM:
         """Load a GGUF model from a file, a directory, or a Hugging Face repo id.
 
         Keyword arguments are `Config` fields (gpu_layers=..., context_length=..., threads=...).
+        progress: None shows progress bars when stderr is a terminal; True always, False never;
+        a callable(done, total) is called as the layers load.
         """
         from .sources import resolve_model_file
         config = (config or Config()).updated(**kwargs)
         path = resolve_model_file(model_path_or_repo_id, model_file=model_file, local_files_only=local_files_only,
-                                  revision=revision)
+                                  revision=revision, progress=progress)
         return LLM(path, config, model_type=model_type, backend=backend, gpu_backend=gpu_backend,
-                   chat_format=chat_format)
+                   chat_format=chat_format, progress=progress)

@@ -9,15 +9,19 @@ import numpy as np
 from . import memory
 from .backend import LayerParams, LayerWeights, Weight
 from .config import ModelConfig
-from .errors import ContextOverflowError, GGUFError
+from .errors import ContextOverflowError, GGUFError, ZephyrError
 from .placement import Placement
 from .quants import GGMLType
+
+# Batches whose activations need less than this are not worth a look at the free memory.
+WORKING_MEMORY_CHECK_BYTES = 64 << 20
 
 
 class LlamaModel:
     """Weights (read-only, from the memory map) + KV caches (run state) + the forward pass."""
 
-    def __init__(self, gguf_file, config: ModelConfig, placement: Placement, n_ctx: int):
+    def __init__(self, gguf_file, config: ModelConfig, placement: Placement, n_ctx: int, progress=None):
+        """progress: an optional callable(layers_loaded, n_layers), called as each layer's weights load."""
         self.config = config
         self.placement = placement
         self.n_ctx = n_ctx
@@ -48,6 +52,8 @@ class LlamaModel:
                 w_up=load(backend, p + "ffn_up.weight", (c.d_ffn, c.d_model)),
                 w_down=load(backend, p + "ffn_down.weight", (c.d_model, c.d_ffn)),
             ))
+            if progress:
+                progress(i + 1, c.n_layers)
         head = placement.head
         self.output_norm = load(head, "output_norm.weight", (c.d_model,))
         output_name = "token_embd.weight" if c.tied_embeddings else "output.weight"
@@ -79,6 +85,10 @@ class LlamaModel:
         if n and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got {tokens.min()}..{tokens.max()}")
         c = self.config
+        # Activations alive at once in a block (x, h, q, k, v, attention, gate, up, ...): [n, width] f32 each.
+        working = 4 * n * (6 * c.d_model + 2 * c.kv_dim + 3 * c.d_ffn)
+        if working > WORKING_MEMORY_CHECK_BYTES:
+            memory.require(working, f"the activations of a batch of {n} tokens", "use a smaller batch_size")
         backend = self.placement.embedding
         x = backend.embed(self.token_embd, tokens)                          # x: [n, d]
         for i, (block, layer_backend) in enumerate(zip(self.blocks, self.placement.layers)):
@@ -88,7 +98,11 @@ class LlamaModel:
         if output == "hidden":
             return backend.to_host(backend.rms_norm(x, self.output_norm, c.rms_eps))
         normed = backend.rms_norm(x[-1:], self.output_norm, c.rms_eps)     # normed: [1, d]
-        return backend.to_host(backend.matmul(normed, self.output))[0]     # [vocab]
+        logits = backend.to_host(backend.matmul(normed, self.output))[0]   # [vocab]
+        if not np.isfinite(logits).all():
+            raise ZephyrError(f"the model computed non-finite logits at position {start_pos + n - 1}: its weights "
+                              f"hold NaN or infinite values (a corrupt file?), or backend {backend.name!r} is broken")
+        return logits
 
 
 def _move(x, src, dst):

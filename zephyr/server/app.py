@@ -1,0 +1,216 @@
+"""The OpenAI-compatible HTTP API and the chat page, as a FastAPI app around one loaded model.
+
+Routes: POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, GET /v1/models,
+GET /health, and GET / (the chat page). Errors use OpenAI's shape:
+{"error": {"message", "type", "param", "code"}} with a matching HTTP status.
+"""
+import secrets
+import time
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from .. import __version__
+from ..errors import ContextOverflowError
+from . import generation
+from .generation import Finished, Job, Piece, Started
+from .runner import ModelRunner, QueueFullError
+from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from .sse import DONE, EventStreamResponse, encode, listen_for_disconnect
+
+
+class APIError(Exception):
+    """An error to send in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def api_error(exc: Exception) -> APIError:
+    """The APIError a failure of the model or the request becomes."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ContextOverflowError):
+        return APIError(400, str(exc), code="context_length_exceeded")
+    if isinstance(exc, QueueFullError):
+        return APIError(503, str(exc), type="server_error", code="server_overloaded")
+    if isinstance(exc, (ValueError, TypeError)):
+        return APIError(400, str(exc))
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+
+
+def chat_page() -> str:
+    return resources.files(__package__).joinpath("static/chat.html").read_text(encoding="utf-8")
+
+
+def create_app(llm, *, model_name=None, api_key=None, max_queue=64, cors_origins=()) -> FastAPI:
+    """A FastAPI app serving `llm` (a loaded zephyr.LLM). The app does not close the model.
+
+    model_name: the id /v1/models reports (default: the file name); requests may name any model.
+    api_key: when set, /v1/* needs `Authorization: Bearer <api_key>`.
+    max_queue: requests allowed to run or wait at once; more get 503.
+    """
+    name = model_name or Path(llm.model_path).name
+    runner = ModelRunner(llm, max_queue)
+    page = chat_page()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        runner.shutdown()
+
+    app = FastAPI(title="zephyr", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.runner = runner
+    if cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
+                           allow_headers=["*"])
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc):
+        return validation_error(exc).response()
+
+    @app.exception_handler(HTTPException)
+    async def _http(request, exc):
+        message = exc.detail
+        if exc.status_code == 404:
+            message = f"no such endpoint: {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        return APIError(exc.status_code, message).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc):
+        return api_error(exc).response()
+
+    def check_key(request: Request):
+        if api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), api_key.encode()):
+            raise APIError(401, "missing or incorrect API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await respond(request, Job("chat", body, messages=body.conversation()))
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await respond(request, Job("completion", body, prompt=body.prompt))
+
+    @v1.post("/embeddings")
+    async def embeddings(body: EmbeddingRequest):
+        try:
+            return await runner.call(generation.embed, body, name)
+        except Exception as exc:
+            raise api_error(exc) from None
+
+    @v1.get("/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @v1.get("/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != name:
+            raise APIError(404, f"this server runs the model {name!r}, not {model_id!r}", param="model",
+                           code="model_not_found")
+        return model_card()
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name, "requests_in_progress": runner.pending}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return page
+
+    started = int(time.time())
+
+    def model_card():
+        return {"id": name, "object": "model", "created": started, "owned_by": "zephyr"}
+
+    async def respond(request: Request, job: Job):
+        stream = runner.stream(generation.run, job)
+        try:
+            first = await until_disconnect(request, stream.cancel, stream.next)
+        except Exception as exc:
+            raise api_error(exc) from None
+        if first is None:   # the client left before generation began
+            return Response(status_code=499)
+        assert isinstance(first, Started)
+        if job.request.stream:
+            return EventStreamResponse(sse_events(job, stream, first), on_disconnect=stream.cancel)
+        return await until_disconnect(request, stream.cancel, lambda: collect(job, stream))
+
+    async def collect(job, stream):
+        text, finished = [], None
+        async for event in stream:
+            if isinstance(event, Piece):
+                text.append(event.text)
+            elif isinstance(event, Finished):
+                finished = event
+        if finished is None:
+            return Response(status_code=499)
+        return generation.completion_response(job, name, "".join(text), finished)
+
+    async def sse_events(job, stream, first):
+        for chunk in generation.stream_chunks(job, name, first):
+            yield encode(chunk)
+        try:
+            async for event in stream:
+                for chunk in generation.stream_chunks(job, name, event):
+                    yield encode(chunk)
+        except Exception as exc:   # the status line has gone out: report the error in the stream
+            yield encode(api_error(exc).body())
+            return
+        yield DONE
+
+    return app
+
+
+async def until_disconnect(request: Request, cancel, work):
+    """Await work() while listening for the client to leave; if it does, call cancel()."""
+    result = error = None
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(listen_for_disconnect, request.receive, cancel)
+        try:
+            result = await work()
+        except Exception as exc:   # raised below, outside the task group, so not as an ExceptionGroup
+            error = exc
+        tasks.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    return result
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    first = exc.errors()[0]
+    where = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":
+        return APIError(400, "the request body is not valid JSON")
+    message = first.get("msg", "invalid request").removeprefix("Value error, ")
+    param = ".".join(where) or None
+    return APIError(400, f"{param}: {message}" if param else message, param=param)
