@@ -13,7 +13,10 @@ portable = os.environ.get("ZEPHYR_PORTABLE", "") not in ("", "0")
 if sys.platform == "win32":
     compile_args, link_args = ["/O2", "/openmp"], []
 else:
-    compile_args = ["-O3", "-fopenmp", "-ffp-contract=fast"]
+    # No implicit FMA contraction: gcc would fuse products into later sums differently in each
+    # inlined copy of a kernel, and results must not depend on tile position or thread count.
+    # The kernels ask for FMA explicitly where they want it.
+    compile_args = ["-O3", "-fopenmp", "-ffp-contract=off"]
     if not portable:
         compile_args.append("-march=native")
     link_args = ["-fopenmp"]
@@ -34,8 +37,9 @@ extensions = [cpu_extension(name) for name in ("_openmp", "_ops")]
 
 setup(
     package_dir={"zephyr": "zephyr", "zephyr_backends": "backends"},
-    packages=["zephyr", "zephyr_backends", "zephyr_backends.reference", "zephyr_backends.cpu"],
-    package_data={"zephyr_backends.cpu": ["kernels/*.h", "*.pyx", "*.pxd"]},
+    packages=["zephyr", "zephyr.server", "zephyr.integrations", "zephyr_backends", "zephyr_backends.reference",
+              "zephyr_backends.cpu"],
+    package_data={"zephyr_backends.cpu": ["kernels/*.h", "*.pyx", "*.pxd"], "zephyr.server": ["static/*.html"]},
     ext_modules=cythonize(
         extensions,
         language_level=3,
