@@ -99,3 +99,18 @@ def test_every_hook_is_documented():
     assert hooks
     for hook in hooks:
         assert re.search(rf"`{hook}\(", docs), f"docs/backends.md does not document {hook}"
+
+
+def test_a_plugin_that_fails_to_import_does_not_hide_the_others(monkeypatch):
+    import zephyr.plugins as plugins
+    from importlib.metadata import EntryPoint
+    real = plugins.entry_points(group=ENTRY_POINT_GROUP)
+    broken = EntryPoint("broken", "no_such_module_for_zephyr", ENTRY_POINT_GROUP)
+    monkeypatch.setattr(plugins, "entry_points", lambda group: list(real) + [broken])
+    monkeypatch.setattr(plugins, "_manager", None)
+    monkeypatch.setattr(plugins, "broken_plugins", {})
+    assert best_backend_class().name == "cpu"
+    row = next(r for r in describe_backends() if r[0] == "broken")
+    assert row[2] is False and "no_such_module_for_zephyr" in row[3]
+    with pytest.raises(BackendError, match="failed to load"):
+        get_backend_class("broken")

@@ -168,7 +168,8 @@ def _backends(args):
     classes = backend_classes()
     for name, score, usable, reason in describe_backends():
         state = "available" if usable else f"unavailable: {reason}"
-        print(f"{name:<12} device={classes[name].device:<4} score={score:<4} {state}")
+        device = classes[name].device if name in classes else "?"
+        print(f"{name:<12} device={device:<4} score={score:<4} {state}")
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def _best_for_device(device, gpu_layers=None):
     classes = backend_classes()
     reasons = []
     for name, _score, usable, reason in describe_backends():
-        if classes[name].device != device:
+        if name not in classes or classes[name].device != device:
             continue
         if usable:
             return classes[name]

@@ -4,6 +4,7 @@ Built-in backends are plugins too: they are declared under the same entry-point 
 (`zephyr.backends`) in pyproject.toml as any third-party package's.
 """
 import threading
+from importlib.metadata import entry_points
 
 import pluggy
 
@@ -15,6 +16,8 @@ ENTRY_POINT_GROUP = "zephyr.backends"
 
 _manager = None
 _lock = threading.Lock()
+# Entry points that failed to import: name -> why. A broken plugin must not take the others down.
+broken_plugins = {}
 
 
 def plugin_manager() -> pluggy.PluginManager:
@@ -24,7 +27,11 @@ def plugin_manager() -> pluggy.PluginManager:
         if _manager is None:
             manager = pluggy.PluginManager(hookspecs.PROJECT)
             manager.add_hookspecs(hookspecs)
-            manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+            for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+                try:
+                    manager.register(entry_point.load(), name=entry_point.name)
+                except Exception as exc:  # noqa: BLE001 - reported by `zephyr backends`
+                    broken_plugins[entry_point.name] = f"plugin {entry_point.value!r} failed to load: {exc!r}"
             _manager = manager
         return _manager
 
@@ -58,7 +65,8 @@ def check_compatible(cls):
 
 
 def describe_backends() -> list:
-    """(name, score, usable, reason) for every installed backend, best first: what `zephyr backends` shows."""
+    """(name, score, usable, reason) for every installed backend, best first: what `zephyr backends` shows.
+    Plugins that failed to load are listed too, unusable, with the error."""
     rows = []
     for name, cls in backend_classes().items():
         try:
@@ -68,6 +76,7 @@ def describe_backends() -> list:
         except Exception as exc:  # a broken plugin must not hide the others
             usable, reason = False, str(exc)
         rows.append((name, cls.score, usable, reason))
+    rows += [(name, 0, False, why) for name, why in broken_plugins.items()]
     return sorted(rows, key=lambda row: (-row[1], row[0]))
 
 
@@ -75,6 +84,8 @@ def get_backend_class(name: str):
     """The usable backend class called `name`, or a BackendError saying why it cannot be used."""
     classes = backend_classes()
     if name not in classes:
+        if name in broken_plugins:
+            raise BackendError(broken_plugins[name])
         known = ", ".join(sorted(classes)) or "none"
         raise BackendError(f"no backend named {name!r} is installed (installed: {known})")
     cls = classes[name]
