@@ -246,15 +246,16 @@ class LLM:
                                        **({} if seed is None else {"seed": seed})))
         settings["min_p"] = min_p
         tokens, formatter = self._chat_prompt(messages, chat_format)
-        pieces = self._text_stream(tokens, settings, formatter.stop)
+        generated = []
+        pieces = self._text_stream(tokens, settings, formatter.stop, on_token=generated.append)
         ident, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model or Path(self.model_path).name
         if stream:
             return _chat_chunks(pieces, ident, created, name)
-        text, finish, completion_tokens = "", None, 0
+        text, finish = "", None
         for chunk, reason in pieces:
             text += chunk
             finish = reason or finish
-        completion_tokens = max(0, len(self.tokens) - len(tokens))
+        completion_tokens = len(generated)
         return {
             "id": ident, "object": "chat.completion", "created": created, "model": name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
