@@ -30,3 +30,22 @@ def mistral_vocab_path():
         return fetch_wheel_file(MISTRAL_VOCAB)
     except DemoModelError as exc:
         pytest.skip(f"Mistral vocabulary unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def security_tally(request):
+    """Counts of hostile inputs tried (`tally[what] += n`), printed at the end of the run."""
+    tally = {}
+    yield tally
+    request.config.stash[SECURITY_TALLY] = tally
+
+
+SECURITY_TALLY = pytest.StashKey[dict]()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    tally = config.stash.get(SECURITY_TALLY, {})
+    if tally:
+        terminalreporter.section("hostile inputs")
+        for what, count in tally.items():
+            terminalreporter.write_line(f"{what}: {count}")

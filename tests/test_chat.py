@@ -247,6 +247,13 @@ def test_compiled_once_per_source():
 
 # ---- the sandbox -------------------------------------------------------------------------------
 
+@pytest.fixture
+def blocked(security_tally):
+    """Call once per hostile template the sandbox stopped (counted in the run's summary)."""
+    key = "chat template payloads blocked"
+    return lambda: security_tally.__setitem__(key, security_tally.get(key, 0) + 1)
+
+
 @pytest.mark.parametrize("payload", [
     "{{ ''.__class__.__mro__[1].__subclasses__() }}",
     "{{ cycler.__init__.__globals__.os.popen('touch {marker}').read() }}",
@@ -261,13 +268,91 @@ def test_compiled_once_per_source():
     "{{ '{0.__class__.__mro__}'.format('') }}",
     "{{ ().__class__.__base__.__subclasses__()[0].__init__.__globals__ }}",
     "{{ loop.__class__ }}{% for m in messages %}{{ loop.__init__.__globals__ }}{% endfor %}",
+    # __getitem__ and subscript tricks
+    "{{ ''['__class__'] }}",
+    "{{ messages['__class__'] }}",
+    "{{ messages[0]|attr('__getitem__') }}",
+    "{{ messages.__getitem__(0) }}",
+    "{{ messages[0].items()|list|first|attr('__class__') }}",
+    # .mro() and friends
+    "{{ dict.mro() }}",
+    "{{ namespace.mro() }}",
+    "{{ (1).real.__class__.mro() }}",
+    # format strings: attribute and item lookups inside fields
+    "{{ '{0[__class__]}'.format(messages) }}",
+    "{{ '{0.role.__class__}'.format(messages[0]) }}",
+    "{{ '{x.__class__}'.format_map({'x': 1}) }}",
+    "{{ '{0:{1.__class__}}'.format(1, 2) }}",
+    "{{ '%s'|format(cycler.__init__) }}",
+    # filters that look attributes up by name
+    "{{ messages|map(attribute='__class__')|list }}",
+    "{{ messages|map('attr', '__class__')|list }}",
+    "{{ messages|selectattr('__class__')|list }}",
+    "{{ messages|sort(attribute='__class__') }}",
+    "{{ messages|groupby('__class__') }}",
+    "{{ messages|sum(attribute='__class__') }}",
+    "{{ messages|join(attribute='__class__') }}",
+    "{{ messages|unique(attribute='__class__')|list }}",
+    # the globals and the template's own objects
+    "{{ self._TemplateReference__context }}",
+    "{{ self.__dict__ }}",
+    "{{ joiner().__call__.__globals__ }}",
+    "{% for m in messages %}{{ loop.cycle.__func__ }}{% endfor %}",
+    "{{ raise_exception.__code__ }}",
+    "{{ strftime_now.__globals__ }}",
+    "{{ lipsum.__globals__ }}",
+    "{{ ''.__doc__ }}",
+    # mutation of what the caller passed
+    "{{ messages.pop() }}",
+    "{{ messages.clear() }}",
+    "{{ messages[0].update({'role': 'x'}) }}",
+    "{{ messages[0].setdefault('x', 1) }}",
+    "{% set ns = namespace() %}{% set ns.__init__ = 1 %}{{ ns.__init__ }}",
 ])
-def test_sandbox_refuses_escape_payloads(payload, tmp_path):
+def test_sandbox_refuses_escape_payloads(payload, tmp_path, blocked):
     marker = tmp_path / "pwned"
     source = payload.replace("{marker}", str(marker))
     with pytest.raises(ChatTemplateError, match="sandbox forbids"):
         resolve_chat_format(metadata(**{"tokenizer.chat_template": source})).render(CONVERSATION)
     assert not marker.exists()
+    blocked()
+
+
+PAYLOAD = "{{ cycler.__init__.__globals__.os.popen('touch {marker}').read() }}{% for i in range(10**9) %}{% endfor %}"
+
+
+@pytest.mark.parametrize("fmt", [chat_format_from_template(SMOLLM2_TEMPLATE), CHAT_FORMATS["chatml"],
+                                 CHAT_FORMATS["zephyr"], CHAT_FORMATS["llama-2"]], ids=lambda f: f.name)
+def test_template_syntax_in_messages_is_text_not_code(fmt, tmp_path, blocked):
+    """Message content and extra keys are data: a template never evaluates them a second time."""
+    payload = PAYLOAD.replace("{marker}", str(tmp_path / "pwned"))
+    messages = [{"role": "system", "content": payload}, {"role": "user", "content": payload, "name": payload}]
+    prompt = fmt.render(messages)
+    assert prompt.count(payload) == 2 and not (tmp_path / "pwned").exists()
+    blocked()
+
+
+def test_tools_are_data_and_guarded_like_messages(tmp_path, blocked):
+    payload = PAYLOAD.replace("{marker}", str(tmp_path / "pwned"))
+    tools = [{"name": payload, "__class__": "a key, not an attribute", "parameters": {"x": {"type": "string"}}}]
+    source = "{{ tools|tojson }}|{% for t in tools %}{{ t.name }}|{{ t['__class__'] }}{% endfor %}"
+    out = render_template(source, tools=tools)
+    assert payload in out and "a key, not an attribute" in out and not (tmp_path / "pwned").exists()
+    for escape in ("{{ tools.__class__ }}", "{{ tools[0].__class__ }}", "{{ tools[0].name.__class__.__mro__ }}",
+                   "{{ tools.append(1) }}", "{{ tools[0].pop('name') }}"):
+        with pytest.raises(ChatTemplateError, match="sandbox forbids"):
+            render_template(escape, tools=tools)
+        blocked()
+    assert tools[0]["name"] == payload
+
+
+@pytest.mark.parametrize("source", ["{% include '/etc/passwd' %}", "{% import 'os' as os %}",
+                                    "{% extends '/etc/hostname' %}", "{% from '/etc/passwd' import x %}"])
+def test_templates_cannot_load_other_files(source, blocked):
+    with pytest.raises(ChatTemplateError) as info:
+        render_template(source)
+    assert "root:" not in str(info.value)
+    blocked()
 
 
 def test_sandbox_keeps_caller_data_immutable():
@@ -291,12 +376,53 @@ DOUBLING = "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s 
     ("{{ 'x'|center(10**10) }}", "the number 10000000000"),
     ("{{ 'x'.ljust(10**10) }}", "the number 10000000000"),
     ("{{ 10 ** 100000 }}", "integer of more than"),
+    # padding widths inside format strings: once folded at compile time, or allocated before the size check
+    ("{{ '{:>999999999}'.format('x') }}", "the number 999999999"),
+    ("{{ '{:{w}}'.format('x', w=999999999) }}", "the number 999999999"),
+    ("{{ '{x:>99999999}'.format_map({'x': 1}) }}", "the number 99999999"),
+    ("{{ '%999999999s' % 'x' }}", "the number 999999999"),
+    ("{{ '%*s' % (999999999, 'x') }}", "the number 999999999"),
+    ("{{ '%(a)999999999s' % {'a': 1} }}", "the number 999999999"),
+    ("{{ '%999999999s'|format('x') }}", "the number 999999999"),
+    # string arguments that multiply: refused before the result is built
+    ("{{ ('x' * 30000)|replace('x', 'y' * 30000) }}", "would build"),
+    ("{{ ('x' * 30000).replace('', 'y' * 30000) }}", "would build"),
+    ("{{ (range(999)|list)|join('x' * 999999) }}", "would build"),
+    ("{{ ('x' * 999999).join(range(999)|map('string')) }}", "would build"),
+    ("{{ ('a\\n' * 3000)|indent('y' * 3000) }}", "would build"),
+    ("{{ messages|tojson(indent=' ' * 999999) }}", "JSON indent"),
+    ("{% set ns = namespace(x=range(99999)|list) %}{% for i in range(300) %}{% set ns.x = [ns.x] %}{% endfor %}"
+     "{{ ns.x|tojson(indent=16) }}", "JSON passed"),
+    # single calls whose work grows faster than their output
+    ("{{ lipsum(999999) }}", "lipsum"),
+    ("{{ ('x' * 999999)|wordwrap(1) }}", "wrapped more than"),
 ])
-def test_sandbox_limits_stop_runaway_templates_quickly(source, why):
+def test_sandbox_limits_stop_runaway_templates_quickly(source, why, blocked):
     start = time.perf_counter()
     with pytest.raises(ChatTemplateError, match=why):
         render_template(source)
     assert time.perf_counter() - start < 10
+    blocked()
+
+
+def test_time_limit_stops_slow_steps(monkeypatch):
+    """Each step here is a linear scan of a list: within the step budget, but minutes in all."""
+    monkeypatch.setattr(chat, "MAX_TEMPLATE_SECONDS", 0.5)
+    source = "{% set s = range(99999)|list %}{% for i in range(99999) %}{% if -1 in s %}{% endif %}{% endfor %}"
+    start = time.perf_counter()
+    with pytest.raises(ChatTemplateError, match="ran for more than 0.5 seconds"):
+        render_template(source)
+    assert time.perf_counter() - start < 5
+
+
+def test_guarded_filters_still_work():
+    source = ("{{ '%s-%03d'|format('a', 7) }}|{{ '%s!' % 'hi' }}|{{ '{:>4}|{:.2f}'.format('x', 2.5) }}|"
+              "{{ 'a-b'|replace('-', '+') }}|{{ 'a-b'.replace('-', '') }}|{{ ['x', 'y']|join(', ') }}|"
+              "{{ ', '.join(['x', 'y']) }}|{{ 'a\\nb'|indent(2) }}|{{ 'a b c'|wordwrap(3) }}|"
+              "{{ lipsum(1)|length > 0 }}|"
+              "{{ {'k': [1]}|tojson(indent=2) }}|{{ 7 % 3 }}")
+    assert render_template(source) == ('a-007|hi!|   x|2.50|a+b|ab|x, y|x, y|a\n  b|a b\nc|True|'
+                                       '{\n  "k": [\n    1\n  ]\n}|1')
 
 
 def test_step_budget_stops_exponential_recursion(monkeypatch):

@@ -53,3 +53,20 @@ def test_temperature_sharpens():
     cold = SamplingParams(temperature=0.05, top_k=0, top_p=1.0, repetition_penalty=1.0)
     rng = new_rng(0)
     assert all(sample(LOGITS, cold, rng=rng) == 0 for _ in range(50))
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "min_p", "repetition_penalty"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "0.5", None])
+def test_settings_must_be_finite_numbers(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be a finite number"):
+        SamplingParams(**{field: value})
+    SamplingParams(**{field: np.float32(0.5)})
+
+
+def test_extreme_settings_sample_without_nan():
+    tiny = SamplingParams(temperature=1e-320, top_k=0, top_p=1.0, repetition_penalty=1.0)
+    assert all(sample(LOGITS, tiny, rng=new_rng(i)) == 0 for i in range(20))   # the limit of T -> 0: greedy
+    harsh = SamplingParams(temperature=1.0, repetition_penalty=1e300, last_n_tokens=-1)
+    assert sample(LOGITS, harsh, recent=[0, 1, 2, 3], rng=new_rng(0)) in range(5)
+    with pytest.raises(ValueError, match="repetition_penalty must be positive"):
+        SamplingParams(repetition_penalty=0)

@@ -402,3 +402,9 @@ def test_read_spm_model_rejects_garbage(tmp_path):
     bad.write_bytes(b"\x0a\xff\xff\xff")
     with pytest.raises(TokenizerError, match="not a valid SentencePiece model"):
         read_spm_model(bad)
+
+
+def test_text_with_a_lone_surrogate_is_a_tokenizer_error(mistral, smollm2):
+    for tokenizer in (mistral, smollm2):
+        with pytest.raises(TokenizerError, match=r"not valid Unicode: surrogates not allowed at character 2"):
+            tokenizer.encode("ab\ud800c")

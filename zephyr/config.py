@@ -3,6 +3,7 @@
 `ModelConfig` is the blueprint of the network; `Config` mirrors ctransformers 0.2.27's Config so
 code written for ctransformers passes the same keyword arguments.
 """
+import math
 from dataclasses import dataclass, field, fields
 from typing import Optional, Sequence, Union
 
@@ -10,6 +11,10 @@ from .errors import GGUFError
 
 # Architectures that share llama's graph (RMSNorm, RoPE, GQA attention, SwiGLU MLP).
 LLAMA_LIKE = ("llama", "mistral")
+
+# Tensors one llama block needs (norms, q/k/v/o, gate/up/down): a file claiming more blocks than
+# its tensor table could hold is lying, and is refused before anything is sized from the claim.
+TENSORS_PER_BLOCK = 9
 
 # Unless the user asks, the KV cache is capped at this many positions: Mistral's 32768-token
 # window would otherwise cost 4 GiB of cache on a 7B model.
@@ -68,9 +73,17 @@ class ModelConfig:
         if "token_embd.weight" not in model:
             raise GGUFError("tensor 'token_embd.weight' is missing", model.path)
         vocab_size = model.tensor("token_embd.weight").shape[0]
+        n_layers = get("block_count", int)
+        if n_layers > len(model.tensors) // TENSORS_PER_BLOCK:
+            raise GGUFError(f"metadata {arch}.block_count = {n_layers}, but the file holds only "
+                            f"{len(model.tensors)} tensors ({TENSORS_PER_BLOCK} per block)", model.path)
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if isinstance(tokens, list) and len(tokens) != vocab_size:
+            raise GGUFError(f"the vocabulary has {len(tokens)} tokens but token_embd.weight has {vocab_size} rows; "
+                            f"every token id must have exactly one embedding", model.path)
         config = cls(
             architecture=arch,
-            n_layers=get("block_count", int),
+            n_layers=n_layers,
             d_model=d_model,
             n_heads=n_heads,
             n_kv_heads=get("attention.head_count_kv", int, n_heads),
@@ -99,8 +112,11 @@ class ModelConfig:
                 problems.append(f"head_count {self.n_heads} is not a multiple of head_count_kv {self.n_kv_heads}")
             elif not (0 < self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0):
                 problems.append(f"rope.dimension_count {self.rope_dims} must be even and at most the head size {self.head_dim}")
-        if self.rope_base <= 0 or not self.rms_eps > 0:
-            problems.append("rope.freq_base and layer_norm_rms_epsilon must be positive")
+        if self.sliding_window < 0:
+            problems.append(f"attention.sliding_window {self.sliding_window} must not be negative")
+        if not (0 < self.rope_base < math.inf and 0 < self.rms_eps < math.inf):
+            problems.append(f"rope.freq_base ({self.rope_base}) and layer_norm_rms_epsilon ({self.rms_eps}) "
+                            f"must be positive and finite")
         if problems:
             raise GGUFError("invalid hyperparameters: " + "; ".join(problems), path)
 

@@ -24,6 +24,14 @@ SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
 MAX_ARRAY_NESTING = 8
+# Metadata values (array items included) in one file. Each becomes a Python object of up to ten
+# times its size on disk; the largest real vocabularies (tokens, scores, types, merges) hold about
+# a million, so a file claiming more is refused rather than decoded into gigabytes.
+MAX_METADATA_VALUES = 1 << 23
+# Metadata keys and tensors: real files have tens of keys and at most a few thousand tensors. Each
+# costs microseconds to parse, so these bound the time a hostile header can take to a second or so.
+MAX_METADATA_KEYS = 1 << 16
+MAX_TENSORS = 1 << 16
 
 
 class GGUFValueType(enum.IntEnum):
@@ -175,6 +183,7 @@ class _Parser:
         self.size = len(buffer)
         self.path = path
         self.pos = 0
+        self.values = 0     # metadata values decoded so far, array items included
 
     def fail(self, message, offset=None):
         raise GGUFError(message, self.path, self.pos if offset is None else offset)
@@ -219,6 +228,9 @@ class _Parser:
         # name length + n_dims + type + offset. Counts beyond what the file could hold are lies.
         self.check_count(n_kv, 8 + 4 + 1, "metadata count", 16)
         self.check_count(n_tensors, 8 + 4 + 4 + 8, "tensor count", 8)
+        if n_kv > MAX_METADATA_KEYS or n_tensors > MAX_TENSORS:
+            self.fail(f"{n_kv} metadata keys and {n_tensors} tensors: zephyr reads files of up to "
+                      f"{MAX_METADATA_KEYS:,} keys and {MAX_TENSORS:,} tensors", 8)
 
         metadata = {}
         for _ in range(n_kv):
@@ -250,7 +262,14 @@ class _Parser:
         except ValueError:
             self.fail(f"{what} has unknown value type {raw}", offset)
 
+    def count_values(self, n, what, offset=None):
+        self.values += n
+        if self.values > MAX_METADATA_VALUES:
+            self.fail(f"{what}: the metadata holds more than {MAX_METADATA_VALUES:,} values, far more than any "
+                      f"model needs", offset)
+
     def value(self, value_type, what, depth):
+        self.count_values(1, what)
         if value_type == GGUFValueType.STRING:
             return self.string(what)
         if value_type == GGUFValueType.ARRAY:
@@ -272,11 +291,13 @@ class _Parser:
             if count > (self.size - self.pos) // dtype.itemsize:
                 self.fail(f"{what}: array of {count} {item_type.name} values is larger than the rest of the file",
                           count_offset)
+            self.count_values(count, what, count_offset)
             values = np.frombuffer(self.buf, dtype, count, self.pos)
             self.pos += count * dtype.itemsize
             return [bool(v) for v in values] if item_type == GGUFValueType.BOOL else values.tolist()
         # strings and arrays take at least 8 bytes each (their length)
         self.check_count(count, 8 if item_type == GGUFValueType.STRING else 12, f"{what} array length", count_offset)
+        self.count_values(count, what, count_offset)   # nested items count again as they are read
         if item_type == GGUFValueType.STRING:
             return self.string_array(count, what)
         return [self.value(item_type, what, depth + 1) for _ in range(count)]

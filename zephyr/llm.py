@@ -80,6 +80,16 @@ class LLM:
     def tokenize(self, text: str, add_bos_token=None, special=False) -> list:
         return self.tokenizer.encode(text, add_bos=add_bos_token, special=special)
 
+    def tokenize_prompt(self, text: str, add_bos_token=None, special=False) -> list:
+        """tokenize(), for text that must fit the context: a text too long to possibly fit raises
+        ContextOverflowError at once, before tokenizing megabytes that would be refused anyway."""
+        most = self.tokenizer.max_token_chars
+        if isinstance(text, str) and most is not None and len(text) > most * self.context_length:
+            raise ContextOverflowError(
+                f"the prompt has {len(text):,} characters, so it cannot fit the context of {self.context_length} "
+                f"tokens (no token is longer than {most} characters): shorten it or load with a larger context_length")
+        return self.tokenize(text, add_bos_token=add_bos_token, special=special)
+
     def detokenize(self, tokens, decode=True):
         """Token ids -> text (bytes when decode=False)."""
         if isinstance(tokens, (int, np.integer)):
@@ -172,7 +182,7 @@ class LLM:
     def __call__(self, prompt: str, **kwargs):
         """Complete `prompt`; a string, or a generator of text chunks with stream=True."""
         settings = self._settings(kwargs)
-        stream = self._text_stream(self.tokenize(prompt), settings)
+        stream = self._text_stream(self.tokenize_prompt(prompt), settings)
         if settings["stream"]:
             return (chunk for chunk, _ in stream)
         return "".join(chunk for chunk, _ in stream)
@@ -226,7 +236,7 @@ class LLM:
         # The template may emit the BOS text itself; never add a second BOS.
         bos_text = self.tokenizer.id_to_token(self.bos_token_id) if self.bos_token_id is not None else None
         add_bos = False if bos_text and text.startswith(bos_text) else None
-        return self.tokenize(text, add_bos_token=add_bos, special=True), formatter
+        return self.tokenize_prompt(text, add_bos_token=add_bos, special=True), formatter
 
     def chat(self, messages, stream=False, chat_format=None, **kwargs):
         """Reply to a conversation (list of {"role", "content"}): a string, or chunks with stream=True."""
@@ -267,7 +277,7 @@ class LLM:
     # -- embeddings ---------------------------------------------------------------------------
     def embed(self, input, *, batch_size=None, threads=None) -> list:
         """Mean of the final (normed) hidden states of `input` (text or token ids). Clears the context."""
-        tokens = self.tokenize(input) if isinstance(input, str) else [int(t) for t in input]
+        tokens = self.tokenize_prompt(input) if isinstance(input, str) else [int(t) for t in input]
         if not tokens:
             raise ValueError("cannot embed an empty input")
         if len(tokens) > self.context_length:

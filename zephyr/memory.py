@@ -8,19 +8,57 @@ class InsufficientMemoryError(ZephyrError, MemoryError):
     """An allocation zephyr was asked to make does not fit in the memory available."""
 
 
+UNKNOWN = 1 << 62   # no limit could be read: do not refuse
+
+
 def available_memory() -> int:
-    """Bytes of memory the system can still give this process (MemAvailable on Linux)."""
+    """Bytes of memory this process can still get: the least of the system's MemAvailable, what its
+    container (cgroup v2 or v1) still allows, and what its address-space limit (ulimit -v) leaves."""
+    return min(_system_available(), _cgroup_available(), _address_space_left())
+
+
+def _system_available() -> int:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError):
         pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        return 1 << 62   # unknown: do not refuse
+        return UNKNOWN
+
+
+def _cgroup_available() -> int:
+    """limit - usage of the container's memory cgroup, as mounted inside it."""
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            if limit == "max" or int(limit) >= UNKNOWN:
+                return UNKNOWN
+            with open(usage_file) as f:
+                return max(0, int(limit) - int(f.read().strip()))
+        except (OSError, ValueError):
+            continue
+    return UNKNOWN
+
+
+def _address_space_left() -> int:
+    try:
+        import resource
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit == resource.RLIM_INFINITY:
+            return UNKNOWN
+        with open("/proc/self/statm") as f:
+            used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        return max(0, limit - used)
+    except (ImportError, OSError, ValueError):
+        return UNKNOWN
 
 
 def require(nbytes: int, what: str, advice: str):

@@ -3,6 +3,7 @@
 The order follows llama.cpp's sampler chain: repetition penalty -> top-k -> top-p -> min-p ->
 temperature -> draw. Temperature <= 0 or top_k == 1 means greedy (argmax after the penalty).
 """
+import numbers
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -17,6 +18,14 @@ class SamplingParams:
     min_p: float = 0.0         # <= 0: off
     repetition_penalty: float = 1.1
     last_n_tokens: int = 64    # how far back the penalty looks; 0: nowhere, -1: the whole history
+
+    def __post_init__(self):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
@@ -34,7 +43,7 @@ def penalize_repetition(logits: np.ndarray, recent: Iterable[int], penalty: floa
     if penalty == 1.0 or ids.size == 0:
         return logits
     ids = ids[(ids >= 0) & (ids < logits.shape[0])]
-    out = logits.copy()
+    out = logits.astype(np.float64)   # a huge penalty must not overflow float32
     chosen = out[ids]
     out[ids] = np.where(chosen > 0, chosen / penalty, chosen * penalty)
     return out
@@ -71,6 +80,9 @@ def sample(logits: np.ndarray, params: SamplingParams, recent=(), rng: np.random
     if params.greedy:
         return int(np.argmax(logits))
     ids, kept = candidates(logits, params)
-    probs = softmax(kept.astype(np.float64) / params.temperature)
+    # shifted before dividing, so the best candidate scores 0 and a tiny temperature can only push
+    # the others to -inf (probability 0), never overflow into NaN
+    with np.errstate(over="ignore"):
+        probs = softmax((kept.astype(np.float64) - kept.max()) / params.temperature)
     rng = rng if rng is not None else new_rng(-1)
     return int(ids[rng.choice(len(ids), p=probs)])

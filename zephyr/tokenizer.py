@@ -31,6 +31,10 @@ UNDEFINED, NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 0, 1, 2, 3, 4,
 
 SPACE_MARK = "\u2581"    # "▁", SentencePiece's visible space
 
+# Longest llama-vocabulary piece that merges can build. Finding a piece's merges is quadratic in its
+# length, and a hostile file may hold megabyte-long pieces; real vocabularies stay under 32.
+MAX_MERGED_PIECE_CHARS = 256
+
 # End of generation, as llama.cpp decides it: the eos/eot/eom ids, tokens with one of these texts, and
 # the fill-in-the-middle pad / repository / file-separator tokens (by metadata id or by text). All of
 # them are treated as control tokens, whatever type the file gives them.
@@ -93,6 +97,11 @@ class Tokenizer:
         self._encode_lock = threading.Lock()     # guards the encoder's special-token switch
         self._text_bytes, self._special_bytes = vocab.token_bytes()
         self.eog_ids = vocab.eog_ids             # frozenset of the ids that end generation
+        # No token stands for more characters of text than its own text has, so a text of n characters
+        # is at least n / max_token_chars tokens. None: no such bound, because a llama vocabulary
+        # without byte tokens fuses a run of unknown characters, however long, into one <unk>.
+        fuses_unknown = vocab.model == "llama" and BYTE not in vocab.types
+        self.max_token_chars = None if fuses_unknown else max(map(len, vocab.tokens))
 
     @classmethod
     def from_gguf(cls, source):
@@ -158,7 +167,11 @@ class Tokenizer:
             raise TypeError(f"encode() takes a str, not {type(text).__name__}")
         with self._encode_lock:
             self._encoder.encode_special_tokens = not special
-            ids = self._encoder.encode(text, add_special_tokens=False).ids
+            try:
+                ids = self._encoder.encode(text, add_special_tokens=False).ids
+            except TypeError:   # what the Rust side says of a str that is not valid Unicode
+                _check_encodable(text)
+                raise
         vocab = self._vocab
         if (vocab.add_bos if add_bos is None else add_bos) and vocab.bos_id is not None:
             ids.insert(0, vocab.bos_id)
@@ -229,6 +242,14 @@ class StreamDecoder:
     def flush(self) -> str:
         """The rest: bytes of a character that never completed come out as U+FFFD."""
         return self._utf8.decode(b"", final=True)
+
+
+def _check_encodable(text: str):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TokenizerError(f"the text is not valid Unicode: {exc.reason} at character {exc.start} "
+                             f"({text[exc.start]!r})") from None
 
 
 def _without_prefix_space(data: bytes) -> bytes:
@@ -403,11 +424,14 @@ def _spm_merges(tokens, scores, types):
 
     SentencePiece repeatedly joins the adjacent pair whose concatenation is the highest-scoring
     normal piece. As a ranked merge list: (a, b) for every normal piece a+b whose halves a and b
-    are normal pieces too, best score first (ties: lower id first).
+    are normal pieces too, best score first (ties: lower id first). Pieces longer than
+    MAX_MERGED_PIECE_CHARS are left out (SentencePiece's own default limit is 16).
     """
     normal = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == NORMAL}
     ranked = []
     for piece, i in normal.items():
+        if len(piece) > MAX_MERGED_PIECE_CHARS:
+            continue   # every cut costs a copy: a megabyte-long piece would take minutes
         for cut in range(1, len(piece)):
             left, right = piece[:cut], piece[cut:]
             if left in normal and right in normal:

@@ -57,7 +57,47 @@ def chat_page() -> str:
     return resources.files(__package__).joinpath("static/chat.html").read_text(encoding="utf-8")
 
 
-def create_app(llm, *, model_name=None, api_key=None, max_queue=64, cors_origins=()) -> FastAPI:
+# Largest request body accepted; a chat request of a full 32k-token context is far smaller.
+MAX_BODY_BYTES = 8 << 20
+
+
+class BodyLimit:
+    """ASGI middleware refusing bodies over `limit` bytes (413) before they are read into memory."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await self._refuse(scope, receive, send)
+        seen = 0
+
+        async def counted_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:   # chunked bodies carry no length: count as they arrive
+                raise _BodyTooLarge()
+            return message
+        try:
+            await self.app(scope, counted_receive, send)
+        except _BodyTooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope, receive, send):
+        error = APIError(413, f"the request body is larger than {self.limit:,} bytes", code="request_too_large")
+        await error.response()(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def create_app(llm, *, model_name=None, api_key=None, max_queue=64, cors_origins=(),
+               max_body_bytes=MAX_BODY_BYTES) -> FastAPI:
     """A FastAPI app serving `llm` (a loaded zephyr.LLM). The app does not close the model.
 
     model_name: the id /v1/models reports (default: the file name); requests may name any model.
@@ -75,6 +115,7 @@ def create_app(llm, *, model_name=None, api_key=None, max_queue=64, cors_origins
 
     app = FastAPI(title="zephyr", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.runner = runner
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
     if cors_origins:
         from starlette.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],

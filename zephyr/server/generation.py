@@ -75,7 +75,7 @@ def run(llm, job: Job) -> Iterator[Event]:
         tokens, formatter = llm._chat_prompt(job.messages)
         extra_stops, default_max = formatter.stop, -1
     else:
-        tokens = llm.tokenize(job.prompt) if isinstance(job.prompt, str) else list(job.prompt)
+        tokens = llm.tokenize_prompt(job.prompt) if isinstance(job.prompt, str) else list(job.prompt)
         extra_stops, default_max = (), COMPLETION_DEFAULT_MAX_TOKENS
         bad = [t for t in tokens if not 0 <= t < llm.vocab_size]
         if bad:
@@ -108,7 +108,7 @@ def embed(llm, request, model: str) -> dict:
     """The embeddings response for `request` (on the worker thread)."""
     data, used = [], 0
     for index, item in enumerate(request.inputs()):
-        tokens = llm.tokenize(item) if isinstance(item, str) else list(item)
+        tokens = llm.tokenize_prompt(item) if isinstance(item, str) else list(item)
         used += len(tokens)
         vector = llm.embed(tokens)
         if request.encoding_format == "base64":

@@ -153,6 +153,10 @@ class CompletionRequest(_Sampling):
         return self.max_tokens
 
 
+# Each input is a full model evaluation: bound the work one request can queue.
+MAX_EMBEDDING_INPUTS = 256
+
+
 class EmbeddingRequest(_Request):
     model: Optional[str] = None
     input: Prompt
@@ -170,6 +174,8 @@ class EmbeddingRequest(_Request):
     def _not_empty(self):
         if not self.input or (isinstance(self.input, list) and not all(self.input)):
             raise ValueError("input must not be empty")
+        if isinstance(self.input, list) and not isinstance(self.input[0], int) and len(self.input) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request")
         return self
 
     def inputs(self) -> list:
