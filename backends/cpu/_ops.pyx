@@ -4,6 +4,9 @@
 Callers (backend.py) validate every argument first; the checks here are a last line of defence
 that turns a wrapper bug into a ValueError instead of an out-of-bounds read. Every function
 writes into a caller-allocated `out` (OUT); every other array is read-only (IN).
+
+Matmuls run on one of several instruction-set paths (scalar, AVX2, AVX-512 VNNI), chosen at
+import as the best this CPU has; `set_isa` forces one (the tests run every path).
 """
 from cython.parallel cimport prange, threadid
 from libc.stdint cimport int32_t, int64_t, uint8_t
@@ -16,8 +19,22 @@ cdef extern from "dequant.h" nogil:
     zd_decode_fn zd_decoder(int type)
     int64_t zd_row_bytes(int type, int64_t k)
 
+cdef extern from "quantize.h" nogil:
+    ctypedef struct zd_act:
+        int64_t n, k
+    int zd_act_kind(int type)
+    int64_t zd_act_bytes(int kind, int64_t n, int64_t k)
+    void zd_act_init(zd_act *a, int kind, int64_t n, int64_t k, void *buffer, int isa)
+    void zd_quantize_rows(const float *x, int64_t ldx, zd_act *a, int isa, int64_t lo, int64_t hi)
+    void zd_act_pack_row(const zd_act *a, int64_t t, uint8_t *out)
+    int ZD_ACT_F32, ZD_ACT_Q8_0, ZD_ACT_Q8_K
+
 cdef extern from "matmul.h" nogil:
-    void zd_dot_rows(const float *row, const float *x, float *out, int64_t n, int64_t k, int64_t m)
+    int zd_isa_supported(int isa)
+    int zd_best_isa()
+    int64_t zd_cbuf_floats(int64_t k)
+    void zd_matmul(int type, int isa, const uint8_t *w, int64_t m, int64_t k, const float *x, int64_t n,
+                   float *out, void *act, float *cbuf, int nth)
 
 cdef extern from "norm.h" nogil:
     void zd_rms_norm_row(const float *x, const float *w, float *out, int64_t d, float eps)
@@ -51,30 +68,78 @@ def row_bytes(int wtype, int64_t k):
     return zd_row_bytes(wtype, k)
 
 
+ISA_NAMES = ("scalar", "avx2", "avx512")
+cdef int _isa = zd_best_isa()
+
+
+def available_isas():
+    """The matmul paths this CPU can run, slowest first."""
+    return [name for i, name in enumerate(ISA_NAMES) if zd_isa_supported(i)]
+
+
+def get_isa():
+    """The path matmuls use now."""
+    return ISA_NAMES[_isa]
+
+
+def set_isa(name=None):
+    """Force matmuls onto path `name` (one of available_isas()); None: the best one."""
+    global _isa
+    if name is None:
+        _isa = zd_best_isa()
+        return
+    if name not in ISA_NAMES or not zd_isa_supported(ISA_NAMES.index(name)):
+        raise ValueError(f"instruction set {name!r} is not available here; choose from {available_isas()}")
+    _isa = ISA_NAMES.index(name)
+
+
+cdef int current_isa() noexcept nogil:
+    return _isa
+
+
+def quantize_activations(const float[:, ::1] x, str kind):
+    """x [n, k] -> its rounding as the matmul kernels see it, in GGUF bytes: kind "q8_0" gives
+    uint8 [n, k / 32 * 34] (as zephyr.quants.quantize_q8_0), "q8_k" [n, k / 256 * 292]."""
+    cdef int code = {"q8_0": ZD_ACT_Q8_0, "q8_k": ZD_ACT_Q8_K}.get(kind, -1)
+    _require(code >= 0, f"unknown activation kind {kind!r}")
+    cdef int64_t n = x.shape[0], k = x.shape[1], block = 32 if code == ZD_ACT_Q8_0 else 256
+    _require(k % block == 0, f"rows of {k} values are not whole blocks of {block}")
+    cdef uint8_t[::1] buffer = np.empty(zd_act_bytes(code, n, k), dtype=np.uint8)
+    cdef uint8_t[:, ::1] out = np.empty((n, k // block * (34 if block == 32 else 292)), dtype=np.uint8)
+    cdef zd_act a
+    cdef int64_t t
+    if n == 0 or k == 0:
+        return np.asarray(out)
+    zd_act_init(&a, code, n, k, &buffer[0], _isa)
+    zd_quantize_rows(&x[0, 0], k, &a, _isa, 0, n)
+    for t in range(n):
+        zd_act_pack_row(&a, t, &out[t, 0])
+    return np.asarray(out)
+
+
 def matmul(const float[:, ::1] x, const uint8_t[::1] w, int wtype, int64_t m,
            float[:, ::1] out, int threads):
     """out[n, m] = x[n, k] @ W.T, W being `m` rows of `k` values of type `wtype` in `w`.
 
-    Each thread decodes one weight row at a time into its own scratch row, then dots it with
-    every activation row: the weight is read once, whatever n.
+    x is rounded once to the 8-bit activation format of the weight type (none for float
+    weights); each thread then computes a contiguous share of W's rows for every token.
     """
     cdef int64_t n = x.shape[0], k = x.shape[1]
     cdef int64_t stride = zd_row_bytes(wtype, k)
-    cdef zd_decode_fn decode = zd_decoder(wtype)
-    _require(decode != NULL and stride > 0, f"cannot decode rows of {k} values of type {wtype}")
+    cdef int kind = zd_act_kind(wtype)
+    _require(kind >= 0 and stride > 0, f"cannot multiply rows of {k} values of type {wtype}")
     _require(w.shape[0] >= m * stride, "weight buffer is smaller than its shape")
     _require(out.shape[0] == n and out.shape[1] == m, "output shape mismatch")
     _require(threads >= 1, "threads must be positive")
     if n == 0 or m == 0:
         return
-    cdef float[:, ::1] scratch = np.empty((threads, k), dtype=np.float32)
-    cdef int64_t row
-    cdef float *decoded
+    if k == 0:
+        out[:, :] = 0
+        return
+    cdef uint8_t[::1] act = np.empty(max(zd_act_bytes(kind, n, k), 1), dtype=np.uint8)
+    cdef float[::1] cbuf = np.empty(threads * zd_cbuf_floats(k), dtype=np.float32)
     with nogil:
-        for row in prange(m, schedule='static', num_threads=threads):
-            decoded = &scratch[threadid(), 0]
-            decode(&w[row * stride], decoded, k)
-            zd_dot_rows(decoded, &x[0, 0], &out[0, row], n, k, m)
+        zd_matmul(wtype, _isa, &w[0], m, k, &x[0, 0], n, &out[0, 0], &act[0], &cbuf[0], threads)
 
 
 def embed(const uint8_t[::1] w, int wtype, int64_t vocab, const int32_t[::1] ids,
@@ -209,3 +274,173 @@ def add(const float[::1] a, const float[::1] b, float[::1] out, int threads):
             start = c * chunk
             stop = min(start + chunk, count)
             zd_add(&a[start], &b[start], &out[start], stop - start)
+
+
+# -- the fused decoder layer ---------------------------------------------------------------------
+
+cdef extern from "layer.h" nogil:
+    ctypedef struct zd_matrix:
+        int type
+        const uint8_t *data
+        int64_t rows, cols
+    ctypedef struct zd_layer_weights:
+        const float *attn_norm
+        const float *ffn_norm
+        zd_matrix wq, wk, wv, wo, w_gate, w_up, w_down
+    ctypedef struct zd_layer_params:
+        int64_t d, f, n_heads, n_kv_heads, head_dim, rope_dims, window
+        double rope_base
+        int rope_neox
+        float rms_eps
+    ctypedef struct zd_layer_cache:
+        float *k
+        float *v
+        int64_t n_ctx
+    ctypedef struct zd_layer_scratch:
+        int64_t n_max
+        float *h
+        float *q
+        float *q_rot
+        float *k
+        float *v
+        float *gate
+        float *up
+        float *rope_cos
+        float *rope_sin
+        int64_t rope_start, rope_n, rope_dims
+        double rope_base
+        float *scores
+        float *cbuf
+        int64_t cbuf_stride
+        void *act[3]
+    int64_t zd_layer_width(const zd_layer_params *p)
+    void zd_decoder_layer(const zd_layer_weights *w, const zd_layer_params *p, zd_layer_scratch *s,
+                          const zd_layer_cache *cache, float *x, int64_t n, int64_t start_pos, int isa, int nth)
+
+
+cdef zd_matrix _matrix(tuple spec, int64_t rows, int64_t cols, str name) except *:
+    """(data, type) -> a zd_matrix of rows x cols, checking the buffer covers it."""
+    cdef const uint8_t[::1] data = spec[0]
+    cdef int wtype = spec[1]
+    cdef int64_t stride = zd_row_bytes(wtype, cols)
+    _require(zd_act_kind(wtype) >= 0 and stride > 0, f"{name}: cannot multiply rows of {cols} values of type {wtype}")
+    _require(data.shape[0] >= rows * stride, f"{name}: weight buffer is smaller than its shape")
+    cdef zd_matrix m
+    m.type = wtype
+    m.data = &data[0]
+    m.rows = rows
+    m.cols = cols
+    return m
+
+
+cdef class Layer:
+    """One block's weights, hyperparameters and cache, as pointers for zd_decoder_layer.
+
+    Holds references to every array it points into, so they outlive it."""
+    cdef zd_layer_weights w
+    cdef zd_layer_params p
+    cdef zd_layer_cache cache
+    cdef object refs
+
+    def __init__(self, const float[::1] attn_norm, const float[::1] ffn_norm, tuple wq, tuple wk, tuple wv,
+                 tuple wo, tuple w_gate, tuple w_up, tuple w_down, int64_t f, int64_t n_heads, int64_t n_kv_heads,
+                 int64_t head_dim, int64_t rope_dims, double rope_base, bint rope_neox, float rms_eps,
+                 int64_t window, float[:, :, ::1] k_cache, float[:, :, ::1] v_cache):
+        """Matrices are (flat uint8 data, GGML type); norms float32 [d]; caches [n_ctx, h_kv, hd]."""
+        cdef int64_t d = attn_norm.shape[0]
+        _require(d > 0 and f > 0 and ffn_norm.shape[0] == d, "norm weights must have d > 0 values")
+        _require(n_heads > 0 and n_kv_heads > 0 and n_heads % n_kv_heads == 0, "bad head counts")
+        _require(head_dim > 0 and 0 <= rope_dims <= head_dim and rope_dims % 2 == 0, "bad head_dim / rope_dims")
+        _require(window >= 0, "window must be >= 0")
+        _require(k_cache.shape[0] > 0 and k_cache.shape[1] == n_kv_heads and k_cache.shape[2] == head_dim
+                 and v_cache.shape[0] == k_cache.shape[0] and v_cache.shape[1] == n_kv_heads
+                 and v_cache.shape[2] == head_dim, "cache shape mismatch")
+        cdef int64_t qd = n_heads * head_dim, kvd = n_kv_heads * head_dim
+        self.w.attn_norm = &attn_norm[0]
+        self.w.ffn_norm = &ffn_norm[0]
+        self.w.wq = _matrix(wq, qd, d, "wq")
+        self.w.wk = _matrix(wk, kvd, d, "wk")
+        self.w.wv = _matrix(wv, kvd, d, "wv")
+        self.w.wo = _matrix(wo, d, qd, "wo")
+        self.w.w_gate = _matrix(w_gate, f, d, "w_gate")
+        self.w.w_up = _matrix(w_up, f, d, "w_up")
+        self.w.w_down = _matrix(w_down, d, f, "w_down")
+        self.p.d = d
+        self.p.f = f
+        self.p.n_heads = n_heads
+        self.p.n_kv_heads = n_kv_heads
+        self.p.head_dim = head_dim
+        self.p.rope_dims = rope_dims
+        self.p.window = window
+        self.p.rope_base = rope_base
+        self.p.rope_neox = rope_neox
+        self.p.rms_eps = rms_eps
+        self.cache.k = &k_cache[0, 0, 0]
+        self.cache.v = &v_cache[0, 0, 0]
+        self.cache.n_ctx = k_cache.shape[0]
+        self.refs = (attn_norm, ffn_norm, wq, wk, wv, wo, w_gate, w_up, w_down, k_cache, v_cache)
+
+
+cdef class LayerScratch:
+    """Run-state buffers for zd_decoder_layer, grown on demand and reused by every layer."""
+    cdef zd_layer_scratch s
+    cdef object arrays
+    cdef tuple shape
+
+    def __init__(self):
+        self.shape = ()
+        self.s.rope_n = 0
+
+    cdef void reserve(self, Layer layer, int64_t n, int threads) except *:
+        cdef const zd_layer_params *p = &layer.p
+        cdef int64_t width = zd_layer_width(p), qd = p.n_heads * p.head_dim, kvd = p.n_kv_heads * p.head_dim
+        cdef tuple want = (width, qd, kvd, p.f, p.rope_dims // 2, layer.cache.n_ctx, threads)
+        if self.shape and n <= self.s.n_max and all(a >= b for a, b in zip(self.shape, want)):
+            return
+        if self.shape:
+            n = max(n, self.s.n_max)
+            want = tuple(max(a, b) for a, b in zip(self.shape, want))
+        width, qd, kvd, f, half, n_ctx, threads = want
+        cdef int64_t act_bytes = max(zd_act_bytes(ZD_ACT_Q8_0, n, width), zd_act_bytes(ZD_ACT_Q8_K, n, width))
+        arrays = dict(h=np.empty(n * width, np.float32), q=np.empty(n * qd, np.float32),
+                      q_rot=np.empty(n * qd, np.float32), k=np.empty(n * kvd, np.float32),
+                      v=np.empty(n * kvd, np.float32), gate=np.empty(n * f, np.float32),
+                      up=np.empty(n * f, np.float32), rope_cos=np.empty(n * max(half, 1), np.float32),
+                      rope_sin=np.empty(n * max(half, 1), np.float32),
+                      scores=np.empty(threads * n_ctx, np.float32),
+                      cbuf=np.empty(threads * zd_cbuf_floats(width), np.float32),
+                      act=[np.empty(act_bytes + 64, np.uint8) for _ in range(3)])
+        cdef float[::1] view
+        cdef uint8_t[::1] raw
+        view = arrays["h"]; self.s.h = &view[0]
+        view = arrays["q"]; self.s.q = &view[0]
+        view = arrays["q_rot"]; self.s.q_rot = &view[0]
+        view = arrays["k"]; self.s.k = &view[0]
+        view = arrays["v"]; self.s.v = &view[0]
+        view = arrays["gate"]; self.s.gate = &view[0]
+        view = arrays["up"]; self.s.up = &view[0]
+        view = arrays["rope_cos"]; self.s.rope_cos = &view[0]
+        view = arrays["rope_sin"]; self.s.rope_sin = &view[0]
+        view = arrays["scores"]; self.s.scores = &view[0]
+        view = arrays["cbuf"]; self.s.cbuf = &view[0]
+        self.s.cbuf_stride = zd_cbuf_floats(width)
+        for i in range(3):
+            raw = arrays["act"][i]
+            self.s.act[i] = &raw[0]
+        self.s.n_max = n
+        self.s.rope_n = 0
+        self.arrays = arrays
+        self.shape = want
+
+
+def decoder_layer(Layer layer, LayerScratch scratch, float[:, ::1] x, int64_t start_pos, int threads):
+    """One whole block on x [n, d] in place (IN/OUT); token i sits at start_pos + i."""
+    cdef int64_t n = x.shape[0]
+    _require(x.shape[1] == layer.p.d, "input width mismatch")
+    _require(start_pos >= 0 and start_pos + n <= layer.cache.n_ctx, "cache positions out of range")
+    _require(threads >= 1, "threads must be positive")
+    if n == 0:
+        return
+    scratch.reserve(layer, n, threads)
+    with nogil:
+        zd_decoder_layer(&layer.w, &layer.p, &scratch.s, &layer.cache, &x[0, 0], n, start_pos, _isa, threads)

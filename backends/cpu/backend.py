@@ -1,13 +1,15 @@
 """CPUBackend: the checks in Python, the loops in _ops (Cython, OpenMP, GIL released).
 
-Every op validates its arguments here and raises BackendError before native code sees a
-buffer; _ops trusts shapes, dtypes and contiguity it has been given.
+Weights are checked once, in load_weight, which returns a CPUWeight handle; the hot path only
+checks that it was given one. Every op validates its other arguments here and raises
+BackendError before native code sees a buffer; _ops trusts shapes, dtypes and contiguity it
+has been given. `decoder_layer` runs a whole block as one native call (kernels/layer.h).
 """
 import numpy as np
 
-from zephyr.backend import Availability, Backend, Weight
+from zephyr.backend import Availability, Backend, LayerParams, LayerWeights, Weight
 from zephyr.errors import BackendError
-from zephyr.quants import SUPPORTED_TYPES, TYPE_INFO
+from zephyr.quants import GGMLType, SUPPORTED_TYPES, TYPE_INFO
 
 try:
     from . import _ops, _openmp
@@ -15,6 +17,21 @@ try:
 except ImportError as exc:  # a broken install: report it through availability()
     _ops = _openmp = None
     _IMPORT_ERROR = exc
+
+
+class CPUWeight:
+    """A weight load_weight has checked: the flat bytes the kernels read, and for a vector
+    (a norm weight) its values decoded once as float32."""
+
+    __slots__ = ("name", "type", "shape", "rows", "cols", "data", "values")
+
+    def __init__(self, name, type, shape, data, values=None):
+        self.name, self.type, self.shape, self.data, self.values = name, type, shape, data, values
+        self.rows = shape[0] if len(shape) == 2 else 1
+        self.cols = shape[-1]
+
+    def __repr__(self):
+        return f"CPUWeight({self.name!r}, {self.type.name}, {self.shape})"
 
 
 class KVCache:
@@ -71,10 +88,14 @@ class CPUBackend(Backend):
         if _IMPORT_ERROR is not None:
             raise BackendError(self.availability().reason)
         super().__init__(_openmp.resolve_threads(int(threads)))
+        self._layers = {}                      # (id(weights), id(cache), layer, params) -> _LayerPlan
+        self._scratch = _ops.LayerScratch()    # run state shared by every layer, grown on demand
 
     # -- memory ---------------------------------------------------------------------------
     def load_weight(self, weight: Weight):
         """Check the weight once and keep a flat view of its bytes (no copy)."""
+        if type(weight) is CPUWeight:
+            return weight
         if not isinstance(weight, Weight):
             raise BackendError(f"expected a zephyr.backend.Weight, got {type(weight).__name__}")
         if weight.type not in self.supported_types or not _ops.can_decode(int(weight.type)):
@@ -83,19 +104,23 @@ class CPUBackend(Backend):
         if len(weight.shape) not in (1, 2) or min(weight.shape) <= 0:
             raise BackendError(f"{weight.name!r}: shape {weight.shape} is not a vector or matrix")
         block = TYPE_INFO[weight.type].block_size
-        if weight.cols % block:
-            raise BackendError(f"{weight.name!r}: {weight.cols} columns is not a whole number of "
+        if weight.shape[-1] % block:
+            raise BackendError(f"{weight.name!r}: {weight.shape[-1]} columns is not a whole number of "
                                f"{weight.type.name} blocks of {block}")
         data = weight.data
         if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or not data.flags.c_contiguous:
             raise BackendError(f"{weight.name!r}: data must be a C-contiguous uint8 array")
-        needed = weight.rows * _ops.row_bytes(int(weight.type), weight.cols)
+        rows = weight.shape[0] if len(weight.shape) == 2 else 1
+        needed = rows * _ops.row_bytes(int(weight.type), weight.shape[-1])
         if data.size != needed:
             raise BackendError(f"{weight.name!r}: {data.size} bytes of data, but shape {weight.shape} "
                                f"of {weight.type.name} takes {needed}")
-        if data.ndim == 1:
-            return weight
-        return Weight(weight.name, weight.type, tuple(weight.shape), data.reshape(-1))
+        handle = CPUWeight(weight.name, GGMLType(weight.type), tuple(weight.shape), data.reshape(-1))
+        if rows == 1:
+            handle.values = np.empty((1, handle.cols), np.float32)
+            _ops.embed(handle.data, int(handle.type), 1, np.zeros(1, np.int32), handle.values, 1)
+            handle.values = handle.values[0]
+        return handle
 
     def from_host(self, x):
         return np.ascontiguousarray(x, dtype=np.float32)
@@ -111,20 +136,20 @@ class CPUBackend(Backend):
 
     # -- helpers --------------------------------------------------------------------------
     def _matrix(self, w, op):
-        """A weight handle from load_weight, re-checked cheaply (it may be a bare Weight)."""
-        if not isinstance(w, Weight):
-            raise BackendError(f"{op} takes a weight from load_weight, got {type(w).__name__}")
-        return self.load_weight(w)
+        """A weight handle from load_weight (a bare Weight is checked now, at a cost)."""
+        if type(w) is CPUWeight:
+            return w
+        if isinstance(w, Weight):
+            return self.load_weight(w)
+        raise BackendError(f"{op} takes a weight from load_weight, got {type(w).__name__}")
 
     def _vector(self, w, d):
         """A norm weight (handle or float32 array) as float32 [d]."""
-        if isinstance(w, Weight):
-            w = self.load_weight(w)
-            if w.rows != 1:
+        if isinstance(w, (CPUWeight, Weight)):
+            w = self._matrix(w, "rms_norm")
+            if w.values is None:
                 raise BackendError(f"{w.name!r}: expected a vector, got shape {w.shape}")
-            values = np.empty((1, w.cols), np.float32)
-            _ops.embed(w.data, int(w.type), 1, np.zeros(1, np.int32), values, self.threads)
-            w = values[0]
+            w = w.values
         if not isinstance(w, np.ndarray) or w.dtype != np.float32 or w.ndim != 1:
             raise BackendError("norm weight must be a weight handle or a 1-D float32 array")
         if w.shape[0] != d:
@@ -212,3 +237,65 @@ class CPUBackend(Backend):
         out = np.empty_like(a)
         _ops.add(a.reshape(-1), b.reshape(-1), out.reshape(-1), self.threads)
         return out
+
+    # -- whole steps ------------------------------------------------------------------------
+    def decoder_layer(self, x, w, p, cache, layer, start_pos):
+        """The fused block: one native call, same values as the ops composed (kernels/layer.h)."""
+        try:
+            plan = self._layers.get((id(w), id(cache), layer, p))
+        except TypeError:
+            raise BackendError(f"layer params must be a LayerParams, got {type(p).__name__}") from None
+        if plan is None:
+            plan = _LayerPlan(self, w, p, cache, layer)
+            self._layers[(id(w), id(cache), layer, p)] = plan
+        x = _activation(x, "decoder_layer input", cols=plan.d)       # [n, d]
+        start_pos = _index(start_pos, "start_pos")
+        if start_pos + x.shape[0] > cache.n_ctx:
+            raise BackendError(f"positions {start_pos}..{start_pos + x.shape[0] - 1} do not fit a cache of "
+                               f"{cache.n_ctx} positions")
+        out = x.copy()
+        _ops.decoder_layer(plan.native, self._scratch, out, start_pos, self.threads)
+        return out
+
+
+class _LayerPlan:
+    """One block's checked weights, params and cache slot, bound for _ops.decoder_layer.
+
+    Keeps the objects its key names alive, so their ids cannot be reused while it exists."""
+
+    def __init__(self, backend, w, p, cache, layer):
+        if not isinstance(w, LayerWeights):
+            raise BackendError(f"decoder_layer takes LayerWeights, got {type(w).__name__}")
+        if not isinstance(p, LayerParams):
+            raise BackendError(f"decoder_layer takes LayerParams, got {type(p).__name__}")
+        if not isinstance(cache, KVCache):
+            raise BackendError(f"decoder_layer takes a cache from new_kv_cache, got {type(cache).__name__}")
+        layer = _index(layer, "layer")
+        if layer >= len(cache.k):
+            raise BackendError(f"layer {layer} is outside the cache's {len(cache.k)} layers")
+        n_heads = _index(p.n_heads, "n_heads", minimum=1)
+        n_kv_heads = _index(p.n_kv_heads, "n_kv_heads", minimum=1)
+        head_dim = _index(p.head_dim, "head_dim", minimum=1)
+        rope_dims = _index(p.rope_dims, "rope_dims")
+        window = _index(p.sliding_window, "sliding_window")
+        if n_heads % n_kv_heads or n_kv_heads != cache.n_kv_heads or head_dim != cache.head_dim:
+            raise BackendError(f"{n_heads} query heads over {n_kv_heads} kv heads of {head_dim} do not fit a "
+                               f"cache of {cache.n_kv_heads} kv heads of {cache.head_dim}")
+        if rope_dims % 2 or rope_dims > head_dim:
+            raise BackendError(f"rope_dims must be even and at most head_dim {head_dim}, got {rope_dims}")
+        matrices = {name: backend._matrix(getattr(w, name), "decoder_layer")
+                    for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")}
+        d, f = matrices["wq"].cols, matrices["w_gate"].rows
+        qd, kvd = n_heads * head_dim, n_kv_heads * head_dim
+        shapes = {"wq": (qd, d), "wk": (kvd, d), "wv": (kvd, d), "wo": (d, qd), "w_gate": (f, d), "w_up": (f, d),
+                  "w_down": (d, f)}
+        for name, shape in shapes.items():
+            if matrices[name].shape != shape:
+                raise BackendError(f"{name} has shape {matrices[name].shape}, expected {shape}")
+        self.d = d
+        self.keep = (w, cache)
+        spec = {name: (m.data, int(m.type)) for name, m in matrices.items()}
+        self.native = _ops.Layer(backend._vector(w.attn_norm, d), backend._vector(w.ffn_norm, d),
+                                 spec["wq"], spec["wk"], spec["wv"], spec["wo"], spec["w_gate"], spec["w_up"],
+                                 spec["w_down"], f, n_heads, n_kv_heads, head_dim, rope_dims, float(p.rope_base),
+                                 bool(p.rope_neox), float(p.rms_eps), window, cache.k[layer], cache.v[layer])

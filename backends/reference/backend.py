@@ -28,6 +28,20 @@ def _as_matrix(x, name, cols=None):
     return x
 
 
+_LEGACY_TYPES = frozenset({quants.GGMLType.Q4_0, quants.GGMLType.Q4_1, quants.GGMLType.Q5_0,
+                           quants.GGMLType.Q5_1, quants.GGMLType.Q8_0})
+_FLOAT_TYPES = frozenset({quants.GGMLType.F32, quants.GGMLType.F16, quants.GGMLType.BF16})
+
+
+def _round_activations(x, weight_type):
+    """x [n, k] as the integer kernels for `weight_type` see it (see ReferenceBackend.matmul)."""
+    if weight_type in _FLOAT_TYPES:
+        return x
+    if weight_type in _LEGACY_TYPES:
+        return quants.dequantize(quants.quantize_q8_0(x), quants.GGMLType.Q8_0, x.shape)
+    return quants.dequantize(quants.quantize_q8_k(x), quants.GGMLType.Q8_K, x.shape)
+
+
 class ReferenceBackend(Backend):
     name = "reference"
     device = "cpu"
@@ -68,8 +82,17 @@ class ReferenceBackend(Backend):
 
     # -- ops --------------------------------------------------------------------------------
     def matmul(self, x, w):
+        """x @ dequant(W).T in float64, after rounding x as the weight type's integer kernels do.
+
+        Quantised weights multiply 8-bit activations: x is first rounded through Q8_0 (legacy
+        types Q4_0 ... Q8_0, blocks of 32) or Q8_K (k-quants, blocks of 256) with zephyr.quants'
+        quantisers and decoded back; float weights (F32, F16, BF16) take x as it is. llama.cpp
+        computes the same products, and an optimised backend then differs from this one only in
+        float summation order.
+        """
         weight = self._decode(w)                                  # [m, k]
         x = _as_matrix(x, "matmul input", cols=weight.shape[-1])  # [n, k]
+        x = _round_activations(x, w.type if isinstance(w, Weight) else quants.GGMLType.F32)
         return (x.astype(np.float64) @ weight.astype(np.float64).T).astype(np.float32)
 
     def embed(self, w, ids):

@@ -10,6 +10,7 @@
 #ifndef ZEPHYR_DEQUANT_H
 #define ZEPHYR_DEQUANT_H
 
+#include <math.h>
 #include <string.h>
 #include "common.h"
 #if defined(__F16C__)
@@ -48,6 +49,27 @@ static inline float zd_f16_to_f32(uint16_t h) {
     }
     return zd_f32_from_bits(sign | ((exponent + 112u) << 23) | (mantissa << 13));
 #endif
+}
+
+/* float -> IEEE half, rounding to nearest even (subnormals and overflow to inf included), as
+ * numpy's astype(float16) and F16C's vcvtps2ph do. */
+static inline uint16_t zd_f32_to_f16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    const uint16_t sign = (uint16_t)((bits >> 16) & 0x8000u);
+    const uint32_t magnitude = bits & 0x7fffffffu;
+    if (magnitude > 0x7f800000u)            /* nan: keep it a (quiet) nan */
+        return sign | 0x7e00u;
+    if (magnitude >= 0x477ff000u)           /* >= 65520 rounds to inf */
+        return sign | 0x7c00u;
+    if (magnitude < 0x38800000u) {          /* below 2^-14: a subnormal half, units of 2^-24 */
+        const float scaled = zd_f32_from_bits(magnitude) * 16777216.0f;   /* exact: a power of 2 */
+        return sign | (uint16_t)nearbyintf(scaled);
+    }
+    /* Rebias the exponent, then round the 23-bit mantissa to 10 bits (ties to even); a carry
+     * out of the mantissa correctly bumps the exponent. */
+    const uint32_t rebiased = magnitude - ((uint32_t)(127 - 15) << 23);
+    return sign | (uint16_t)((rebiased + 0xfffu + ((rebiased >> 13) & 1u)) >> 13);
 }
 
 static inline float zd_bf16_to_f32(uint16_t h) {

@@ -1,0 +1,237 @@
+/* One whole pre-norm llama block in one OpenMP parallel region: the fused form of
+ * zephyr.backend.Backend.decoder_layer, built from the same kernels as the single ops (so it
+ * computes the same values as the ops composed, bit for bit).
+ *
+ *   h = rms_norm(x) -> q, k, v = h @ Wq.T, Wk.T, Wv.T -> rope(q), rope(k) -> k, v into the cache
+ *   -> attention -> x += attn @ Wo.T -> h = rms_norm(x) -> g, u = h @ Wgate.T, Wup.T
+ *   -> x += (silu(g) * u) @ Wdown.T
+ *
+ * Each step is shared out over the team (rows, kv heads or weight tiles) and ends at a barrier
+ * (zd_barrier: yields the CPU while it waits); the residual adds happen in the matmuls' stores. Scratch memory comes from the caller, sized
+ * once for the largest batch (see zd_layer_scratch).
+ */
+#ifndef ZEPHYR_LAYER_H
+#define ZEPHYR_LAYER_H
+
+#include <math.h>
+#include <string.h>
+#include "common.h"
+#include "attention.h"
+#include "elementwise.h"
+#include "matmul.h"
+#include "norm.h"
+#include "quantize.h"
+#include "rope.h"
+
+typedef struct {
+    int type;
+    const uint8_t *data;     /* rows x row_bytes */
+    int64_t rows, cols;
+} zd_matrix;
+
+typedef struct {
+    const float *attn_norm, *ffn_norm;   /* [d] */
+    zd_matrix wq, wk, wv;                /* [h * hd, d], [h_kv * hd, d] x 2 */
+    zd_matrix wo;                        /* [d, h * hd] */
+    zd_matrix w_gate, w_up;              /* [f, d] */
+    zd_matrix w_down;                    /* [d, f] */
+} zd_layer_weights;
+
+typedef struct {
+    int64_t d, f, n_heads, n_kv_heads, head_dim, rope_dims, window;
+    double rope_base;
+    int rope_neox;
+    float rms_eps;
+} zd_layer_params;
+
+typedef struct {
+    float *k, *v;            /* this layer's cache, [n_ctx, h_kv, hd] each */
+    int64_t n_ctx;
+} zd_layer_cache;
+
+/* Run state for up to n_max tokens; every pointer is caller-owned. */
+typedef struct {
+    int64_t n_max;
+    float *h;                /* [n, max(d, f, h * hd)]: normed input, attention output, silu(g) * u */
+    float *q, *q_rot;        /* [n, h * hd] */
+    float *k, *v;            /* [n, h_kv * hd] */
+    float *gate, *up;        /* [n, f] */
+    float *rope_cos, *rope_sin;   /* [n, rope_dims / 2] */
+    int64_t rope_start, rope_n, rope_dims;   /* what the rope tables hold (rope_n = 0: nothing) */
+    double rope_base;
+    float *scores;           /* [threads, n_ctx] */
+    float *cbuf;             /* [threads, zd_cbuf_floats(max(d, f, h * hd))] */
+    int64_t cbuf_stride;
+    void *act[3];            /* quantised activations, one per kind, each zd_act_bytes of [n, width] */
+} zd_layer_scratch;
+
+/* The widest row a layer quantises or keeps in h. */
+static inline int64_t zd_layer_width(const zd_layer_params *p) {
+    return zd_max64(zd_max64(p->d, p->f), p->n_heads * p->head_dim);
+}
+
+
+/* The units (quantisation blocks) a row of `width` floats is shared out in, for weights that
+ * read it with activation kinds `kinds` (a bit set of 1 << ZD_ACT_*). */
+static inline int64_t zd_layer_unit(int kinds, int64_t width) {
+    if (kinds & (1 << ZD_ACT_Q8_K))
+        return 256;
+    if (kinds & (1 << ZD_ACT_Q8_0))
+        return 32;
+    return width;
+}
+
+/* Activations of n rows of `src` ([n, width]) for each kind in `kinds`, set up over the
+ * scratch buffers (a[kind]). */
+static void zd_layer_acts(zd_layer_scratch *s, int kinds, const float *src, int64_t n, int64_t width, int isa,
+                          zd_act a[3]) {
+    for (int kind = 0; kind < 3; kind++)
+        if (kinds & (1 << kind)) {
+            zd_act_init(&a[kind], kind, n, width, s->act[kind], isa);
+            zd_act_use_floats(&a[kind], src, width);
+        }
+}
+
+/* Quantise units [u0, u1) of row t of `src` for every kind in `kinds`. */
+static void zd_layer_quantize(zd_act a[3], int kinds, const float *row, int isa, int64_t t, int64_t unit,
+                              int64_t u0, int64_t u1) {
+    for (int kind = ZD_ACT_Q8_0; kind <= ZD_ACT_Q8_K; kind++)
+        if (kinds & (1 << kind)) {
+            const int64_t per = unit / zd_act_block(kind);
+            zd_quantize_blocks(row, &a[kind], isa, t, u0 * per, u1 * per);
+        }
+}
+
+/* x = rms_norm(x) rows into `out`, quantised for `kinds`, this thread's share. */
+static void zd_layer_norm(const float *x, const float *w, float *out, int64_t n, int64_t d, float eps,
+                          zd_act a[3], int kinds, int isa, int ith, int nth) {
+    const int64_t unit = zd_layer_unit(kinds, d);
+    zd_spans spans = zd_spans_of(n, d / unit, ith, nth);
+    int64_t t, u0, u1;
+    while (zd_spans_next(&spans, &t, &u0, &u1)) {
+        const float scale = zd_rms_scale(x + t * d, d, eps);
+        zd_rms_apply(x + t * d, w, out + t * d, scale, u0 * unit, u1 * unit);
+        zd_layer_quantize(a, kinds, out + t * d, isa, t, unit, u0, u1);
+    }
+}
+
+static inline int zd_kind_bit(int type) { return 1 << zd_act_kind(type); }
+
+/* x: [n, d] IN/OUT. n <= s->n_max; start_pos + n <= cache->n_ctx. */
+static void zd_decoder_layer(const zd_layer_weights *w, const zd_layer_params *p, zd_layer_scratch *s,
+                             const zd_layer_cache *cache, float *x, int64_t n, int64_t start_pos, int isa, int nth) {
+    const int64_t d = p->d, f = p->f, hd = p->head_dim;
+    const int64_t qd = p->n_heads * hd, kvd = p->n_kv_heads * hd, half = p->rope_dims / 2;
+    const int64_t group = p->n_heads / p->n_kv_heads;
+    const float scale = (float)(1.0 / sqrt((double)hd));
+    const int qkv_kinds = zd_kind_bit(w->wq.type) | zd_kind_bit(w->wk.type) | zd_kind_bit(w->wv.type);
+    const int ffn_kinds = zd_kind_bit(w->w_gate.type) | zd_kind_bit(w->w_up.type);
+    const int o_kind = zd_kind_bit(w->wo.type), down_kind = zd_kind_bit(w->w_down.type);
+    const int rope_ready = s->rope_start == start_pos && s->rope_n >= n && s->rope_dims == p->rope_dims
+                           && s->rope_base == p->rope_base;
+    zd_act a_qkv[3], a_o[3], a_ffn[3], a_down[3];
+    zd_mm_job qkv[3], o, gate_up[2], down;
+
+    /* The steps take turns with the same activation buffers (and h). */
+    zd_layer_acts(s, qkv_kinds, s->h, n, d, isa, a_qkv);
+    zd_layer_acts(s, o_kind, s->h, n, qd, isa, a_o);
+    zd_layer_acts(s, ffn_kinds, s->h, n, d, isa, a_ffn);
+    zd_layer_acts(s, down_kind, s->h, n, f, isa, a_down);
+    zd_mm_job_init(&qkv[0], w->wq.type, isa, w->wq.data, qd, d, &a_qkv[zd_act_kind(w->wq.type)], s->q, qd, 0);
+    zd_mm_job_init(&qkv[1], w->wk.type, isa, w->wk.data, kvd, d, &a_qkv[zd_act_kind(w->wk.type)], s->k, kvd, 0);
+    zd_mm_job_init(&qkv[2], w->wv.type, isa, w->wv.data, kvd, d, &a_qkv[zd_act_kind(w->wv.type)], s->v, kvd, 0);
+    zd_mm_job_init(&o, w->wo.type, isa, w->wo.data, d, qd, &a_o[zd_act_kind(w->wo.type)], x, d, 1);
+    zd_mm_job_init(&gate_up[0], w->w_gate.type, isa, w->w_gate.data, f, d, &a_ffn[zd_act_kind(w->w_gate.type)], s->gate, f, 0);
+    zd_mm_job_init(&gate_up[1], w->w_up.type, isa, w->w_up.data, f, d, &a_ffn[zd_act_kind(w->w_up.type)], s->up, f, 0);
+    zd_mm_job_init(&down, w->w_down.type, isa, w->w_down.data, d, f, &a_down[zd_act_kind(w->w_down.type)], x, d, 1);
+    int64_t next[4] = {0, 0, 0, 0};   /* chunk counters of the four matmul steps */
+    if (!rope_ready) {
+        s->rope_start = start_pos;
+        s->rope_n = n;
+        s->rope_dims = p->rope_dims;
+        s->rope_base = p->rope_base;
+    }
+
+    /* The attention output is quantised for Wo by the thread that computed it when a kv head's
+     * query heads span whole activation blocks (they always do for the usual shapes). */
+    const int64_t span = group * hd, o_unit = zd_layer_unit(o_kind, qd);
+    const int o_local = o_kind == (1 << ZD_ACT_F32) || span % o_unit == 0;
+    zd_barrier barrier = {0, 0};
+
+#pragma omp parallel num_threads(nth)
+    {
+#ifdef _OPENMP
+        const int ith = omp_get_thread_num(), team = omp_get_num_threads();
+#else
+        const int ith = 0, team = 1;
+#endif
+        float *cbuf = s->cbuf + ith * s->cbuf_stride;
+        float *scores = s->scores + ith * cache->n_ctx;
+        int sense = 0;
+        int64_t t, u0, u1;
+
+        /* 1. attention norm (quantised for Q, K, V); rope angles once per batch position */
+        zd_layer_norm(x, w->attn_norm, s->h, n, d, p->rms_eps, a_qkv, qkv_kinds, isa, ith, team);
+        if (!rope_ready && half > 0)
+            for (int64_t i = n * ith / team; i < n * (ith + 1) / team; i++)
+                zd_rope_angles(start_pos + i, p->rope_dims, p->rope_base, s->rope_cos + i * half, s->rope_sin + i * half);
+        zd_barrier_wait(&barrier, &sense, team);
+        /* 2. q, k, v */
+        zd_mm_jobs_run(qkv, 3, &next[0], cbuf, team);
+        zd_barrier_wait(&barrier, &sense, team);
+        /* 3. per kv head, on one thread: rope k into the cache and copy v there, then attention
+         *    of its query heads (rope q on the way) into h */
+        for (int64_t kv = p->n_kv_heads * ith / team; kv < p->n_kv_heads * (ith + 1) / team; kv++) {
+            for (int64_t i = 0; i < n; i++) {
+                const int64_t pos = start_pos + i;
+                zd_rope_head(s->k + i * kvd + kv * hd, cache->k + pos * kvd + kv * hd, s->rope_cos + i * half,
+                             s->rope_sin + i * half, hd, p->rope_dims, p->rope_neox);
+                memcpy(cache->v + pos * kvd + kv * hd, s->v + i * kvd + kv * hd, (size_t)hd * sizeof(float));
+            }
+            for (int64_t i = 0; i < n; i++) {
+                const int64_t pos = start_pos + i, lo = p->window > 0 ? zd_max64(0, pos - p->window + 1) : 0;
+                for (int64_t head = kv * group; head < (kv + 1) * group; head++) {
+                    float *q = s->q_rot + i * qd + head * hd;
+                    zd_rope_head(s->q + i * qd + head * hd, q, s->rope_cos + i * half, s->rope_sin + i * half, hd,
+                                 p->rope_dims, p->rope_neox);
+                    zd_attend_head(q, cache->k + kv * hd, cache->v + kv * hd, kvd, lo, pos, hd, scale, scores,
+                                   s->h + i * qd + head * hd);
+                }
+                if (o_local)
+                    zd_layer_quantize(a_o, o_kind, s->h + i * qd, isa, i, o_unit, kv * span / o_unit,
+                                      (kv + 1) * span / o_unit);
+            }
+        }
+        zd_barrier_wait(&barrier, &sense, team);
+        if (!o_local) {
+            zd_spans spans = zd_spans_of(n, qd / o_unit, ith, team);
+            while (zd_spans_next(&spans, &t, &u0, &u1))
+                zd_layer_quantize(a_o, o_kind, s->h + t * qd, isa, t, o_unit, u0, u1);
+            zd_barrier_wait(&barrier, &sense, team);
+        }
+        /* 4. x += attn @ Wo.T */
+        zd_mm_jobs_run(&o, 1, &next[1], cbuf, team);
+        zd_barrier_wait(&barrier, &sense, team);
+        /* 5. FFN norm (quantised for gate and up) */
+        zd_layer_norm(x, w->ffn_norm, s->h, n, d, p->rms_eps, a_ffn, ffn_kinds, isa, ith, team);
+        zd_barrier_wait(&barrier, &sense, team);
+        /* 6. gate, up */
+        zd_mm_jobs_run(gate_up, 2, &next[2], cbuf, team);
+        zd_barrier_wait(&barrier, &sense, team);
+        /* 7. silu(gate) * up, quantised for Wdown */
+        {
+            const int64_t unit = zd_layer_unit(down_kind, f);
+            zd_spans spans = zd_spans_of(n, f / unit, ith, team);
+            while (zd_spans_next(&spans, &t, &u0, &u1)) {
+                zd_swiglu(s->gate + t * f + u0 * unit, s->up + t * f + u0 * unit, s->h + t * f + u0 * unit,
+                          (u1 - u0) * unit);
+                zd_layer_quantize(a_down, down_kind, s->h + t * f, isa, t, unit, u0, u1);
+            }
+        }
+        zd_barrier_wait(&barrier, &sense, team);
+        /* 8. x += ffn @ Wdown.T */
+        zd_mm_jobs_run(&down, 1, &next[3], cbuf, team);
+    }
+}
+
+#endif
