@@ -6,6 +6,12 @@ import pytest
 from zephyr import AutoModelForCausalLM, BackendError
 from zephyr.synthetic import LAYOUTS, write_llama_model
 
+# Both backends round activations to 8-bit blocks before each quantised matmul. A float-rounding
+# difference upstream can move one activation across a rounding boundary, which shifts a random
+# model's logits by about 1 %: op-level tests (tests/backends) hold 1e-4; whole models hold this,
+# and their greedy tokens must be identical. A wrong kernel is off by far more.
+MODEL_TOLERANCE = 5e-2
+
 PROMPT = [1, 415, 2936, 9060, 285, 1142, 461, 10575, 754, 272, 17898, 3914]
 DECODE_STEPS = 6
 
@@ -46,7 +52,7 @@ def test_cpu_matches_reference(model_dir, layout):
     ref_logits, ref_tokens = run(path, "reference")
     assert cpu_tokens == ref_tokens
     for step, (a, b) in enumerate(zip(cpu_logits, ref_logits)):
-        assert relative_error(a, b) < 2e-4, f"{layout}: step {step} differs"
+        assert relative_error(a, b) < MODEL_TOLERANCE, f"{layout}: step {step} differs"
     # a random network still produces varied, non-degenerate logits
     assert np.std(ref_logits[0]) > 0.1 and len(set(ref_tokens)) > 1
 
@@ -56,10 +62,10 @@ def test_sliding_window_and_tied_embeddings(model_dir):
     cpu_logits, cpu_tokens = run(path, "cpu")
     ref_logits, ref_tokens = run(path, "reference")
     assert cpu_tokens == ref_tokens
-    assert relative_error(cpu_logits[-1], ref_logits[-1]) < 2e-4
+    assert relative_error(cpu_logits[-1], ref_logits[-1]) < MODEL_TOLERANCE
     # the window matters: a model without it computes something else
     full_logits, _ = run(synthetic(model_dir, "Q8_0", tied_embeddings=True), "reference")
-    assert relative_error(full_logits[0], ref_logits[0]) > 1e-3
+    assert relative_error(full_logits[0], ref_logits[0]) > 2 * MODEL_TOLERANCE
 
 
 @pytest.mark.parametrize("gpu_layers", [1, 2, -1])
@@ -69,7 +75,7 @@ def test_mixed_placement_matches_single_backend(model_dir, gpu_layers):
     mixed_logits, mixed_tokens = run(path, "cpu", gpu_layers=gpu_layers, gpu_backend="reference")
     ref_logits, ref_tokens = run(path, "reference")
     assert mixed_tokens == ref_tokens
-    assert relative_error(mixed_logits[-1], ref_logits[-1]) < 2e-4
+    assert relative_error(mixed_logits[-1], ref_logits[-1]) < MODEL_TOLERANCE
 
 
 def test_placement_plan(model_dir):
