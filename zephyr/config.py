@@ -4,7 +4,7 @@
 code written for ctransformers passes the same keyword arguments.
 """
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Optional, Sequence, Union
 
 from .errors import GGUFError

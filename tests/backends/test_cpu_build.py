@@ -1,6 +1,5 @@
 """The CPU backend's build: OpenMP compiled in, and thread counts that change nothing but speed."""
 import numpy as np
-import pytest
 
 from zephyr.quants import GGMLType
 from zephyr_backends.cpu import _openmp
