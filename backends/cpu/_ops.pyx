@@ -93,10 +93,6 @@ def set_isa(name=None):
     _isa = ISA_NAMES.index(name)
 
 
-cdef int current_isa() noexcept nogil:
-    return _isa
-
-
 def quantize_activations(const float[:, ::1] x, str kind):
     """x [n, k] -> its rounding as the matmul kernels see it, in GGUF bytes: kind "q8_0" gives
     uint8 [n, k / 32 * 34] (as zephyr.quants.quantize_q8_0), "q8_k" [n, k / 256 * 292]."""

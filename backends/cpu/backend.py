@@ -1,6 +1,6 @@
 """CPUBackend: the checks in Python, the loops in _ops (Cython, OpenMP, GIL released).
 
-Weights are checked once, in load_weight, which returns a CPUWeight handle; the hot path only
+Weights are checked once, in load_weight, which returns a _CPUWeight handle; the hot path only
 checks that it was given one. Every op validates its other arguments here and raises
 BackendError before native code sees a buffer; _ops trusts shapes, dtypes and contiguity it
 has been given. `decoder_layer` runs a whole block as one native call (kernels/layer.h).
@@ -19,7 +19,7 @@ except ImportError as exc:  # a broken install: report it through availability()
     _IMPORT_ERROR = exc
 
 
-class CPUWeight:
+class _CPUWeight:
     """A weight load_weight has checked: the flat bytes the kernels read, and for a vector
     (a norm weight) its values decoded once as float32."""
 
@@ -31,7 +31,7 @@ class CPUWeight:
         self.cols = shape[-1]
 
     def __repr__(self):
-        return f"CPUWeight({self.name!r}, {self.type.name}, {self.shape})"
+        return f"_CPUWeight({self.name!r}, {self.type.name}, {self.shape})"
 
 
 class KVCache:
@@ -94,7 +94,7 @@ class CPUBackend(Backend):
     # -- memory ---------------------------------------------------------------------------
     def load_weight(self, weight: Weight):
         """Check the weight once and keep a flat view of its bytes (no copy)."""
-        if type(weight) is CPUWeight:
+        if type(weight) is _CPUWeight:
             return weight
         if not isinstance(weight, Weight):
             raise BackendError(f"expected a zephyr.backend.Weight, got {type(weight).__name__}")
@@ -115,7 +115,7 @@ class CPUBackend(Backend):
         if data.size != needed:
             raise BackendError(f"{weight.name!r}: {data.size} bytes of data, but shape {weight.shape} "
                                f"of {weight.type.name} takes {needed}")
-        handle = CPUWeight(weight.name, GGMLType(weight.type), tuple(weight.shape), data.reshape(-1))
+        handle = _CPUWeight(weight.name, GGMLType(weight.type), tuple(weight.shape), data.reshape(-1))
         if rows == 1:
             handle.values = np.empty((1, handle.cols), np.float32)
             _ops.embed(handle.data, int(handle.type), 1, np.zeros(1, np.int32), handle.values, 1)
@@ -137,7 +137,7 @@ class CPUBackend(Backend):
     # -- helpers --------------------------------------------------------------------------
     def _matrix(self, w, op):
         """A weight handle from load_weight (a bare Weight is checked now, at a cost)."""
-        if type(w) is CPUWeight:
+        if type(w) is _CPUWeight:
             return w
         if isinstance(w, Weight):
             return self.load_weight(w)
@@ -145,7 +145,7 @@ class CPUBackend(Backend):
 
     def _vector(self, w, d):
         """A norm weight (handle or float32 array) as float32 [d]."""
-        if isinstance(w, (CPUWeight, Weight)):
+        if isinstance(w, (_CPUWeight, Weight)):
             w = self._matrix(w, "rms_norm")
             if w.values is None:
                 raise BackendError(f"{w.name!r}: expected a vector, got shape {w.shape}")

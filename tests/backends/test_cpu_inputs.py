@@ -113,3 +113,27 @@ def test_native_layer_refuses_short_buffers():
     with pytest.raises(ValueError, match="cache positions"):
         _ops.attention(f32(2, 16), f32(2, 16), f32(2, 16), f32(1, 1, 16), f32(1, 1, 16), 0, 1, 1, 0,
                        f32(2, 16), 1)
+
+
+def test_native_layer_refuses_short_weights():
+    """The fused layer's native constructor checks every buffer against the shapes it is given."""
+    d, f, heads, hd = 64, 128, 2, 32
+    norm = np.ones(d, np.float32)
+    cache = np.zeros((8, 1, hd), np.float32)
+
+    def matrix(rows, cols):
+        return np.zeros(rows * _ops.row_bytes(int(GGMLType.Q4_0), cols), np.uint8), int(GGMLType.Q4_0)
+
+    ok = dict(wq=matrix(heads * hd, d), wk=matrix(hd, d), wv=matrix(hd, d), wo=matrix(d, heads * hd),
+              w_gate=matrix(f, d), w_up=matrix(f, d), w_down=matrix(d, f))
+
+    def layer(**change):
+        m = ok | change
+        return _ops.Layer(norm, norm, m["wq"], m["wk"], m["wv"], m["wo"], m["w_gate"], m["w_up"], m["w_down"],
+                          f, heads, 1, hd, hd, 1e4, False, 1e-5, 0, cache, cache)
+
+    layer()
+    with pytest.raises(ValueError, match="smaller"):
+        layer(w_down=matrix(d, f // 2))
+    with pytest.raises(ValueError, match="cannot multiply"):
+        layer(wq=(ok["wq"][0], int(GGMLType.IQ2_XXS)))

@@ -140,23 +140,19 @@ ZD_TARGET_AVX512 ZD_INLINE __m512i zd_legacy_unpack_512(int type, const uint8_t 
     return v;
 }
 
-/* One step (blocks 2s, 2s+1 of a group) of an R x T tile. */
+/* One step (blocks 2s, 2s+1 of a group) of an R x T tile: P[r][j] holds the group's 8 block
+ * scale products dw * dx, spread to the step's two blocks' lanes by one permute. */
 #define ZD_LEGACY_STEP_512(S, TWO)                                                              \
     do {                                                                                        \
         const __m512i lanes = zd_halves_epi32_512(2 * (S), 2 * (S) + 1);                        \
         __m512i W[ZD_TILE_MAX_R];                                                               \
-        __m512 Dw[ZD_TILE_MAX_R];                                                                           \
-        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                   \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                     \
             W[r] = zd_legacy_unpack_512(type, row[r] + g * gbytes, (S), (TWO));                 \
-            Dw[r] = _mm512_permutexvar_ps(lanes, _mm512_castps256_ps512(dw[r]));                \
-        }                                                                                       \
         _Pragma("GCC unroll 8") for (int j = 0; j < T; j++) {                                   \
             const __m512i X = _mm512_loadu_si512(xq[j] + 256 * g + 64 * (S));                  \
-            const __m512 Dx = _mm512_permutexvar_ps(lanes, _mm512_castps256_ps512(dx[j]));      \
             _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                               \
                 const __m512i I = _mm512_dpbusd_epi32(_mm512_setzero_si512(), W[r], X);          \
-                /* one token: dw * dx was formed once per group (in dw) */                       \
-                const __m512 scale = T == 1 ? Dw[r] : _mm512_mul_ps(Dw[r], Dx);                 \
+                const __m512 scale = _mm512_permutexvar_ps(lanes, _mm512_castps256_ps512(P[r][j])); \
                 F[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(I), scale, F[r][j]);               \
             }                                                                                   \
         }                                                                                       \
@@ -208,13 +204,14 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_legacy_tile_512(const int type, const int R, 
             else
                 _mm256_mask_storeu_ps(corr, valid, _mm256_mul_ps(dw[r], _mm256_set1_ps(type == ZD_Q4_0 ? -8.0f : type == ZD_Q5_0 ? -16.0f : -128.0f)));
         }
+        __m256 P[ZD_TILE_MAX_R][ZD_TILE_MAX_T];
 #pragma GCC unroll 8
-        for (int j = 0; j < T; j++)
-            dx[j] = _mm256_loadu_ps(xd[j] + 8 * g);   /* zero past the row's blocks (zd_act_init) */
-        if (T == 1)
+        for (int j = 0; j < T; j++) {
+            dx[j] = _mm256_loadu_ps(xd[j] + 8 * g);   /* zero past the row's blocks (zd_quantize_blocks) */
 #pragma GCC unroll 8
             for (int r = 0; r < R; r++)
-                dw[r] = _mm256_mul_ps(dw[r], dx[0]);
+                P[r][j] = _mm256_mul_ps(dw[r], dx[j]);
+        }
         if (n == 8) {
             ZD_LEGACY_STEP_512(0, 1);
             ZD_LEGACY_STEP_512(1, 1);

@@ -113,8 +113,8 @@ static void zd_mm_jobs_run(const zd_mm_job *jobs, int njobs, int64_t *next, floa
         if (c >= total)
             return;
         int i = 0;
-        while (c >= chunks[i])
-            c -= chunks[i++];
+        for (; i < njobs - 1 && c >= chunks[i]; i++)
+            c -= chunks[i];
         zd_mm_job_tiles(&jobs[i], c * chunk[i], zd_min64(zd_job_tiles(&jobs[i]), (c + 1) * chunk[i]), cbuf);
     }
 }
