@@ -83,9 +83,13 @@ static void zd_mm_job_tiles(const zd_mm_job *job, int64_t lo, int64_t hi, float 
     }
 }
 
-/* Weight bytes per chunk of work: large enough that taking a chunk (one atomic add) costs
- * little, small enough that a thread the OS pauses holds up little work. */
-#define ZD_CHUNK_BYTES (48 * 1024)
+/* Weight bytes per chunk of work: small enough that a thread the OS pauses holds up little
+ * work, large enough that each thread streams long runs of consecutive bytes. Every chunk
+ * starts a new stream the prefetchers must pick up; with 2 threads on this project's Zen 4
+ * machine, 48 KB chunks read at ~23 GB/s and 256 KB chunks at ~29 GB/s. */
+#ifndef ZD_CHUNK_BYTES
+#define ZD_CHUNK_BYTES (256 * 1024)
+#endif
 
 static inline int64_t zd_job_tiles(const zd_mm_job *job) { return (job->m + job->kn.R - 1) / job->kn.R; }
 
