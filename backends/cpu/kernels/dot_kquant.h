@@ -345,7 +345,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_kq_tile_512(const int type, const int R, cons
     const uint8_t *next = zd_prefetch_base(tile, R);
     for (int64_t sb = 0; sb < nsb; sb++) {
         for (int64_t o = 0; o < R * bytes; o += 64)
-            _mm_prefetch((const char *)(next + sb * R * bytes + o), _MM_HINT_T0);
+            _mm_prefetch((const char *)(next + sb * R * bytes + o), ZD_PREFETCH_HINT);
         __m512i W[ZD_TILE_MAX_R][4], S[ZD_TILE_MAX_R][2];
         float d[ZD_TILE_MAX_R];
 #pragma GCC unroll 8

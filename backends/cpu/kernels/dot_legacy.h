@@ -191,7 +191,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_legacy_tile_512(const int type, const int R, 
     for (int64_t g = 0; g * 8 < nb; g++) {
         const int n = (int)zd_min64(8, nb - 8 * g);
         for (int64_t o = 0; o < R * gbytes; o += 64)
-            _mm_prefetch((const char *)(next + g * R * gbytes + o), _MM_HINT_T0);
+            _mm_prefetch((const char *)(next + g * R * gbytes + o), ZD_PREFETCH_HINT);
         __m256 dw[ZD_TILE_MAX_R], dx[ZD_TILE_MAX_T];
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
