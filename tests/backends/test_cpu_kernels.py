@@ -72,9 +72,9 @@ def test_unknown_path_is_refused():
 def test_matmul_matches_reference(isa, type):
     rng = np.random.default_rng(int(type))
     for k in widths(type):
-        for m in (1, 5, 13):
+        for m in (1, 5, 13, 37):
             data = quants.random_blocks(type, (m, k), rng)
-            for n in (1, 3, 17):
+            for n in (1, 3, 17, 22):   # 17 and 22 tokens: prefill panels (panel.h), with remainders
                 x = rng.standard_normal((n, k)).astype(np.float32)
                 out = np.empty((n, m), np.float32)
                 _ops.matmul(x, data, int(type), m, out, 2)

@@ -53,15 +53,13 @@ static inline void zd_q3k_scales(const uint8_t *packed, int8_t out[16]) {
 
 /* ---- scalar path ------------------------------------------------------------------------------- */
 
-/* One super-block -> u[256], integer scale per 16 values, corrections; returns d. */
-static float zd_kq_unpack_scalar(int type, const uint8_t *block, uint8_t u[256], int sc[16], float *corr) {
+/* One super-block's integer scale per 16 values and corrections (zd_kq_corrections of them);
+ * returns d. */
+static float zd_kq_scales_scalar(int type, const uint8_t *block, int sc[16], float *corr) {
     switch (type) {
     case ZD_Q2_K: {
         const zd_block_q2_k *b = (const zd_block_q2_k *)block;
         const float dmin = zd_f16_to_f32(b->dmin);
-        for (int g = 0; g < 8; g++)
-            for (int l = 0; l < 32; l++)
-                u[32 * g + l] = (b->qs[32 * (g / 4) + l] >> (2 * (g % 4))) & 3;
         for (int i = 0; i < 16; i++) {
             sc[i] = b->scales[i] & 0x0f;
             corr[i] = -dmin * (float)(b->scales[i] >> 4);
@@ -73,10 +71,6 @@ static float zd_kq_unpack_scalar(int type, const uint8_t *block, uint8_t u[256],
         const float d = zd_f16_to_f32(b->d);
         int8_t scales[16];
         zd_q3k_scales(b->scales, scales);
-        for (int g = 0; g < 8; g++)
-            for (int l = 0; l < 32; l++)
-                u[32 * g + l] = (uint8_t)(((b->qs[32 * (g / 4) + l] >> (2 * (g % 4))) & 3)
-                                          | ((b->hmask[l] >> g) & 1) << 2);
         for (int i = 0; i < 16; i++) {
             sc[i] = scales[i];
             corr[i] = -4.0f * d * (float)scales[i];
@@ -85,12 +79,47 @@ static float zd_kq_unpack_scalar(int type, const uint8_t *block, uint8_t u[256],
     }
     case ZD_Q4_K:
     case ZD_Q5_K: {
+        const zd_block_q4_k *b = (const zd_block_q4_k *)block;
+        uint64_t scales, mins;
+        zd_k4_scales_mins(b->scales, &scales, &mins);
+        const float dmin = zd_f16_to_f32(b->dmin);
+        for (int j = 0; j < 8; j++) {
+            sc[2 * j] = sc[2 * j + 1] = (int)((scales >> (8 * j)) & 0xff);
+            corr[j] = -dmin * (float)((mins >> (8 * j)) & 0xff);
+        }
+        return zd_f16_to_f32(b->d);
+    }
+    default: {   /* ZD_Q6_K */
+        const zd_block_q6_k *b = (const zd_block_q6_k *)block;
+        const float d = zd_f16_to_f32(b->d);
+        for (int i = 0; i < 16; i++) {
+            sc[i] = b->scales[i];
+            corr[i] = -32.0f * d * (float)b->scales[i];
+        }
+        return d;
+    }
+    }
+}
+
+/* One super-block -> u[256] in natural order, integer scale per 16 values, corrections; returns d. */
+static float zd_kq_unpack_scalar(int type, const uint8_t *block, uint8_t u[256], int sc[16], float *corr) {
+    switch (type) {
+    case ZD_Q2_K:
+    case ZD_Q3_K: {
+        const uint8_t *qs = type == ZD_Q2_K ? ((const zd_block_q2_k *)block)->qs : ((const zd_block_q3_k *)block)->qs;
+        for (int g = 0; g < 8; g++)
+            for (int l = 0; l < 32; l++) {
+                u[32 * g + l] = (qs[32 * (g / 4) + l] >> (2 * (g % 4))) & 3;
+                if (type == ZD_Q3_K)
+                    u[32 * g + l] |= ((((const zd_block_q3_k *)block)->hmask[l] >> g) & 1) << 2;
+            }
+        break;
+    }
+    case ZD_Q4_K:
+    case ZD_Q5_K: {
         const zd_block_q4_k *b4 = (const zd_block_q4_k *)block;
         const zd_block_q5_k *b5 = (const zd_block_q5_k *)block;
         const uint8_t *qs = type == ZD_Q4_K ? b4->qs : b5->qs;
-        uint64_t scales, mins;
-        zd_k4_scales_mins(b4->scales, &scales, &mins);
-        const float dmin = zd_f16_to_f32(b4->dmin);
         for (int c = 0; c < 4; c++)
             for (int l = 0; l < 32; l++) {
                 int lo = qs[32 * c + l] & 0x0f, hi = qs[32 * c + l] >> 4;
@@ -101,27 +130,19 @@ static float zd_kq_unpack_scalar(int type, const uint8_t *block, uint8_t u[256],
                 u[64 * c + l] = (uint8_t)lo;
                 u[64 * c + 32 + l] = (uint8_t)hi;
             }
-        for (int j = 0; j < 8; j++) {
-            sc[2 * j] = sc[2 * j + 1] = (int)((scales >> (8 * j)) & 0xff);
-            corr[j] = -dmin * (float)((mins >> (8 * j)) & 0xff);
-        }
-        return zd_f16_to_f32(b4->d);
+        break;
     }
     default: {   /* ZD_Q6_K */
         const zd_block_q6_k *b = (const zd_block_q6_k *)block;
-        const float d = zd_f16_to_f32(b->d);
         for (int h = 0; h < 2; h++)
             for (int k = 0; k < 4; k++)
                 for (int l = 0; l < 32; l++)
                     u[128 * h + 32 * k + l] = (uint8_t)(((b->ql[64 * h + 32 * (k % 2) + l] >> (4 * (k / 2))) & 0x0f)
                                                         | ((b->qh[32 * h + l] >> (2 * k)) & 3) << 4);
-        for (int i = 0; i < 16; i++) {
-            sc[i] = b->scales[i];
-            corr[i] = -32.0f * d * (float)b->scales[i];
-        }
-        return d;
+        break;
     }
     }
+    return zd_kq_scales_scalar(type, block, sc, corr);
 }
 
 /* R = 1 row, up to T = 4 tokens. */

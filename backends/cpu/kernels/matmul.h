@@ -6,6 +6,8 @@
  * in order and, for each, tiles of up to T tokens, so the rows of a tile stay in cache while all
  * tokens pass over them (prefill) and a single token streams R rows at once (decode). Chunks
  * are handed out dynamically so a thread the OS pauses (a shared machine) delays little.
+ * Batches of ZD_PANEL_MIN_N tokens or more instead unpack each tile of 16 rows once into a
+ * panel and pass every token over it (panel.h).
  *
  * Several matmuls over the same activations (Q, K and V; gate and up) form one job list whose
  * chunks are handed out together, so no thread waits for another at the end of each.
@@ -20,6 +22,7 @@
 #include "dot_float.h"
 #include "dot_kquant.h"
 #include "dot_legacy.h"
+#include "panel.h"
 
 /* The omp simd reduction lets gcc reorder the sum into vector lanes (no -ffast-math needed). */
 static inline float zd_dot(const float *ZD_RESTRICT a, const float *ZD_RESTRICT b, int64_t k) {
@@ -32,6 +35,13 @@ static inline float zd_dot(const float *ZD_RESTRICT a, const float *ZD_RESTRICT 
 
 /* The kernels for weights of `type` on path `isa`, for batches of n tokens; 0 if none. */
 static int zd_matmul_kernel(int type, int isa, int64_t n, zd_kernel *kn) {
+    const zd_tile_fn whole = zd_panel_kernel(type, isa, n);
+    if (whole) {
+        kn->R = ZD_PANEL_ROWS;
+        kn->T = 1;
+        kn->whole = whole;
+        return 1;
+    }
     const int prefill = n > ZD_DECODE_MAX_N;
     return zd_legacy_kernel(type, isa, prefill, kn) || zd_kq_kernel(type, isa, prefill, kn)
            || zd_float_kernel(type, isa, prefill, kn);
@@ -74,6 +84,13 @@ static void zd_mm_job_tiles(const zd_mm_job *job, int64_t lo, int64_t hi, float 
         const int64_t row = i * R;
         tile.w = job->w + row * job->row_bytes;
         tile.rows = zd_min64(R, job->m - row);
+        if (job->kn.whole) {
+            tile.t0 = 0;
+            tile.nt = n;
+            tile.out = job->out + row;
+            job->kn.whole(&tile);
+            continue;
+        }
         for (int64_t t0 = 0; t0 < n; t0 += T) {
             tile.t0 = t0;
             tile.nt = zd_min64(T, n - t0);
@@ -124,7 +141,7 @@ static void zd_mm_jobs_run(const zd_mm_job *jobs, int njobs, int64_t *next, floa
 }
 
 /* Floats of correction scratch one thread needs for rows of up to k values. */
-static inline int64_t zd_cbuf_floats(int64_t k) { return ZD_TILE_MAX_R * zd_cbuf_stride(k); }
+static inline int64_t zd_cbuf_floats(int64_t k) { return zd_max64(ZD_TILE_MAX_R * zd_cbuf_stride(k), zd_panel_floats(k)); }
 
 /* out[n, m] = x[n, k] @ W.T in its own parallel region. `act` holds zd_act_bytes(kind, n, k)
  * bytes; `cbuf` nth * zd_cbuf_floats(k) floats. */

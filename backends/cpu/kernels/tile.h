@@ -4,7 +4,9 @@
  * R rows side by side for one token (decode). Rows past `rows` repeat the last valid row and
  * tokens past `nt` repeat the last valid token: the duplicates are computed and discarded,
  * so one kernel shape serves every remainder and a value does not depend on where its row or
- * token fell in a tile (results are identical for any thread count or batch split).
+ * token fell in a tile (results are identical for any thread count, and for any batch split
+ * below ZD_PANEL_MIN_N tokens; larger batches take the panel kernels, panel.h, which sum the
+ * same integer products in another float order).
  *
  * Kernels end with out = (sum of the block products) + dot(c, s): c holds each row's per-block
  * corrections (weight offsets and mins, written to `cbuf` while the row is unpacked) and s the
@@ -42,6 +44,7 @@ typedef void (*zd_tile_fn)(const zd_tile *tile);
 typedef struct {
     zd_tile_fn fn[ZD_TILE_MAX_T + 1];
     int R, T;
+    zd_tile_fn whole;        /* if set, computes a tile of R rows for every token at once (panel.h) */
 } zd_kernel;
 
 /* Batches above this many tokens use the prefill kernels. */
@@ -51,6 +54,7 @@ typedef struct {
 static inline int zd_kernel_set(zd_kernel *kn, int R, int T, const zd_tile_fn *fns) {
     kn->R = R;
     kn->T = T;
+    kn->whole = NULL;
     kn->fn[0] = NULL;
     for (int i = 0; i < T; i++)
         kn->fn[i + 1] = fns[i];
