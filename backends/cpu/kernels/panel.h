@@ -29,7 +29,9 @@
 #define ZD_PANEL_ROWS 16
 
 /* Batches of at least this many tokens use the panel kernels. */
+#ifndef ZD_PANEL_MIN_N
 #define ZD_PANEL_MIN_N 16
+#endif
 
 /* Tokens a panel kernel carries in registers at once. */
 #define ZD_PANEL_T 4
@@ -91,54 +93,84 @@ static inline const uint8_t *zd_panel_row(const zd_tile *tile, int r) {
     return tile->w + zd_min64(r, tile->rows - 1) * tile->row_bytes;
 }
 
+/* Transpose 16 float vectors (lane c of row r) and store vector c at dst + 16 c, for c < n. */
+ZD_TARGET_AVX512 ZD_INLINE void zd_panel_put_floats(float *dst, const __m512 rows[16], int n) {
+    __m512i v[16];
+    for (int r = 0; r < 16; r++)
+        v[r] = _mm512_castps_si512(rows[r]);
+    zd_transpose16_512(v);
+    for (int c = 0; c < n; c++)
+        _mm512_store_si512(dst + 16 * c, v[c]);
+}
+
+/* One k-quant super-block's weight scale per 16 values (d * sc) in the activation order, and its
+ * corrections (zd_kq_corrections of them, the rest of the lanes undefined). */
+ZD_TARGET_AVX512 ZD_INLINE void zd_kq_row_scales_512(int type, const uint8_t *block, __m512 *scale, __m512 *corr) {
+    /* 16-value group c of the activation order is group g of the natural order: vector c / 4 =
+     * 2h + e of a super-block holds sub-blocks 4h + e (bytes 0-31) and 4h + 2 + e (32-63), so
+     * g = 2 (4h + 2 second + e) + c % 2 with h = c / 8, e = (c / 4) % 2, second = (c % 4) / 2 */
+    const __m512i order = _mm512_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15);
+    float corr16[16];
+    int sc[16];
+    /* the scales' bytes are few; the scalar unpack is shared with the scalar path */
+    const float d = zd_kq_scales_scalar(type, block, sc, corr16);
+    const __m512 natural = _mm512_cvtepi32_ps(_mm512_loadu_si512(sc));
+    *scale = _mm512_mul_ps(_mm512_permutexvar_ps(order, natural), _mm512_set1_ps(d));
+    *corr = _mm512_loadu_ps(corr16);
+}
+
 /* Unpack the tile's rows of a k-quant type into the panel. */
 ZD_TARGET_AVX512 ZD_INLINE void zd_panel_fill_kq(int type, const zd_tile *tile, const zd_panel *p) {
     const int64_t nsb = tile->x->k / 256, bytes = zd_block_bytes(type);
     const int nc = zd_kq_corrections(type);
     for (int64_t sb = 0; sb < nsb; sb++) {
         __m512i W[4][16];
+        __m512 scale[16], corr[16];
         for (int r = 0; r < ZD_PANEL_ROWS; r++) {
             const uint8_t *block = zd_panel_row(tile, r) + sb * bytes;
             __m512i w[4];
             zd_kq_unpack4_512(type, block, w);
             for (int v = 0; v < 4; v++)
                 W[v][r] = w[v];
-            int sc[16];
-            float corr[16];
-            const float d = zd_kq_scales_scalar(type, block, sc, corr);
-            /* 16-value group c of the activation order is group g of the natural order: vector
-             * c / 4 = 2h + e holds sub-blocks 4h + e (bytes 0-31) and 4h + 2 + e (32-63) */
-            for (int c = 0; c < 16; c++) {
-                const int h = c / 8, e = (c / 4) % 2, second = (c % 4) / 2;
-                const int g = 2 * (4 * h + 2 * second + e) + c % 2;
-                p->scale[(16 * sb + c) * ZD_PANEL_ROWS + r] = d * (float)sc[g];
-            }
-            for (int c = 0; c < nc; c++)
-                p->corr[(nc * sb + c) * ZD_PANEL_ROWS + r] = corr[c];
+            zd_kq_row_scales_512(type, block, &scale[r], &corr[r]);
         }
         for (int v = 0; v < 4; v++)
             zd_panel_put(p->u + (64 * sb + 16 * v) * 64, W[v]);
+        zd_panel_put_floats(p->scale + 16 * sb * ZD_PANEL_ROWS, scale, 16);
+        zd_panel_put_floats(p->corr + nc * sb * ZD_PANEL_ROWS, corr, nc);
     }
 }
 
-/* The same for a legacy type: blocks in pairs, 64 quants per row and pair. */
+/* The same for a legacy type: blocks in pairs (64 quants per row), scales 16 blocks at a time. */
 ZD_TARGET_AVX512 ZD_INLINE void zd_panel_fill_legacy(int type, const zd_tile *tile, const zd_panel *p) {
     const int64_t nb = tile->x->k / 32, bytes = zd_block_bytes(type);
-    for (int64_t b = 0; b < nb; b += 2) {
-        const int two = b + 1 < nb;
-        __m512i W[16];
+    const int m = zd_legacy_m(type);
+    const float offset = type == ZD_Q4_0 ? -8.0f : type == ZD_Q5_0 ? -16.0f : -128.0f;
+    for (int64_t b0 = 0; b0 < nb; b0 += 16) {
+        const int n = (int)zd_min64(16, nb - b0);
+        __m512 dw[16], corr[16];
         for (int r = 0; r < ZD_PANEL_ROWS; r++) {
-            const uint8_t *block = zd_panel_row(tile, r) + b * bytes;
-            W[r] = zd_legacy_unpack_512(type, block, 0, two);
-            for (int i = 0; i <= two; i++) {
-                const float dw = zd_f16_to_f32(zd_u16_at(block + i * bytes));
-                p->scale[(b + i) * ZD_PANEL_ROWS + r] = dw;
-                p->corr[(b + i) * ZD_PANEL_ROWS + r] = zd_legacy_corr(type, block + i * bytes, dw);
-            }
+            const uint8_t *group = zd_panel_row(tile, r) + b0 * bytes;
+            const int n0 = n < 8 ? n : 8, n1 = n - n0;
+            dw[r] = _mm512_insertf32x8(_mm512_castps256_ps512(zd_legacy_halves_512(group, bytes, 0, n0)),
+                                       n1 ? zd_legacy_halves_512(group + 8 * bytes, bytes, 0, n1) : _mm256_setzero_ps(), 1);
+            if (m >= 0)
+                corr[r] = _mm512_insertf32x8(_mm512_castps256_ps512(zd_legacy_halves_512(group, bytes, m, n0)),
+                                             n1 ? zd_legacy_halves_512(group + 8 * bytes, bytes, m, n1) : _mm256_setzero_ps(), 1);
+            else
+                corr[r] = _mm512_mul_ps(dw[r], _mm512_set1_ps(offset));
         }
-        zd_transpose16_512(W);   /* a lone last block fills only the first 8 slices */
-        for (int i = 0; i < (two ? 16 : 8); i++)
-            _mm512_store_si512(p->u + (8 * b + i) * 64, W[i]);
+        zd_panel_put_floats(p->scale + b0 * ZD_PANEL_ROWS, dw, n);
+        zd_panel_put_floats(p->corr + b0 * ZD_PANEL_ROWS, corr, n);
+        for (int64_t b = b0; b < b0 + n; b += 2) {
+            const int two = b + 1 < nb;
+            __m512i W[16];
+            for (int r = 0; r < ZD_PANEL_ROWS; r++)
+                W[r] = zd_legacy_unpack_512(type, zd_panel_row(tile, r) + b * bytes, 0, two);
+            zd_transpose16_512(W);   /* a lone last block fills only the first 8 slices */
+            for (int i = 0; i < (two ? 16 : 8); i++)
+                _mm512_store_si512(p->u + (8 * b + i) * 64, W[i]);
+        }
     }
 }
 
