@@ -26,7 +26,7 @@ def tiny_path(tmp_path_factory):
 def test_config_has_ctransformers_defaults():
     c = Config()
     assert (c.top_k, c.top_p, c.temperature, c.repetition_penalty, c.last_n_tokens, c.seed) == (40, 0.95, 0.8, 1.1, 64, -1)
-    assert (c.max_new_tokens, c.stop, c.stream, c.reset, c.batch_size, c.threads) == (256, None, False, True, 8, -1)
+    assert (c.max_new_tokens, c.stop, c.stream, c.reset, c.batch_size, c.threads) == (256, None, False, True, 512, -1)
     assert (c.context_length, c.gpu_layers, c.mmap, c.mlock) == (-1, 0, True, False)
 
 

@@ -123,7 +123,8 @@ class ModelConfig:
 
 @dataclass
 class Config:
-    """Run settings, with ctransformers 0.2.27's names and defaults."""
+    """Run settings, with ctransformers 0.2.27's names and defaults, except batch_size: 512 (llama.cpp's
+    n_batch) rather than 8, since prompts evaluate several times faster in large batches."""
 
     top_k: int = 40
     top_p: float = 0.95
@@ -135,7 +136,7 @@ class Config:
     stop: Optional[Union[str, Sequence[str]]] = None
     stream: bool = False
     reset: bool = True
-    batch_size: int = 8
+    batch_size: int = 512
     threads: int = -1
     context_length: int = -1
     gpu_layers: int = 0
