@@ -1,5 +1,8 @@
 """Sizing memory before allocating it, so a request that cannot fit fails with advice, not an OOM kill."""
+import mmap
 import os
+
+import numpy as np
 
 from .errors import ZephyrError
 
@@ -71,3 +74,26 @@ def require(nbytes: int, what: str, advice: str):
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
+
+
+def release_pages(array) -> bool:
+    """Let the OS drop this process's mapping of the pages under `array`, a view of a file's memory
+    map (madvise MADV_DONTNEED), for data that has been copied elsewhere: they leave the process's
+    RSS, stay in the page cache, and are mapped again if touched. Only shared maps of files
+    (mmap.ACCESS_READ, as zephyr.gguf opens them) are touched; for any other array this does
+    nothing, since on anonymous or private memory it would discard data. Returns whether it acted."""
+    owner = array
+    while isinstance(owner, (np.ndarray, memoryview)):
+        owner = owner.base if isinstance(owner, np.ndarray) else owner.obj
+    if not isinstance(owner, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED") or owner.closed:
+        return False
+    whole = np.frombuffer(owner, np.uint8)
+    if whole.flags.writeable:   # a writable or anonymous map: leave it alone
+        return False
+    page = mmap.PAGESIZE
+    offset = array.ctypes.data - whole.ctypes.data
+    start = -(-offset // page) * page                       # whole pages inside the array only
+    end = (offset + array.nbytes) // page * page
+    if end > start:
+        owner.madvise(mmap.MADV_DONTNEED, start, end - start)
+    return end > start

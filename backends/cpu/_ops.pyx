@@ -12,6 +12,8 @@ from cython.parallel cimport prange, threadid
 from libc.stdint cimport int32_t, int64_t, uint8_t
 from libc.string cimport memcpy
 
+import mmap
+
 import numpy as np
 
 cdef extern from "dequant.h" nogil:
@@ -35,6 +37,13 @@ cdef extern from "matmul.h" nogil:
     int64_t zd_cbuf_floats(int64_t k)
     void zd_matmul(int type, int isa, const uint8_t *w, int64_t m, int64_t k, const float *x, int64_t n,
                    float *out, void *act, float *cbuf, int nth)
+
+cdef extern from "interleave.h" nogil:
+    int ZD_X16
+    int zd_x16_wanted(int type, int isa)
+    int64_t zd_x16_bytes(int type, int64_t m, int64_t k)
+    void zd_x16_pack(int type, const uint8_t *src, int64_t m, int64_t k, uint8_t *dst, int64_t g0, int64_t g1)
+    void zd_x16_decode_row(int type, const uint8_t *w, int64_t row, int64_t k, float *out)
 
 cdef extern from "norm.h" nogil:
     void zd_rms_norm_row(const float *x, const float *w, float *out, int64_t d, float eps)
@@ -124,7 +133,7 @@ def matmul(const float[:, ::1] x, const uint8_t[::1] w, int wtype, int64_t m,
     cdef int64_t stride = zd_row_bytes(wtype, k)
     cdef int kind = zd_act_kind(wtype)
     _require(kind >= 0 and stride > 0, f"cannot multiply rows of {k} values of type {wtype}")
-    _require(w.shape[0] >= m * stride, "weight buffer is smaller than its shape")
+    _require(w.shape[0] >= _matrix_bytes(wtype, m, k), "weight buffer is smaller than its shape")
     _require(out.shape[0] == n and out.shape[1] == m, "output shape mismatch")
     _require(threads >= 1, "threads must be positive")
     if n == 0 or m == 0:
@@ -138,15 +147,48 @@ def matmul(const float[:, ::1] x, const uint8_t[::1] w, int wtype, int64_t m,
         zd_matmul(wtype, _isa, &w[0], m, k, &x[0, 0], n, &out[0, 0], &act[0], &cbuf[0], threads)
 
 
+cdef int64_t _matrix_bytes(int wtype, int64_t m, int64_t k) noexcept:
+    """Bytes the kernels read for an m x k matrix of `wtype` (interleaved: whole groups of rows)."""
+    return zd_x16_bytes(wtype, m, k) if wtype & ZD_X16 else m * zd_row_bytes(wtype, k)
+
+
+def _prefaulted(int64_t nbytes):
+    """A zeroed uint8 array whose pages the kernel maps in one call (MAP_POPULATE): first
+    touches page by page cost several times more, most of all in virtual machines."""
+    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0))
+    return np.frombuffer(buffer, dtype=np.uint8)
+
+
+def interleaves(int wtype):
+    """Whether `interleave` copies matrices of GGML type `wtype` on the current path."""
+    return bool(zd_x16_wanted(wtype, _isa))
+
+
+def interleave(const uint8_t[::1] w, int wtype, int64_t m, int64_t k, int threads):
+    """The m x k GGUF matrix `w` of type `wtype` interleaved for the current path (interleave.h),
+    as (type code, new uint8 array); None when this path keeps the type as it is."""
+    cdef int64_t stride = zd_row_bytes(wtype, k), groups = (m + 15) // 16, g
+    if not zd_x16_wanted(wtype, _isa) or m <= 0 or stride <= 0:
+        return None
+    _require(w.shape[0] >= m * stride, "weight buffer is smaller than its shape")
+    cdef uint8_t[::1] out = _prefaulted(zd_x16_bytes(wtype, m, k))
+    with nogil:
+        for g in prange(groups, schedule='static', num_threads=threads):
+            zd_x16_pack(wtype, &w[0], m, k, &out[0], g, g + 1)
+    return ZD_X16 | wtype, np.asarray(out)
+
+
 def embed(const uint8_t[::1] w, int wtype, int64_t vocab, const int32_t[::1] ids,
           float[:, ::1] out, int threads):
-    """out[i] = decoded row ids[i] of the [vocab, d] weight `w` (d = out.shape[1])."""
+    """out[i] = decoded row ids[i] of the [vocab, d] weight `w` (d = out.shape[1]); `wtype` may be
+    an interleaved type code from `interleave`."""
     cdef int64_t n = ids.shape[0], d = out.shape[1]
     cdef int64_t stride = zd_row_bytes(wtype, d)
     cdef zd_decode_fn decode = zd_decoder(wtype)
+    cdef bint interleaved = (wtype & ZD_X16) != 0
     cdef int64_t i
-    _require(decode != NULL and stride > 0, f"cannot decode rows of {d} values of type {wtype}")
-    _require(w.shape[0] >= vocab * stride, "weight buffer is smaller than its shape")
+    _require((decode != NULL or interleaved) and stride > 0, f"cannot decode rows of {d} values of type {wtype}")
+    _require(w.shape[0] >= _matrix_bytes(wtype, vocab, d), "weight buffer is smaller than its shape")
     _require(out.shape[0] == n, "output shape mismatch")
     _require(threads >= 1, "threads must be positive")
     for i in range(n):
@@ -155,7 +197,10 @@ def embed(const uint8_t[::1] w, int wtype, int64_t vocab, const int32_t[::1] ids
         return
     with nogil:
         for i in prange(n, schedule='static', num_threads=threads):
-            decode(&w[ids[i] * stride], &out[i, 0], d)
+            if interleaved:
+                zd_x16_decode_row(wtype, &w[0], ids[i], d, &out[i, 0])
+            else:
+                decode(&w[ids[i] * stride], &out[i, 0], d)
 
 
 def rms_norm(const float[:, ::1] x, const float[::1] w, float eps, float[:, ::1] out, int threads):
@@ -320,7 +365,7 @@ cdef zd_matrix _matrix(tuple spec, int64_t rows, int64_t cols, str name) except 
     cdef int wtype = spec[1]
     cdef int64_t stride = zd_row_bytes(wtype, cols)
     _require(zd_act_kind(wtype) >= 0 and stride > 0, f"{name}: cannot multiply rows of {cols} values of type {wtype}")
-    _require(data.shape[0] >= rows * stride, f"{name}: weight buffer is smaller than its shape")
+    _require(data.shape[0] >= _matrix_bytes(wtype, rows, cols), f"{name}: weight buffer is smaller than its shape")
     cdef zd_matrix m
     m.type = wtype
     m.data = &data[0]

@@ -5,10 +5,13 @@ checks that it was given one. Every op validates its other arguments here and ra
 BackendError before native code sees a buffer; _ops trusts shapes, dtypes and contiguity it
 has been given. `decoder_layer` runs a whole block as one native call (kernels/layer.h).
 """
+import weakref
+
 import numpy as np
 
 from zephyr.backend import Availability, Backend, LayerParams, LayerWeights, Weight
 from zephyr.errors import BackendError
+from zephyr.memory import release_pages, require
 from zephyr.quants import GGMLType, SUPPORTED_TYPES, TYPE_INFO
 
 try:
@@ -20,13 +23,15 @@ except ImportError as exc:  # a broken install: report it through availability()
 
 
 class _CPUWeight:
-    """A weight load_weight has checked: the flat bytes the kernels read, and for a vector
-    (a norm weight) its values decoded once as float32."""
+    """A weight load_weight has checked: the flat bytes the kernels read, as type code `code` (the
+    GGML type, or an interleaved layout of it, see kernels/interleave.h), and for a vector (a
+    norm weight) its values decoded once as float32."""
 
-    __slots__ = ("name", "type", "shape", "rows", "cols", "data", "values")
+    __slots__ = ("name", "type", "shape", "rows", "cols", "data", "code", "values", "source", "__weakref__")
 
     def __init__(self, name, type, shape, data, values=None):
         self.name, self.type, self.shape, self.data, self.values = name, type, shape, data, values
+        self.code = int(type)
         self.rows = shape[0] if len(shape) == 2 else 1
         self.cols = shape[-1]
 
@@ -90,10 +95,13 @@ class CPUBackend(Backend):
         super().__init__(_openmp.resolve_threads(int(threads)))
         self._layers = {}                      # (id(weights), id(cache), layer, params) -> _LayerPlan
         self._scratch = _ops.LayerScratch()    # run state shared by every layer, grown on demand
+        self._loaded = weakref.WeakValueDictionary()   # (address, size, type, shape) -> handle
 
     # -- memory ---------------------------------------------------------------------------
     def load_weight(self, weight: Weight):
-        """Check the weight once and keep a flat view of its bytes (no copy)."""
+        """Check the weight once and keep a flat view of its bytes; matrices of the types the
+        current path interleaves (Q4_0 on AVX-512) are copied into that layout instead, and the
+        file pages they came from are released (they would otherwise count twice in RSS)."""
         if type(weight) is _CPUWeight:
             return weight
         if not isinstance(weight, Weight):
@@ -115,7 +123,19 @@ class CPUBackend(Backend):
         if data.size != needed:
             raise BackendError(f"{weight.name!r}: {data.size} bytes of data, but shape {weight.shape} "
                                f"of {weight.type.name} takes {needed}")
+        key = (data.ctypes.data, data.size, int(weight.type), tuple(weight.shape))
+        if key in self._loaded:   # the same tensor twice (tied embeddings): one copy
+            return self._loaded[key]
         handle = _CPUWeight(weight.name, GGMLType(weight.type), tuple(weight.shape), data.reshape(-1))
+        interleaved = None
+        if rows > 1 and _ops.interleaves(handle.code):
+            require(data.size, f"an interleaved copy of {weight.name!r}", "free some memory or load a smaller model")
+            interleaved = _ops.interleave(handle.data, handle.code, rows, handle.cols, self.threads)
+        if interleaved is not None:
+            handle.code, handle.data = interleaved
+            release_pages(data)
+        handle.source = data   # while the handle lives, no other tensor can take this address
+        self._loaded[key] = handle
         if rows == 1:
             handle.values = np.empty((1, handle.cols), np.float32)
             _ops.embed(handle.data, int(handle.type), 1, np.zeros(1, np.int32), handle.values, 1)
@@ -161,7 +181,7 @@ class CPUBackend(Backend):
         w = self._matrix(w, "matmul")                        # [m, k]
         x = _activation(x, "matmul input", cols=w.cols)      # [n, k]
         out = np.empty((x.shape[0], w.rows), np.float32)     # [n, m]
-        _ops.matmul(x, w.data, int(w.type), w.rows, out, self.threads)
+        _ops.matmul(x, w.data, w.code, w.rows, out, self.threads)
         return out
 
     def embed(self, w, ids):
@@ -173,7 +193,7 @@ class CPUBackend(Backend):
             raise BackendError(f"token ids must lie in [0, {w.rows}), got {ids.min()}..{ids.max()}")
         ids = np.ascontiguousarray(ids, dtype=np.int32)
         out = np.empty((ids.size, w.cols), np.float32)       # [n, d]
-        _ops.embed(w.data, int(w.type), w.rows, ids, out, self.threads)
+        _ops.embed(w.data, w.code, w.rows, ids, out, self.threads)
         return out
 
     def rms_norm(self, x, w, eps):
@@ -294,7 +314,7 @@ class _LayerPlan:
                 raise BackendError(f"{name} has shape {matrices[name].shape}, expected {shape}")
         self.d = d
         self.keep = (w, cache)
-        spec = {name: (m.data, int(m.type)) for name, m in matrices.items()}
+        spec = {name: (m.data, m.code) for name, m in matrices.items()}
         self.native = _ops.Layer(backend._vector(w.attn_norm, d), backend._vector(w.ffn_norm, d),
                                  spec["wq"], spec["wk"], spec["wv"], spec["wo"], spec["w_gate"], spec["w_up"],
                                  spec["w_down"], f, n_heads, n_kv_heads, head_dim, rope_dims, float(p.rope_base),

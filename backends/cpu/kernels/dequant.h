@@ -377,9 +377,14 @@ static zd_decode_fn zd_decoder(int type) {
     }
 }
 
+/* Type codes of weights the backend has interleaved (interleave.h): ZD_X16 | the GGML type.
+ * Sizes are those of the GGML type; only the order of the bytes differs. */
+#define ZD_X16 0x100
+static inline int zd_x16_base(int type) { return type & ~ZD_X16; }
+
 /* Values per block of `type` (0 if unsupported). */
 static int64_t zd_block_size(int type) {
-    switch (type) {
+    switch (zd_x16_base(type)) {
     case ZD_F32: case ZD_F16: case ZD_BF16: return 1;
     case ZD_Q4_0: case ZD_Q4_1: case ZD_Q5_0: case ZD_Q5_1: case ZD_Q8_0: return ZD_QK;
     case ZD_Q2_K: case ZD_Q3_K: case ZD_Q4_K: case ZD_Q5_K: case ZD_Q6_K: return ZD_QK_K;
@@ -389,7 +394,7 @@ static int64_t zd_block_size(int type) {
 
 /* Bytes per block of `type` (0 if unsupported). */
 static int64_t zd_block_bytes(int type) {
-    switch (type) {
+    switch (zd_x16_base(type)) {
     case ZD_F32: return 4;
     case ZD_F16: case ZD_BF16: return 2;
     case ZD_Q4_0: return sizeof(zd_block_q4_0);

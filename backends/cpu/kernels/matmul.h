@@ -23,6 +23,7 @@
 #include "dot_kquant.h"
 #include "dot_legacy.h"
 #include "panel.h"
+#include "interleave.h"
 
 /* The omp simd reduction lets gcc reorder the sum into vector lanes (no -ffast-math needed). */
 static inline float zd_dot(const float *ZD_RESTRICT a, const float *ZD_RESTRICT b, int64_t k) {
@@ -35,9 +36,10 @@ static inline float zd_dot(const float *ZD_RESTRICT a, const float *ZD_RESTRICT 
 
 /* The kernels for weights of `type` on path `isa`, for batches of n tokens; 0 if none. */
 static int zd_matmul_kernel(int type, int isa, int64_t n, zd_kernel *kn) {
-    const zd_tile_fn whole = zd_panel_kernel(type, isa, n);
+    const zd_tile_fn interleaved = zd_x16_kernel(type, isa);
+    const zd_tile_fn whole = interleaved ? interleaved : zd_panel_kernel(type, isa, n);
     if (whole) {
-        kn->R = ZD_PANEL_ROWS;
+        kn->R = interleaved ? ZD_X16_ROWS : ZD_PANEL_ROWS;
         kn->T = 1;
         kn->whole = whole;
         return 1;

@@ -50,7 +50,7 @@ static inline int zd_kq_order_at(int v) {
 
 /* The activation kind weights of GGML type `type` take (-1 if none). */
 static int zd_act_kind(int type) {
-    switch (type) {
+    switch (zd_x16_base(type)) {
     case ZD_F32: case ZD_F16: case ZD_BF16: return ZD_ACT_F32;
     case ZD_Q4_0: case ZD_Q4_1: case ZD_Q5_0: case ZD_Q5_1: case ZD_Q8_0: return ZD_ACT_Q8_0;
     case ZD_Q2_K: case ZD_Q3_K: case ZD_Q4_K: case ZD_Q5_K: case ZD_Q6_K: return ZD_ACT_Q8_K;

@@ -1,0 +1,103 @@
+"""Weights the CPU backend interleaves at load (kernels/interleave.h: Q4_0 on the AVX-512 path).
+
+The interleaved kernels are checked against the reference backend on awkward shapes (a partial
+group of 16 rows, one block, an odd number of blocks, token counts with remainders), on every
+path: weights interleaved for AVX-512 stay usable when a lower path is forced afterwards.
+"""
+import mmap
+
+import numpy as np
+import pytest
+
+from zephyr import quants
+from zephyr.backend import Weight
+from zephyr.memory import release_pages
+from zephyr.quants import GGMLType
+from zephyr_backends.cpu import _ops
+from zephyr_backends.cpu.backend import CPUBackend
+from zephyr_backends.reference.backend import ReferenceBackend
+
+needs_avx512 = pytest.mark.skipif("avx512" not in _ops.available_isas(), reason="interleaving is for the AVX-512 path")
+TOLERANCE = 1e-5   # as test_cpu_kernels: |got - want| / sum |w * x|
+
+
+def interleaved(data, m, k):
+    _ops.set_isa("avx512")
+    try:
+        return _ops.interleave(data, int(GGMLType.Q4_0), m, k, 2)
+    finally:
+        _ops.set_isa()
+
+
+@needs_avx512
+@pytest.mark.parametrize("isa", _ops.available_isas())
+def test_interleaved_matmul_matches_reference(isa):
+    rng = np.random.default_rng(5)
+    for m, k in [(1, 32), (15, 13 * 32), (16, 64), (37, 416)]:
+        data = quants.random_blocks(GGMLType.Q4_0, (m, k), rng)
+        code, packed = interleaved(data, m, k)
+        w = quants.dequantize(data, GGMLType.Q4_0, (m, k)).astype(np.float64)
+        for n in (1, 3, 4, 5, 17):
+            x = rng.standard_normal((n, k)).astype(np.float32)
+            got = np.empty((n, m), np.float32)
+            _ops.set_isa(isa)
+            try:
+                _ops.matmul(x, packed, code, m, got, 2)
+            finally:
+                _ops.set_isa()
+            want = ReferenceBackend().matmul(x, Weight("w", GGMLType.Q4_0, (m, k), data))
+            rounded = quants.dequantize(quants.quantize_q8_0(x), GGMLType.Q8_0, x.shape)
+            magnitude = np.abs(rounded).astype(np.float64) @ np.abs(w).T
+            error = float(np.max(np.abs(got - want) / np.maximum(magnitude, 1e-30)))
+            assert error < TOLERANCE, f"{isa} m={m} k={k} n={n}: error {error:.3g}"
+
+
+@needs_avx512
+def test_interleaved_rows_decode_exactly():
+    rng = np.random.default_rng(6)
+    m, k = 37, 416
+    data = quants.random_blocks(GGMLType.Q4_0, (m, k), rng)
+    code, packed = interleaved(data, m, k)
+    out = np.empty((m, k), np.float32)
+    _ops.embed(packed, code, m, np.arange(m, dtype=np.int32)[::-1].copy(), out, 2)
+    np.testing.assert_array_equal(out[::-1], quants.dequantize(data, GGMLType.Q4_0, (m, k)))
+
+
+@needs_avx512
+def test_interleaved_buffers_are_checked():
+    data = quants.random_blocks(GGMLType.Q4_0, (20, 64), np.random.default_rng(7))
+    code, packed = interleaved(data, 20, 64)
+    with pytest.raises(ValueError, match="smaller"):     # 20 rows are read as two whole groups (32 rows)
+        _ops.matmul(np.ones((1, 64), np.float32), packed[:20 * 36], code, 20, np.empty((1, 20), np.float32), 1)
+    with pytest.raises(ValueError, match="smaller"):
+        _ops.interleave(data[:-1], int(GGMLType.Q4_0), 20, 64, 1)
+
+
+def test_backend_interleaves_once_and_keeps_values(make_weight):
+    """Two loads of the same tensor (tied embeddings) give one handle; results match the reference."""
+    weight = make_weight(GGMLType.Q4_0, (24, 96), seed=8)
+    cpu = CPUBackend(threads=2)
+    handle = cpu.load_weight(weight)
+    assert cpu.load_weight(Weight("again", weight.type, weight.shape, weight.data)) is handle
+    assert (handle.code != int(GGMLType.Q4_0)) == _ops.interleaves(int(GGMLType.Q4_0))
+    x = np.random.default_rng(8).standard_normal((3, 96)).astype(np.float32)
+    np.testing.assert_allclose(cpu.matmul(x, handle), ReferenceBackend().matmul(x, weight), rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(cpu.embed(handle, [0, 23]), ReferenceBackend().embed(weight, [0, 23]))
+
+
+def test_release_pages_only_touches_read_only_file_maps(tmp_path):
+    path = tmp_path / "data.bin"
+    payload = np.random.default_rng(9).integers(0, 256, 5 * mmap.PAGESIZE, dtype=np.uint8)
+    path.write_bytes(payload.tobytes())
+    with open(path, "rb") as f:
+        view = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)[100:4 * mmap.PAGESIZE]
+        assert release_pages(view)
+        np.testing.assert_array_equal(view, payload[100:4 * mmap.PAGESIZE])   # read again from the file
+    anonymous = payload.copy()
+    assert not release_pages(anonymous[mmap.PAGESIZE:])
+    np.testing.assert_array_equal(anonymous, payload)
+    with open(path, "r+b") as f:
+        writable = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), np.uint8)
+        writable[0] = 1
+        assert not release_pages(writable)
+        assert writable[0] == 1
