@@ -6,7 +6,7 @@
  *   -> attention -> x += attn @ Wo.T -> h = rms_norm(x) -> g, u = h @ Wgate.T, Wup.T
  *   -> x += (silu(g) * u) @ Wdown.T
  *
- * Each step is shared out over the team (rows, kv heads or weight tiles) and ends at a barrier
+ * Each step is shared out over the team (rows, heads or weight tiles) and ends at a barrier
  * (zd_barrier: yields the CPU while it waits); the residual adds happen in the matmuls' stores. Scratch memory comes from the caller, sized
  * once for the largest batch (see zd_layer_scratch).
  */
@@ -152,10 +152,6 @@ static void zd_decoder_layer(const zd_layer_weights *w, const zd_layer_params *p
         s->rope_base = p->rope_base;
     }
 
-    /* The attention output is quantised for Wo by the thread that computed it when a kv head's
-     * query heads span whole activation blocks (they always do for the usual shapes). */
-    const int64_t span = group * hd, o_unit = zd_layer_unit(o_kind, qd);
-    const int o_local = o_kind == (1 << ZD_ACT_F32) || span % o_unit == 0;
     zd_barrier barrier = {0, 0};
 
 #pragma omp parallel num_threads(nth)
@@ -179,36 +175,42 @@ static void zd_decoder_layer(const zd_layer_weights *w, const zd_layer_params *p
         /* 2. q, k, v */
         zd_mm_jobs_run(qkv, 3, &next[0], cbuf, team);
         zd_barrier_wait(&barrier, &sense, team);
-        /* 3. per kv head, on one thread: rope k into the cache and copy v there, then attention
-         *    of its query heads (rope q on the way) into h */
-        for (int64_t kv = p->n_kv_heads * ith / team; kv < p->n_kv_heads * (ith + 1) / team; kv++) {
-            for (int64_t i = 0; i < n; i++) {
-                const int64_t pos = start_pos + i;
-                zd_rope_head(s->k + i * kvd + kv * hd, cache->k + pos * kvd + kv * hd, s->rope_cos + i * half,
-                             s->rope_sin + i * half, hd, p->rope_dims, p->rope_neox);
-                memcpy(cache->v + pos * kvd + kv * hd, s->v + i * kvd + kv * hd, (size_t)hd * sizeof(float));
-            }
-            for (int64_t i = 0; i < n; i++) {
-                const int64_t pos = start_pos + i, lo = p->window > 0 ? zd_max64(0, pos - p->window + 1) : 0;
-                for (int64_t head = kv * group; head < (kv + 1) * group; head++) {
+        /* 3. rope k into the cache and copy v there, per (token, kv head) */
+        {
+            zd_spans spans = zd_spans_of(n, p->n_kv_heads, ith, team);
+            while (zd_spans_next(&spans, &t, &u0, &u1))
+                for (int64_t kv = u0; kv < u1; kv++) {
+                    const int64_t pos = start_pos + t;
+                    zd_rope_head(s->k + t * kvd + kv * hd, cache->k + pos * kvd + kv * hd, s->rope_cos + t * half,
+                                 s->rope_sin + t * half, hd, p->rope_dims, p->rope_neox);
+                    memcpy(cache->v + pos * kvd + kv * hd, s->v + t * kvd + kv * hd, (size_t)hd * sizeof(float));
+                }
+        }
+        zd_barrier_wait(&barrier, &sense, team);
+        /* attention into h, per (query head, token): head-major, so each thread gets whole heads'
+         * mixes of short (early) and long (late) rows, and one token's heads split evenly */
+        {
+            zd_spans spans = zd_spans_of(p->n_heads, n, ith, team);
+            int64_t head, i0, i1;
+            while (zd_spans_next(&spans, &head, &i0, &i1))
+                for (int64_t i = i0; i < i1; i++) {
+                    const int64_t pos = start_pos + i, lo = p->window > 0 ? zd_max64(0, pos - p->window + 1) : 0;
+                    const int64_t kv = head / group;
                     float *q = s->q_rot + i * qd + head * hd;
                     zd_rope_head(s->q + i * qd + head * hd, q, s->rope_cos + i * half, s->rope_sin + i * half, hd,
                                  p->rope_dims, p->rope_neox);
                     zd_attend_head(q, cache->k + kv * hd, cache->v + kv * hd, kvd, lo, pos, hd, scale, scores,
                                    s->h + i * qd + head * hd);
                 }
-                if (o_local)
-                    zd_layer_quantize(a_o, o_kind, s->h + i * qd, isa, i, o_unit, kv * span / o_unit,
-                                      (kv + 1) * span / o_unit);
-            }
         }
         zd_barrier_wait(&barrier, &sense, team);
-        if (!o_local) {
+        {   /* the attention output, quantised for Wo */
+            const int64_t o_unit = zd_layer_unit(o_kind, qd);
             zd_spans spans = zd_spans_of(n, qd / o_unit, ith, team);
             while (zd_spans_next(&spans, &t, &u0, &u1))
                 zd_layer_quantize(a_o, o_kind, s->h + t * qd, isa, t, o_unit, u0, u1);
-            zd_barrier_wait(&barrier, &sense, team);
         }
+        zd_barrier_wait(&barrier, &sense, team);
         /* 4. x += attn @ Wo.T */
         zd_mm_jobs_run(&o, 1, &next[1], cbuf, team);
         zd_barrier_wait(&barrier, &sense, team);
