@@ -38,10 +38,14 @@ cdef extern from "matmul.h" nogil:
     void zd_matmul(int type, int isa, const uint8_t *w, int64_t m, int64_t k, const float *x, int64_t n,
                    float *out, void *act, float *cbuf, int nth)
 
+cdef extern from "tile.h" nogil:
+    ctypedef void (*zd_tile_fn)(const void *tile) noexcept nogil
+
 cdef extern from "interleave.h" nogil:
     int ZD_X16
     int zd_x16_wanted(int type, int isa)
     int64_t zd_x16_bytes(int type, int64_t m, int64_t k)
+    zd_tile_fn zd_x16_kernel(int type, int isa)
     void zd_x16_pack(int type, const uint8_t *src, int64_t m, int64_t k, uint8_t *dst, int64_t g0, int64_t g1)
     void zd_x16_decode_row(int type, const uint8_t *w, int64_t row, int64_t k, float *out)
 
@@ -133,6 +137,7 @@ def matmul(const float[:, ::1] x, const uint8_t[::1] w, int wtype, int64_t m,
     cdef int64_t stride = zd_row_bytes(wtype, k)
     cdef int kind = zd_act_kind(wtype)
     _require(kind >= 0 and stride > 0, f"cannot multiply rows of {k} values of type {wtype}")
+    _require(_matrix_bytes(wtype, m, k) >= 0, f"cannot multiply rows of {k} values of type {wtype}")
     _require(w.shape[0] >= _matrix_bytes(wtype, m, k), "weight buffer is smaller than its shape")
     _require(out.shape[0] == n and out.shape[1] == m, "output shape mismatch")
     _require(threads >= 1, "threads must be positive")
@@ -148,8 +153,11 @@ def matmul(const float[:, ::1] x, const uint8_t[::1] w, int wtype, int64_t m,
 
 
 cdef int64_t _matrix_bytes(int wtype, int64_t m, int64_t k) noexcept:
-    """Bytes the kernels read for an m x k matrix of `wtype` (interleaved: whole groups of rows)."""
-    return zd_x16_bytes(wtype, m, k) if wtype & ZD_X16 else m * zd_row_bytes(wtype, k)
+    """Bytes the kernels read for an m x k matrix of `wtype` (interleaved: whole groups of rows);
+    -1 for a type code no kernel reads (an interleaved code of a type never interleaved)."""
+    if wtype & ZD_X16:
+        return zd_x16_bytes(wtype, m, k) if zd_x16_kernel(wtype, 0) != NULL else -1
+    return m * zd_row_bytes(wtype, k)
 
 
 def _prefaulted(int64_t nbytes):
@@ -188,6 +196,7 @@ def embed(const uint8_t[::1] w, int wtype, int64_t vocab, const int32_t[::1] ids
     cdef bint interleaved = (wtype & ZD_X16) != 0
     cdef int64_t i
     _require((decode != NULL or interleaved) and stride > 0, f"cannot decode rows of {d} values of type {wtype}")
+    _require(_matrix_bytes(wtype, vocab, d) >= 0, f"cannot decode rows of {d} values of type {wtype}")
     _require(w.shape[0] >= _matrix_bytes(wtype, vocab, d), "weight buffer is smaller than its shape")
     _require(out.shape[0] == n, "output shape mismatch")
     _require(threads >= 1, "threads must be positive")
@@ -365,6 +374,7 @@ cdef zd_matrix _matrix(tuple spec, int64_t rows, int64_t cols, str name) except 
     cdef int wtype = spec[1]
     cdef int64_t stride = zd_row_bytes(wtype, cols)
     _require(zd_act_kind(wtype) >= 0 and stride > 0, f"{name}: cannot multiply rows of {cols} values of type {wtype}")
+    _require(_matrix_bytes(wtype, rows, cols) >= 0, f"{name}: cannot multiply rows of {cols} values of type {wtype}")
     _require(data.shape[0] >= _matrix_bytes(wtype, rows, cols), f"{name}: weight buffer is smaller than its shape")
     cdef zd_matrix m
     m.type = wtype

@@ -124,8 +124,9 @@ class CPUBackend(Backend):
             raise BackendError(f"{weight.name!r}: {data.size} bytes of data, but shape {weight.shape} "
                                f"of {weight.type.name} takes {needed}")
         key = (data.ctypes.data, data.size, int(weight.type), tuple(weight.shape))
-        if key in self._loaded:   # the same tensor twice (tied embeddings): one copy
-            return self._loaded[key]
+        loaded = self._loaded.get(key)
+        if loaded is not None:   # the same tensor twice (tied embeddings): one copy
+            return loaded
         handle = _CPUWeight(weight.name, GGMLType(weight.type), tuple(weight.shape), data.reshape(-1))
         interleaved = None
         if rows > 1 and _ops.interleaves(handle.code):

@@ -71,6 +71,11 @@ def test_interleaved_buffers_are_checked():
         _ops.matmul(np.ones((1, 64), np.float32), packed[:20 * 36], code, 20, np.empty((1, 20), np.float32), 1)
     with pytest.raises(ValueError, match="smaller"):
         _ops.interleave(data[:-1], int(GGMLType.Q4_0), 20, 64, 1)
+    bogus = code ^ int(GGMLType.Q4_0) | int(GGMLType.Q4_K)   # an interleaved code no kernel reads
+    with pytest.raises(ValueError, match="cannot multiply"):
+        _ops.matmul(np.ones((1, 256), np.float32), packed, bogus, 1, np.empty((1, 1), np.float32), 1)
+    with pytest.raises(ValueError, match="cannot decode"):
+        _ops.embed(packed, bogus, 1, np.zeros(1, np.int32), np.empty((1, 256), np.float32), 1)
 
 
 def test_backend_interleaves_once_and_keeps_values(make_weight):

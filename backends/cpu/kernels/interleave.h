@@ -111,22 +111,6 @@ static void zd_x16_q4_0_scalar(const zd_tile *tile) {
 }
 
 #if ZD_X86
-/* Broadcast 4 activation quants to every lane. */
-ZD_TARGET_AVX512 ZD_INLINE __m512i zd_x4_512(const int8_t *q) {
-    int32_t v;
-    memcpy(&v, q, 4);
-    return _mm512_set1_epi32(v);
-}
-
-/* Store (or add) 16 rows of token j's results. */
-ZD_TARGET_AVX512 ZD_INLINE void zd_rows16_store(const zd_tile *tile, int64_t j, __m512 v) {
-    const __mmask16 valid = (__mmask16)((1u << tile->rows) - 1);
-    float *dst = tile->out + j * tile->ldo;
-    if (tile->accumulate)
-        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(valid, dst));
-    _mm512_mask_storeu_ps(dst, valid, v);
-}
-
 /* T tokens from j0: per block, 4 loads give 8 slices (low and high nibbles), 8 dpbusd per token. */
 ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q4_0_tokens_512(const int T, const zd_tile *tile, int64_t j0) {
     const zd_act *x = tile->x;

@@ -110,7 +110,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_kq_row_scales_512(int type, const uint8_t *bl
      * 2h + e of a super-block holds sub-blocks 4h + e (bytes 0-31) and 4h + 2 + e (32-63), so
      * g = 2 (4h + 2 second + e) + c % 2 with h = c / 8, e = (c / 4) % 2, second = (c % 4) / 2 */
     const __m512i order = _mm512_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15);
-    float corr16[16];
+    float corr16[16] = {0.0f};   /* Q4_K, Q5_K fill 8 */
     int sc[16];
     /* the scales' bytes are few; the scalar unpack is shared with the scalar path */
     const float d = zd_kq_scales_scalar(type, block, sc, corr16);
@@ -174,22 +174,6 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_panel_fill_legacy(int type, const zd_tile *ti
     }
 }
 
-/* Broadcast 4 activation quants to every lane. */
-ZD_TARGET_AVX512 ZD_INLINE __m512i zd_panel_x4(const int8_t *q) {
-    int32_t v;
-    memcpy(&v, q, 4);
-    return _mm512_set1_epi32(v);
-}
-
-/* Store (or add) 16 rows of token j's results. */
-ZD_TARGET_AVX512 ZD_INLINE void zd_panel_store(const zd_tile *tile, int64_t j, __m512 v) {
-    const __mmask16 valid = (__mmask16)((1u << tile->rows) - 1);
-    float *dst = tile->out + j * tile->ldo;
-    if (tile->accumulate)
-        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(valid, dst));
-    _mm512_mask_storeu_ps(dst, valid, v);
-}
-
 /* T tokens starting at j0 over a filled panel; `kq`: k-quant (units of 16 values, one
  * activation scale per 256) or legacy (blocks of 32, one activation scale each). */
 ZD_TARGET_AVX512 ZD_INLINE void zd_panel_tokens(const int kq, const int T, int type, const zd_tile *tile,
@@ -222,7 +206,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_panel_tokens(const int kq, const int T, int t
                 for (int i = 0; i < 4; i++) {
                     const __m512i w = _mm512_load_si512(u + s0 + i);
                     for (int j = 0; j < T; j++)
-                        I[j] = _mm512_dpbusd_epi32(I[j], w, zd_panel_x4(q[j] + 4 * (s0 + i)));
+                        I[j] = _mm512_dpbusd_epi32(I[j], w, zd_x4_512(q[j] + 4 * (s0 + i)));
                 }
                 const __m512 scale = _mm512_load_ps(p->scale + (16 * sb + c) * ZD_PANEL_ROWS);
                 for (int j = 0; j < T; j++)
@@ -239,7 +223,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_panel_tokens(const int kq, const int T, int t
             for (int i = 0; i < 8; i++) {
                 const __m512i w = _mm512_load_si512(u + 8 * b + i);
                 for (int j = 0; j < T; j++)
-                    I[j] = _mm512_dpbusd_epi32(I[j], w, zd_panel_x4(q[j] + 32 * b + 4 * i));
+                    I[j] = _mm512_dpbusd_epi32(I[j], w, zd_x4_512(q[j] + 32 * b + 4 * i));
             }
             const __m512 scale = _mm512_load_ps(p->scale + b * ZD_PANEL_ROWS);
             for (int j = 0; j < T; j++)
@@ -253,7 +237,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_panel_tokens(const int kq, const int T, int t
             F[j] = _mm512_fmadd_ps(corr, _mm512_set1_ps(xs[j][c]), F[j]);
     }
     for (int j = 0; j < T; j++)
-        zd_panel_store(tile, j0 + j, F[j]);
+        zd_rows16_store(tile, j0 + j, F[j]);
 }
 
 /* A tile of 16 rows, all tile->nt tokens. */

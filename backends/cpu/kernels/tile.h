@@ -15,6 +15,7 @@
 #ifndef ZEPHYR_TILE_H
 #define ZEPHYR_TILE_H
 
+#include <string.h>
 #include "common.h"
 #include "quantize.h"
 
@@ -136,6 +137,26 @@ static inline void zd_tile_store(const zd_tile *tile, int64_t r, int64_t j, floa
     float *dst = tile->out + j * tile->ldo + r;
     *dst = tile->accumulate ? *dst + value : value;
 }
+
+#if ZD_X86
+/* ---- kernels whose vector lanes are 16 rows (panel.h, interleave.h) ------------------------- */
+
+/* 4 activation quants broadcast to every lane: one dpbusd then adds 4 products to each row. */
+ZD_TARGET_AVX512 ZD_INLINE __m512i zd_x4_512(const int8_t *q) {
+    int32_t v;
+    memcpy(&v, q, 4);
+    return _mm512_set1_epi32(v);
+}
+
+/* Store (or add) the 16 rows of token j's results: one vector, the tile's valid rows. */
+ZD_TARGET_AVX512 ZD_INLINE void zd_rows16_store(const zd_tile *tile, int64_t j, __m512 v) {
+    const __mmask16 valid = (__mmask16)((1u << tile->rows) - 1);
+    float *dst = tile->out + j * tile->ldo;
+    if (tile->accumulate)
+        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(valid, dst));
+    _mm512_mask_storeu_ps(dst, valid, v);
+}
+#endif
 
 /* ---- the correction dot product dot(c, s) of n floats, one per ISA ------------------------- */
 
