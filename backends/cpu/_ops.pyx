@@ -43,7 +43,7 @@ cdef extern from "tile.h" nogil:
 
 cdef extern from "interleave.h" nogil:
     int ZD_X16
-    int zd_x16_wanted(int type, int isa)
+    int zd_x16_wanted(int type, int isa, int64_t k)
     int64_t zd_x16_bytes(int type, int64_t m, int64_t k)
     zd_tile_fn zd_x16_kernel(int type, int isa)
     void zd_x16_pack(int type, const uint8_t *src, int64_t m, int64_t k, uint8_t *dst, int64_t g0, int64_t g1)
@@ -167,16 +167,17 @@ def _prefaulted(int64_t nbytes):
     return np.frombuffer(buffer, dtype=np.uint8)
 
 
-def interleaves(int wtype):
-    """Whether `interleave` copies matrices of GGML type `wtype` on the current path."""
-    return bool(zd_x16_wanted(wtype, _isa))
+def interleaves(int wtype, int64_t k):
+    """Whether `interleave` copies matrices of GGML type `wtype` with rows of k values on the
+    current path."""
+    return bool(zd_x16_wanted(wtype, _isa, k))
 
 
 def interleave(const uint8_t[::1] w, int wtype, int64_t m, int64_t k, int threads):
     """The m x k GGUF matrix `w` of type `wtype` interleaved for the current path (interleave.h),
     as (type code, new uint8 array); None when this path keeps the type as it is."""
     cdef int64_t stride = zd_row_bytes(wtype, k), groups = (m + 15) // 16, g
-    if not zd_x16_wanted(wtype, _isa) or m <= 0 or stride <= 0:
+    if not zd_x16_wanted(wtype, _isa, k) or m <= 0 or stride <= 0:
         return None
     _require(w.shape[0] >= m * stride, "weight buffer is smaller than its shape")
     cdef uint8_t[::1] out = _prefaulted(zd_x16_bytes(wtype, m, k))

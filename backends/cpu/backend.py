@@ -99,9 +99,10 @@ class CPUBackend(Backend):
 
     # -- memory ---------------------------------------------------------------------------
     def load_weight(self, weight: Weight):
-        """Check the weight once and keep a flat view of its bytes; matrices of the types the
-        current path interleaves (Q4_0 on AVX-512) are copied into that layout instead, and the
-        file pages they came from are released (they would otherwise count twice in RSS)."""
+        """Check the weight once and keep a flat view of its bytes; matrices the current path
+        interleaves (Q4_0, Q4_1 and short-row Q8_0 on AVX-512, kernels/interleave.h) are copied
+        into that layout instead, and the file pages they came from are released (they would
+        otherwise count twice in RSS)."""
         if type(weight) is _CPUWeight:
             return weight
         if not isinstance(weight, Weight):
@@ -129,7 +130,7 @@ class CPUBackend(Backend):
             return loaded
         handle = _CPUWeight(weight.name, GGMLType(weight.type), tuple(weight.shape), data.reshape(-1))
         interleaved = None
-        if rows > 1 and _ops.interleaves(handle.code):
+        if rows > 1 and _ops.interleaves(handle.code, handle.cols):
             require(data.size, f"an interleaved copy of {weight.name!r}", "free some memory or load a smaller model")
             interleaved = _ops.interleave(handle.data, handle.code, rows, handle.cols, self.threads)
         if interleaved is not None:

@@ -1,4 +1,5 @@
-"""Weights the CPU backend interleaves at load (kernels/interleave.h: Q4_0 on the AVX-512 path).
+"""Weights the CPU backend interleaves at load (kernels/interleave.h: Q4_0, Q4_1 and short-row
+Q8_0 on the AVX-512 path).
 
 The interleaved kernels are checked against the reference backend on awkward shapes (a partial
 group of 16 rows, one block, an odd number of blocks, token counts with remainders), on every
@@ -21,22 +22,26 @@ needs_avx512 = pytest.mark.skipif("avx512" not in _ops.available_isas(), reason=
 TOLERANCE = 1e-5   # as test_cpu_kernels: |got - want| / sum |w * x|
 
 
-def interleaved(data, m, k):
+TYPES = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0]
+
+
+def interleaved(data, m, k, type=GGMLType.Q4_0):
     _ops.set_isa("avx512")
     try:
-        return _ops.interleave(data, int(GGMLType.Q4_0), m, k, 2)
+        return _ops.interleave(data, int(type), m, k, 2)
     finally:
         _ops.set_isa()
 
 
 @needs_avx512
 @pytest.mark.parametrize("isa", _ops.available_isas())
-def test_interleaved_matmul_matches_reference(isa):
+@pytest.mark.parametrize("type", TYPES, ids=lambda t: t.name)
+def test_interleaved_matmul_matches_reference(isa, type):
     rng = np.random.default_rng(5)
     for m, k in [(1, 32), (15, 13 * 32), (16, 64), (37, 416)]:
-        data = quants.random_blocks(GGMLType.Q4_0, (m, k), rng)
-        code, packed = interleaved(data, m, k)
-        w = quants.dequantize(data, GGMLType.Q4_0, (m, k)).astype(np.float64)
+        data = quants.random_blocks(type, (m, k), rng)
+        code, packed = interleaved(data, m, k, type)
+        w = quants.dequantize(data, type, (m, k)).astype(np.float64)
         for n in (1, 3, 4, 5, 17):
             x = rng.standard_normal((n, k)).astype(np.float32)
             got = np.empty((n, m), np.float32)
@@ -45,7 +50,7 @@ def test_interleaved_matmul_matches_reference(isa):
                 _ops.matmul(x, packed, code, m, got, 2)
             finally:
                 _ops.set_isa()
-            want = ReferenceBackend().matmul(x, Weight("w", GGMLType.Q4_0, (m, k), data))
+            want = ReferenceBackend().matmul(x, Weight("w", type, (m, k), data))
             rounded = quants.dequantize(quants.quantize_q8_0(x), GGMLType.Q8_0, x.shape)
             magnitude = np.abs(rounded).astype(np.float64) @ np.abs(w).T
             error = float(np.max(np.abs(got - want) / np.maximum(magnitude, 1e-30)))
@@ -53,14 +58,28 @@ def test_interleaved_matmul_matches_reference(isa):
 
 
 @needs_avx512
-def test_interleaved_rows_decode_exactly():
+@pytest.mark.parametrize("type", TYPES, ids=lambda t: t.name)
+def test_interleaved_rows_decode_exactly(type):
     rng = np.random.default_rng(6)
     m, k = 37, 416
-    data = quants.random_blocks(GGMLType.Q4_0, (m, k), rng)
-    code, packed = interleaved(data, m, k)
+    data = quants.random_blocks(type, (m, k), rng)
+    code, packed = interleaved(data, m, k, type)
     out = np.empty((m, k), np.float32)
     _ops.embed(packed, code, m, np.arange(m, dtype=np.int32)[::-1].copy(), out, 2)
-    np.testing.assert_array_equal(out[::-1], quants.dequantize(data, GGMLType.Q4_0, (m, k)))
+    np.testing.assert_array_equal(out[::-1], quants.dequantize(data, type, (m, k)))
+
+
+@needs_avx512
+def test_which_matrices_are_interleaved():
+    _ops.set_isa("avx512")
+    try:
+        assert _ops.interleaves(int(GGMLType.Q4_0), 14336) and _ops.interleaves(int(GGMLType.Q4_1), 4096)
+        assert _ops.interleaves(int(GGMLType.Q8_0), 576) and not _ops.interleaves(int(GGMLType.Q8_0), 4096)
+        assert not _ops.interleaves(int(GGMLType.Q4_K), 576)
+        _ops.set_isa("avx2")
+        assert not _ops.interleaves(int(GGMLType.Q4_0), 576)
+    finally:
+        _ops.set_isa()
 
 
 @needs_avx512
@@ -84,7 +103,7 @@ def test_backend_interleaves_once_and_keeps_values(make_weight):
     cpu = CPUBackend(threads=2)
     handle = cpu.load_weight(weight)
     assert cpu.load_weight(Weight("again", weight.type, weight.shape, weight.data)) is handle
-    assert (handle.code != int(GGMLType.Q4_0)) == _ops.interleaves(int(GGMLType.Q4_0))
+    assert (handle.code != int(GGMLType.Q4_0)) == _ops.interleaves(int(GGMLType.Q4_0), 96)
     x = np.random.default_rng(8).standard_normal((3, 96)).astype(np.float32)
     np.testing.assert_allclose(cpu.matmul(x, handle), ReferenceBackend().matmul(x, weight), rtol=0, atol=1e-4)
     np.testing.assert_array_equal(cpu.embed(handle, [0, 23]), ReferenceBackend().embed(weight, [0, 23]))
