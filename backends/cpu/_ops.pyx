@@ -42,7 +42,7 @@ cdef extern from "tile.h" nogil:
     ctypedef void (*zd_tile_fn)(const void *tile) noexcept nogil
 
 cdef extern from "interleave.h" nogil:
-    int ZD_X16
+    int ZD_X16, ZD_X16_ROWS
     int zd_x16_wanted(int type, int isa, int64_t k)
     int64_t zd_x16_bytes(int type, int64_t m, int64_t k)
     zd_tile_fn zd_x16_kernel(int type, int isa)
@@ -176,7 +176,7 @@ def interleaves(int wtype, int64_t k):
 def interleave(const uint8_t[::1] w, int wtype, int64_t m, int64_t k, int threads):
     """The m x k GGUF matrix `w` of type `wtype` interleaved for the current path (interleave.h),
     as (type code, new uint8 array); None when this path keeps the type as it is."""
-    cdef int64_t stride = zd_row_bytes(wtype, k), groups = (m + 15) // 16, g
+    cdef int64_t stride = zd_row_bytes(wtype, k), groups = (m + ZD_X16_ROWS - 1) // ZD_X16_ROWS, g
     if not zd_x16_wanted(wtype, _isa, k) or m <= 0 or stride <= 0:
         return None
     _require(w.shape[0] >= m * stride, "weight buffer is smaller than its shape")

@@ -122,8 +122,8 @@ static inline int64_t zd_job_chunk(const zd_mm_job *job, int nth) {
 
 /* Run the jobs' tiles on the calling thread, chunk by chunk, taking chunks from `next` (shared
  * by the team, zeroed before the team starts) until none is left. Which thread computes a tile
- * changes nothing in its values. `cbuf` is this thread's scratch of ZD_TILE_MAX_R *
- * zd_cbuf_stride(k) floats for the largest k. */
+ * changes nothing in its values. `cbuf` is this thread's scratch of zd_cbuf_floats(k) floats
+ * for the largest k (corrections, or a prefill panel). */
 static void zd_mm_jobs_run(const zd_mm_job *jobs, int njobs, int64_t *next, float *cbuf, int nth) {
     int64_t chunk[8], chunks[8], total = 0;
     for (int i = 0; i < njobs; i++) {
