@@ -57,10 +57,10 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_float_tile_512(const int type, const int R, c
     const float *xf[ZD_TILE_MAX_T];
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++)
-        row[r] = tile->w + zd_min64(r, tile->rows - 1) * tile->row_bytes;
+        row[r] = zd_tile_row(tile, r);
 #pragma GCC unroll 8
     for (int j = 0; j < T; j++)
-        xf[j] = x->f + (tile->t0 + zd_min64(j, tile->nt - 1)) * x->f_stride;
+        xf[j] = x->f + zd_tile_token(tile, j) * x->f_stride;
     __m512 F[ZD_TILE_MAX_R][ZD_TILE_MAX_T];
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++)
@@ -108,9 +108,9 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_float_tile_256(const int type, const int R, con
     const uint8_t *row[ZD_TILE_MAX_R];
     const float *xf[ZD_TILE_MAX_T];
     for (int r = 0; r < R; r++)
-        row[r] = tile->w + zd_min64(r, tile->rows - 1) * tile->row_bytes;
+        row[r] = zd_tile_row(tile, r);
     for (int j = 0; j < T; j++)
-        xf[j] = x->f + (tile->t0 + zd_min64(j, tile->nt - 1)) * x->f_stride;
+        xf[j] = x->f + zd_tile_token(tile, j) * x->f_stride;
     __m256 F[ZD_TILE_MAX_R][ZD_TILE_MAX_T];
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++)

@@ -349,10 +349,10 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_kq_tile_512(const int type, const int R, cons
     const float *xd[ZD_TILE_MAX_T];
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++)
-        row[r] = tile->w + zd_min64(r, tile->rows - 1) * tile->row_bytes;
+        row[r] = zd_tile_row(tile, r);
 #pragma GCC unroll 8
     for (int j = 0; j < T; j++) {
-        const int64_t t = tile->t0 + zd_min64(j, tile->nt - 1);
+        const int64_t t = zd_tile_token(tile, j);
         xq[j] = x->q + t * x->q_stride;
         xd[j] = x->d + t * x->d_stride;
     }
@@ -503,9 +503,9 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_kq_tile_256(const int type, const int R, const 
     const int8_t *xq[ZD_TILE_MAX_T];
     const float *xd[ZD_TILE_MAX_T];
     for (int r = 0; r < R; r++)
-        row[r] = tile->w + zd_min64(r, tile->rows - 1) * tile->row_bytes;
+        row[r] = zd_tile_row(tile, r);
     for (int j = 0; j < T; j++) {
-        const int64_t t = tile->t0 + zd_min64(j, tile->nt - 1);
+        const int64_t t = zd_tile_token(tile, j);
         xq[j] = x->q + t * x->q_stride;
         xd[j] = x->d + t * x->d_stride;
     }

@@ -88,11 +88,6 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_panel_put(uint8_t *slices, __m512i rows[16]) 
         _mm512_store_si512(slices + 64 * i, rows[i]);
 }
 
-/* Rows of the tile, the last valid one repeated past `rows` (computed and discarded). */
-static inline const uint8_t *zd_panel_row(const zd_tile *tile, int r) {
-    return tile->w + zd_min64(r, tile->rows - 1) * tile->row_bytes;
-}
-
 /* Transpose 16 float vectors (lane c of row r) and store vector c at dst + 16 c, for c < n. */
 ZD_TARGET_AVX512 ZD_INLINE void zd_panel_put_floats(float *dst, const __m512 rows[16], int n) {
     __m512i v[16];
@@ -127,7 +122,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_panel_fill_kq(int type, const zd_tile *tile, 
         __m512i W[4][16];
         __m512 scale[16], corr[16];
         for (int r = 0; r < ZD_PANEL_ROWS; r++) {
-            const uint8_t *block = zd_panel_row(tile, r) + sb * bytes;
+            const uint8_t *block = zd_tile_row(tile, r) + sb * bytes;
             __m512i w[4];
             zd_kq_unpack4_512(type, block, w);
             for (int v = 0; v < 4; v++)
@@ -150,7 +145,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_panel_fill_legacy(int type, const zd_tile *ti
         const int n = (int)zd_min64(16, nb - b0);
         __m512 dw[16], corr[16];
         for (int r = 0; r < ZD_PANEL_ROWS; r++) {
-            const uint8_t *group = zd_panel_row(tile, r) + b0 * bytes;
+            const uint8_t *group = zd_tile_row(tile, r) + b0 * bytes;
             const int n0 = n < 8 ? n : 8, n1 = n - n0;
             dw[r] = _mm512_insertf32x8(_mm512_castps256_ps512(zd_legacy_halves_512(group, bytes, 0, n0)),
                                        n1 ? zd_legacy_halves_512(group + 8 * bytes, bytes, 0, n1) : _mm256_setzero_ps(), 1);
@@ -166,7 +161,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_panel_fill_legacy(int type, const zd_tile *ti
             const int two = b + 1 < nb;
             __m512i W[16];
             for (int r = 0; r < ZD_PANEL_ROWS; r++)
-                W[r] = zd_legacy_unpack_512(type, zd_panel_row(tile, r) + b * bytes, 0, two);
+                W[r] = zd_legacy_unpack_512(type, zd_tile_row(tile, r) + b * bytes, 0, two);
             zd_transpose16_512(W);   /* a lone last block fills only the first 8 slices */
             for (int i = 0; i < (two ? 16 : 8); i++)
                 _mm512_store_si512(p->u + (8 * b + i) * 64, W[i]);

@@ -133,6 +133,16 @@ static inline const uint8_t *zd_prefetch_base(const zd_tile *tile, int R) {
     return tile->w + (ZD_PREFETCH_BYTES + tile_bytes - 1) / tile_bytes * tile_bytes;
 }
 
+/* Row r of the tile and the index of its token j: past `rows` (`nt`) the last valid row (token)
+ * stands in, computed and discarded (see the top of this file). */
+static inline const uint8_t *zd_tile_row(const zd_tile *tile, int r) {
+    return tile->w + zd_min64(r, tile->rows - 1) * tile->row_bytes;
+}
+
+static inline int64_t zd_tile_token(const zd_tile *tile, int j) {
+    return tile->t0 + zd_min64(j, tile->nt - 1);
+}
+
 static inline void zd_tile_store(const zd_tile *tile, int64_t r, int64_t j, float value) {
     float *dst = tile->out + j * tile->ldo + r;
     *dst = tile->accumulate ? *dst + value : value;
