@@ -13,12 +13,32 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import BackendError
 from .quants import GGMLType
 
 # Bumped whenever the abstract methods below change in an incompatible way.
 BACKEND_API_VERSION = 1
 
 OPS = ("matmul", "embed", "rms_norm", "rope", "attention", "swiglu", "add", "decoder_layer")
+
+
+def check_activation(x, name, array_type, kind, cols=None, rows=None, contiguous_hint=""):
+    """x itself, if it is a C-contiguous float32 [rows, cols] `array_type` (the backend's array
+    class; `kind` names it in messages), else a BackendError saying what is wrong. The check every
+    backend makes of the activations its ops are given."""
+    if not isinstance(x, array_type):
+        raise BackendError(f"{name} must be a {kind} array (use from_host), got {type(x).__name__}")
+    if x.dtype != np.float32:
+        raise BackendError(f"{name} must be float32, got {x.dtype}")
+    if x.ndim != 2:
+        raise BackendError(f"{name} must be 2-D [n, width], got shape {x.shape}")
+    if not x.flags.c_contiguous:
+        raise BackendError(f"{name} must be C-contiguous{contiguous_hint}")
+    if cols is not None and x.shape[1] != cols:
+        raise BackendError(f"{name} has width {x.shape[1]}, expected {cols}")
+    if rows is not None and x.shape[0] != rows:
+        raise BackendError(f"{name} has {x.shape[0]} rows, expected {rows}")
+    return x
 
 
 @dataclass(frozen=True)

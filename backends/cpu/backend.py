@@ -9,7 +9,7 @@ import weakref
 
 import numpy as np
 
-from zephyr.backend import Availability, Backend, LayerParams, LayerWeights, Weight
+from zephyr.backend import Availability, Backend, LayerParams, LayerWeights, Weight, check_activation
 from zephyr.errors import BackendError
 from zephyr.memory import release_pages, require
 from zephyr.quants import GGMLType, SUPPORTED_TYPES, TYPE_INFO
@@ -50,19 +50,7 @@ class KVCache:
 
 def _activation(x, name, cols=None, rows=None):
     """x itself, if it is a C-contiguous float32 [rows, cols] numpy array."""
-    if not isinstance(x, np.ndarray):
-        raise BackendError(f"{name} must be a numpy array (use from_host), got {type(x).__name__}")
-    if x.dtype != np.float32:
-        raise BackendError(f"{name} must be float32, got {x.dtype}")
-    if x.ndim != 2:
-        raise BackendError(f"{name} must be 2-D [n, width], got shape {x.shape}")
-    if not x.flags.c_contiguous:
-        raise BackendError(f"{name} must be C-contiguous (use np.ascontiguousarray)")
-    if cols is not None and x.shape[1] != cols:
-        raise BackendError(f"{name} has width {x.shape[1]}, expected {cols}")
-    if rows is not None and x.shape[0] != rows:
-        raise BackendError(f"{name} has {x.shape[0]} rows, expected {rows}")
-    return x
+    return check_activation(x, name, np.ndarray, "numpy", cols, rows, " (use np.ascontiguousarray)")
 
 
 def _same_shape(a, b, what):

@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from zephyr.backend import Backend, LayerParams, LayerWeights, Weight
+from zephyr.backend import Backend, LayerParams, LayerWeights, Weight, check_activation
 from zephyr.errors import BackendError
 from zephyr.quants import GGMLType, SUPPORTED_TYPES, TYPE_INFO
 
@@ -216,19 +216,7 @@ class CudaBackend(Backend):
     # -- checks ---------------------------------------------------------------------------
     def _activation(self, x, name, cols=None, rows=None):
         """x itself, if it is a C-contiguous float32 [rows, cols] CuPy array."""
-        if not isinstance(x, self.cp.ndarray):
-            raise BackendError(f"{name} must be a CuPy array (use from_host), got {type(x).__name__}")
-        if x.dtype != np.float32:
-            raise BackendError(f"{name} must be float32, got {x.dtype}")
-        if x.ndim != 2:
-            raise BackendError(f"{name} must be 2-D [n, width], got shape {x.shape}")
-        if not x.flags.c_contiguous:
-            raise BackendError(f"{name} must be C-contiguous")
-        if cols is not None and x.shape[1] != cols:
-            raise BackendError(f"{name} has width {x.shape[1]}, expected {cols}")
-        if rows is not None and x.shape[0] != rows:
-            raise BackendError(f"{name} has {x.shape[0]} rows, expected {rows}")
-        return x
+        return check_activation(x, name, self.cp.ndarray, "CuPy", cols, rows)
 
     def _matrix(self, w, op):
         if not isinstance(w, DeviceWeight):
