@@ -81,21 +81,19 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_transpose16_512(__m512i r[16]) {
     }
 }
 
-/* 64 quants (in activation order) of each of 16 rows -> slices 16 at a time. */
-ZD_TARGET_AVX512 ZD_INLINE void zd_panel_put(uint8_t *slices, __m512i rows[16]) {
+/* Transpose 16 rows' vectors (4-byte lane c of row r) and store vector c at dst + 64 c, for
+ * c < n: quants become slices, per-row scales become per-unit vectors of 16 rows. */
+ZD_TARGET_AVX512 ZD_INLINE void zd_panel_put(void *dst, __m512i rows[16], int n) {
     zd_transpose16_512(rows);
-    for (int i = 0; i < 16; i++)
-        _mm512_store_si512(slices + 64 * i, rows[i]);
+    for (int c = 0; c < n; c++)
+        _mm512_store_si512((uint8_t *)dst + 64 * c, rows[c]);
 }
 
-/* Transpose 16 float vectors (lane c of row r) and store vector c at dst + 16 c, for c < n. */
 ZD_TARGET_AVX512 ZD_INLINE void zd_panel_put_floats(float *dst, const __m512 rows[16], int n) {
     __m512i v[16];
     for (int r = 0; r < 16; r++)
         v[r] = _mm512_castps_si512(rows[r]);
-    zd_transpose16_512(v);
-    for (int c = 0; c < n; c++)
-        _mm512_store_si512(dst + 16 * c, v[c]);
+    zd_panel_put(dst, v, n);
 }
 
 /* One k-quant super-block's weight scale per 16 values (d * sc) in the activation order, and its
@@ -130,7 +128,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_panel_fill_kq(int type, const zd_tile *tile, 
             zd_kq_row_scales_512(type, block, &scale[r], &corr[r]);
         }
         for (int v = 0; v < 4; v++)
-            zd_panel_put(p->u + (64 * sb + 16 * v) * 64, W[v]);
+            zd_panel_put(p->u + (64 * sb + 16 * v) * 64, W[v], 16);
         zd_panel_put_floats(p->scale + 16 * sb * ZD_PANEL_ROWS, scale, 16);
         zd_panel_put_floats(p->corr + nc * sb * ZD_PANEL_ROWS, corr, nc);
     }
@@ -162,9 +160,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_panel_fill_legacy(int type, const zd_tile *ti
             __m512i W[16];
             for (int r = 0; r < ZD_PANEL_ROWS; r++)
                 W[r] = zd_legacy_unpack_512(type, zd_tile_row(tile, r) + b * bytes, 0, two);
-            zd_transpose16_512(W);   /* a lone last block fills only the first 8 slices */
-            for (int i = 0; i < (two ? 16 : 8); i++)
-                _mm512_store_si512(p->u + (8 * b + i) * 64, W[i]);
+            zd_panel_put(p->u + 8 * b * 64, W, two ? 16 : 8);   /* a lone last block: 8 slices */
         }
     }
 }
