@@ -41,14 +41,22 @@ static inline uint32_t zd_u32_at(const uint8_t *p) {
     return v;
 }
 
+/* The offset o of a type whose weights are dw * (u - o): 8 for Q4_0, 16 for Q5_0, 128 for
+ * Q8_0 (u = q + 128); 0 for Q4_1 and Q5_1, which add a min instead. */
+static inline float zd_legacy_offset(int type) {
+    switch (type) {
+    case ZD_Q4_0: return 8.0f;
+    case ZD_Q5_0: return 16.0f;
+    case ZD_Q8_0: return 128.0f;
+    default: return 0.0f;
+    }
+}
+
 /* The correction of one block given its scale (dw) and the block itself. */
 static inline float zd_legacy_corr(int type, const uint8_t *block, float dw) {
-    switch (type) {
-    case ZD_Q4_0: return -8.0f * dw;
-    case ZD_Q5_0: return -16.0f * dw;
-    case ZD_Q8_0: return -128.0f * dw;
-    default: return zd_f16_to_f32(zd_u16_at(block + 2));   /* Q4_1, Q5_1: the min */
-    }
+    if (zd_legacy_m(type) >= 0)
+        return zd_f16_to_f32(zd_u16_at(block + zd_legacy_m(type)));   /* Q4_1, Q5_1: the min */
+    return -zd_legacy_offset(type) * dw;
 }
 
 /* ---- scalar path ------------------------------------------------------------------------------- */
@@ -202,7 +210,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_legacy_tile_512(const int type, const int R, 
             if (zd_legacy_m(type) >= 0)
                 _mm256_mask_storeu_ps(corr, valid, zd_legacy_halves_512(group, bytes, zd_legacy_m(type), n));
             else
-                _mm256_mask_storeu_ps(corr, valid, _mm256_mul_ps(dw[r], _mm256_set1_ps(type == ZD_Q4_0 ? -8.0f : type == ZD_Q5_0 ? -16.0f : -128.0f)));
+                _mm256_mask_storeu_ps(corr, valid, _mm256_mul_ps(dw[r], _mm256_set1_ps(-zd_legacy_offset(type))));
         }
         __m256 P[ZD_TILE_MAX_R][ZD_TILE_MAX_T];
 #pragma GCC unroll 8

@@ -21,6 +21,7 @@
 #include <string.h>
 #include "common.h"
 #include "dequant.h"
+#include "dot_legacy.h"
 #include "quantize.h"
 #include "tile.h"
 
@@ -78,14 +79,13 @@ static void zd_x16_pack(int type, const uint8_t *src, int64_t m, int64_t k, uint
     }
 }
 
+/* The f16 field of row r in a group's 16 (scales or mins), as a float. */
 static inline float zd_x16_half(const uint8_t *p, int r) {
-    uint16_t h;
-    memcpy(&h, p + 2 * r, 2);
-    return zd_f16_to_f32(h);
+    return zd_f16_to_f32(zd_u16_at(p + 2 * r));
 }
 
-/* Unsigned quant u of value v (0..31) of row r in a block group, and the value's offset:
- * the weight is d * (u - offset) + min. */
+/* Unsigned quant u of value v (0..31) of row r in a block group: the weight is
+ * d * (u - zd_legacy_offset) + min. */
 static inline int zd_x16_quant(int type, const uint8_t *group, int r, int v) {
     const uint8_t *q = group + zd_x16_quants(type) + 4 * r;
     if (zd_x16_base(type) == ZD_Q8_0)
@@ -95,20 +95,12 @@ static inline int zd_x16_quant(int type, const uint8_t *group, int r, int v) {
     return v < 16 ? byte & 0x0f : byte >> 4;
 }
 
-static inline float zd_x16_offset(int type) {
-    switch (zd_x16_base(type)) {
-    case ZD_Q4_0: return 8.0f;
-    case ZD_Q8_0: return 128.0f;
-    default: return 0.0f;   /* Q4_1: a min instead */
-    }
-}
-
 /* Row `row` of an interleaved matrix, decoded to floats (embedding lookups, tests). */
 static void zd_x16_decode_row(int type, const uint8_t *w, int64_t row, int64_t k, float *out) {
     const int64_t row_bytes = zd_row_bytes(zd_x16_base(type), k), bytes = zd_block_bytes(type);
     const uint8_t *group = w + row / ZD_X16_ROWS * ZD_X16_ROWS * row_bytes;
     const int r = (int)(row % ZD_X16_ROWS), mins = zd_x16_mins(type);
-    const float offset = zd_x16_offset(type);
+    const float offset = zd_legacy_offset(zd_x16_base(type));
     for (int64_t b = 0; b < k / 32; b++, group += ZD_X16_ROWS * bytes) {
         const float d = zd_x16_half(group, r), m = mins >= 0 ? zd_x16_half(group + mins, r) : 0.0f;
         for (int v = 0; v < 32; v++)
@@ -124,7 +116,7 @@ static void zd_x16_tile_scalar(int type, const zd_tile *tile) {
     const zd_act *x = tile->x;
     const int64_t nb = x->k / 32, bytes = zd_block_bytes(type);
     const int mins = zd_x16_mins(type);
-    const float offset = zd_x16_offset(type);
+    const float offset = zd_legacy_offset(zd_x16_base(type));
     for (int64_t j = 0; j < tile->nt; j++) {
         const int64_t t = tile->t0 + j;
         const int8_t *q = x->q + t * x->q_stride;
@@ -192,7 +184,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tokens_512(const int type, const int T, c
             C[j] = _mm512_fmadd_ps(cw, _mm512_set1_ps(xs[j][b]), C[j]);
         }
     }
-    const __m512 factor = _mm512_set1_ps(mins >= 0 ? 1.0f : -zd_x16_offset(type));
+    const __m512 factor = _mm512_set1_ps(mins >= 0 ? 1.0f : -zd_legacy_offset(zd_x16_base(type)));
     for (int j = 0; j < T; j++)
         zd_rows16_store(tile, j0 + j, _mm512_fmadd_ps(C[j], factor, F[j]));
 }

@@ -138,7 +138,6 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_panel_fill_kq(int type, const zd_tile *tile, 
 ZD_TARGET_AVX512 ZD_INLINE void zd_panel_fill_legacy(int type, const zd_tile *tile, const zd_panel *p) {
     const int64_t nb = tile->x->k / 32, bytes = zd_block_bytes(type);
     const int m = zd_legacy_m(type);
-    const float offset = type == ZD_Q4_0 ? -8.0f : type == ZD_Q5_0 ? -16.0f : -128.0f;
     for (int64_t b0 = 0; b0 < nb; b0 += 16) {
         const int n = (int)zd_min64(16, nb - b0);
         __m512 dw[16], corr[16];
@@ -151,7 +150,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_panel_fill_legacy(int type, const zd_tile *ti
                 corr[r] = _mm512_insertf32x8(_mm512_castps256_ps512(zd_legacy_halves_512(group, bytes, m, n0)),
                                              n1 ? zd_legacy_halves_512(group + 8 * bytes, bytes, m, n1) : _mm256_setzero_ps(), 1);
             else
-                corr[r] = _mm512_mul_ps(dw[r], _mm512_set1_ps(offset));
+                corr[r] = _mm512_mul_ps(dw[r], _mm512_set1_ps(-zd_legacy_offset(type)));
         }
         zd_panel_put_floats(p->scale + b0 * ZD_PANEL_ROWS, dw, n);
         zd_panel_put_floats(p->corr + b0 * ZD_PANEL_ROWS, corr, n);
