@@ -156,11 +156,7 @@ static void zd_decoder_layer(const zd_layer_weights *w, const zd_layer_params *p
 
 #pragma omp parallel num_threads(nth)
     {
-#ifdef _OPENMP
-        const int ith = omp_get_thread_num(), team = omp_get_num_threads();
-#else
-        const int ith = 0, team = 1;
-#endif
+        const int ith = zd_thread_num(), team = zd_team_size();
         float *cbuf = s->cbuf + ith * s->cbuf_stride;
         float *scores = s->scores + ith * cache->n_ctx;
         int sense = 0;

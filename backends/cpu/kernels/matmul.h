@@ -159,11 +159,7 @@ static void zd_matmul(int type, int isa, const uint8_t *w, int64_t m, int64_t k,
     zd_barrier barrier = {0, 0};
 #pragma omp parallel num_threads(nth)
     {
-#ifdef _OPENMP
-        const int ith = omp_get_thread_num(), team = omp_get_num_threads();
-#else
-        const int ith = 0, team = 1;
-#endif
+        const int ith = zd_thread_num(), team = zd_team_size();
         int sense = 0;
         zd_spans spans = zd_spans_of(n, k / zd_act_block(kind), ith, team);
         int64_t t, b0, b1;
