@@ -46,7 +46,7 @@ cdef extern from "interleave.h" nogil:
     int zd_x16_wanted(int type, int isa, int64_t k)
     int64_t zd_x16_bytes(int type, int64_t m, int64_t k)
     zd_tile_fn zd_x16_kernel(int type, int isa)
-    void zd_x16_pack(int type, const uint8_t *src, int64_t m, int64_t k, uint8_t *dst, int64_t g0, int64_t g1)
+    void zd_x16_pack(int type, int isa, const uint8_t *src, int64_t m, int64_t k, uint8_t *dst, int64_t g0, int64_t g1)
     void zd_x16_decode_row(int type, const uint8_t *w, int64_t row, int64_t k, float *out)
 
 cdef extern from "norm.h" nogil:
@@ -176,14 +176,25 @@ def interleaves(int wtype, int64_t k):
 def interleave(const uint8_t[::1] w, int wtype, int64_t m, int64_t k, int threads):
     """The m x k GGUF matrix `w` of type `wtype` interleaved for the current path (interleave.h),
     as (type code, new uint8 array); None when this path keeps the type as it is."""
+    if not zd_x16_wanted(wtype, _isa, k):
+        return None
+    return _interleaved(w, wtype, m, k, threads, _isa)
+
+
+def _interleave_reference(const uint8_t[::1] w, int wtype, int64_t m, int64_t k):
+    """interleave's result from the word-by-word scalar copy (for tests)."""
+    return _interleaved(w, wtype, m, k, 1, ISA_NAMES.index("scalar"))
+
+
+cdef _interleaved(const uint8_t[::1] w, int wtype, int64_t m, int64_t k, int threads, int isa):
     cdef int64_t stride = zd_row_bytes(wtype, k), groups = (m + ZD_X16_ROWS - 1) // ZD_X16_ROWS, g
-    if not zd_x16_wanted(wtype, _isa, k) or m <= 0 or stride <= 0:
+    if m <= 0 or stride <= 0:
         return None
     _require(w.shape[0] >= m * stride, "weight buffer is smaller than its shape")
     cdef uint8_t[::1] out = _prefaulted(zd_x16_bytes(wtype, m, k))
     with nogil:
         for g in prange(groups, schedule='static', num_threads=threads):
-            zd_x16_pack(wtype, &w[0], m, k, &out[0], g, g + 1)
+            zd_x16_pack(wtype, isa, &w[0], m, k, &out[0], g, g + 1)
     return ZD_X16 | wtype, np.asarray(out)
 
 

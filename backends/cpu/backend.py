@@ -88,7 +88,7 @@ class CPUBackend(Backend):
     # -- memory ---------------------------------------------------------------------------
     def load_weight(self, weight: Weight):
         """Check the weight once and keep a flat view of its bytes; matrices the current path
-        interleaves (Q4_0, Q4_1 and short-row Q8_0 on AVX-512, kernels/interleave.h) are copied
+        interleaves (Q4_0, Q4_1, short-row Q8_0 and Q4_K on AVX-512, kernels/interleave.h) are copied
         into that layout instead, and the file pages they came from are released (they would
         otherwise count twice in RSS)."""
         if type(weight) is _CPUWeight:

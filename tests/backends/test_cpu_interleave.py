@@ -1,5 +1,5 @@
-"""Weights the CPU backend interleaves at load (kernels/interleave.h: Q4_0, Q4_1 and short-row
-Q8_0 on the AVX-512 path).
+"""Weights the CPU backend interleaves at load (kernels/interleave.h: Q4_0, Q4_1, and short-row
+Q8_0 and Q4_K on the AVX-512 path).
 
 The interleaved kernels are checked against the reference backend on awkward shapes (a partial
 group of 16 rows, one block, an odd number of blocks, token counts with remainders), on every
@@ -22,7 +22,21 @@ needs_avx512 = pytest.mark.skipif("avx512" not in _ops.available_isas(), reason=
 TOLERANCE = 1e-5   # as test_cpu_kernels: |got - want| / sum |w * x|
 
 
-TYPES = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0]
+TYPES = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K]
+
+
+def shapes(type):
+    """(rows, cols): one row, a partial group, a whole group, several groups with a partial one;
+    one block per row, an odd number of blocks, several."""
+    block = 256 if type == GGMLType.Q4_K else 32
+    return [(1, block), (15, 7 * block), (16, 2 * block), (37, 5 * block)]
+
+
+def activation_rounding(type, x):
+    """x as the kernels see it: rounded to the 8-bit activation format of `type`'s kernels."""
+    if type == GGMLType.Q4_K:
+        return quants.dequantize(quants.quantize_q8_k(x), GGMLType.Q8_K, x.shape)
+    return quants.dequantize(quants.quantize_q8_0(x), GGMLType.Q8_0, x.shape)
 
 
 def interleaved(data, m, k, type=GGMLType.Q4_0):
@@ -38,7 +52,7 @@ def interleaved(data, m, k, type=GGMLType.Q4_0):
 @pytest.mark.parametrize("type", TYPES, ids=lambda t: t.name)
 def test_interleaved_matmul_matches_reference(isa, type):
     rng = np.random.default_rng(5)
-    for m, k in [(1, 32), (15, 13 * 32), (16, 64), (37, 416)]:
+    for m, k in shapes(type):
         data = quants.random_blocks(type, (m, k), rng)
         code, packed = interleaved(data, m, k, type)
         w = quants.dequantize(data, type, (m, k)).astype(np.float64)
@@ -51,7 +65,7 @@ def test_interleaved_matmul_matches_reference(isa, type):
             finally:
                 _ops.set_isa()
             want = ReferenceBackend().matmul(x, Weight("w", type, (m, k), data))
-            rounded = quants.dequantize(quants.quantize_q8_0(x), GGMLType.Q8_0, x.shape)
+            rounded = activation_rounding(type, x)
             magnitude = np.abs(rounded).astype(np.float64) @ np.abs(w).T
             error = float(np.max(np.abs(got - want) / np.maximum(magnitude, 1e-30)))
             assert error < TOLERANCE, f"{isa} m={m} k={k} n={n}: error {error:.3g}"
@@ -61,7 +75,7 @@ def test_interleaved_matmul_matches_reference(isa, type):
 @pytest.mark.parametrize("type", TYPES, ids=lambda t: t.name)
 def test_interleaved_rows_decode_exactly(type):
     rng = np.random.default_rng(6)
-    m, k = 37, 416
+    m, k = shapes(type)[-1]
     data = quants.random_blocks(type, (m, k), rng)
     code, packed = interleaved(data, m, k, type)
     out = np.empty((m, k), np.float32)
@@ -70,12 +84,25 @@ def test_interleaved_rows_decode_exactly(type):
 
 
 @needs_avx512
+@pytest.mark.parametrize("type", TYPES, ids=lambda t: t.name)
+def test_fast_copy_matches_the_word_by_word_copy(type):
+    rng = np.random.default_rng(10)
+    for m, k in shapes(type):
+        data = quants.random_blocks(type, (m, k), rng)
+        code, packed = interleaved(data, m, k, type)
+        want_code, want = _ops._interleave_reference(data, int(type), m, k)
+        assert code == want_code
+        np.testing.assert_array_equal(packed, want)
+
+
+@needs_avx512
 def test_which_matrices_are_interleaved():
     _ops.set_isa("avx512")
     try:
         assert _ops.interleaves(int(GGMLType.Q4_0), 14336) and _ops.interleaves(int(GGMLType.Q4_1), 4096)
         assert _ops.interleaves(int(GGMLType.Q8_0), 576) and not _ops.interleaves(int(GGMLType.Q8_0), 4096)
-        assert not _ops.interleaves(int(GGMLType.Q4_K), 576)
+        assert _ops.interleaves(int(GGMLType.Q4_K), 1536) and not _ops.interleaves(int(GGMLType.Q4_K), 4096)
+        assert not _ops.interleaves(int(GGMLType.Q6_K), 1536)
         _ops.set_isa("avx2")
         assert not _ops.interleaves(int(GGMLType.Q4_0), 576)
     finally:
@@ -90,7 +117,7 @@ def test_interleaved_buffers_are_checked():
         _ops.matmul(np.ones((1, 64), np.float32), packed[:20 * 36], code, 20, np.empty((1, 20), np.float32), 1)
     with pytest.raises(ValueError, match="smaller"):
         _ops.interleave(data[:-1], int(GGMLType.Q4_0), 20, 64, 1)
-    bogus = code ^ int(GGMLType.Q4_0) | int(GGMLType.Q4_K)   # an interleaved code no kernel reads
+    bogus = code ^ int(GGMLType.Q4_0) | int(GGMLType.Q6_K)   # an interleaved code no kernel reads
     with pytest.raises(ValueError, match="cannot multiply"):
         _ops.matmul(np.ones((1, 256), np.float32), packed, bogus, 1, np.empty((1, 1), np.float32), 1)
     with pytest.raises(ValueError, match="cannot decode"):

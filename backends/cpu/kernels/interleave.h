@@ -1,19 +1,21 @@
 /* Weights interleaved at load: 16 rows side by side, so a vector's lanes are rows.
  *
- * The row-major tile kernels (dot_legacy.h) spend much of their work per block on scaling and
- * reducing each row's dpbusd lanes, and per row on its final sums: with a scale per 32 values
- * (Q4_0, Q4_1) that makes decode compute-bound on 2 cores, and short rows (a small model's
- * k = 576) pay the per-row part often. Interleaved, a dpbusd of one 64-byte load adds 4 products
- * to each of 16 rows, a block's scale is one vector for the 16 rows, and the result is a vector
- * of 16 rows stored as it is: decode streams the weights at the memory's pace, and prefill needs
- * no panel.
+ * The row-major tile kernels (dot_legacy.h, dot_kquant.h) spend much of their work per block on
+ * scaling and reducing each row's dpbusd lanes, and per row on its final sums: with a scale per
+ * 32 values (Q4_0, Q4_1, Q4_K) that makes decode compute-bound on 2 cores, and short rows (a
+ * small model's k = 576) pay the per-row part often. Interleaved, a dpbusd of one 64-byte load
+ * adds 4 products to each of 16 rows, a block's scales are one vector for the 16 rows, and the
+ * result is a vector of 16 rows stored as it is: decode streams the weights at the memory's
+ * pace, and prefill needs no panel.
  *
  * Layout (type code ZD_X16 | the GGML type): groups of 16 rows (the last padded with zero rows),
- * each the size of 16 GGUF rows; in a group, per block of 32 values, 16 blocks' bytes: the 16
- * rows' f16 scales d, for Q4_1 then their f16 mins, then the quants as vectors of 64 bytes,
- * vector i holding quant bytes 4i .. 4i + 3 of rows 0..15 (4 bytes per row). Q4_0/Q4_1 have 4
- * such vectors, whose bytes' low nibbles are values 4i + j of the block and high nibbles values
- * 16 + 4i + j, as in GGUF; Q8_0 has 8, values 4i + j, stored + 128 (unsigned, for dpbusd).
+ * each the size of 16 GGUF rows; in a group, per block, the 16 rows' blocks with their bytes
+ * reordered (zd_x16_at): first the f16 fields each block starts with (d; for Q4_1 and Q4_K then
+ * the min or dmin), 16 rows side by side per field; then the rest of the block as vectors of
+ * 64 bytes, vector i holding bytes 4i .. 4i + 3 of rows 0..15 (4 bytes per row). Q4_0/Q4_1 have
+ * 4 such vectors of quants, whose bytes' low nibbles are values 4i + j of the block and high
+ * nibbles values 16 + 4i + j, as in GGUF; Q8_0 has 8, values 4i + j, stored + 128 (unsigned, for
+ * dpbusd); Q4_K has 3 of packed 6-bit scales and mins, then 32 of quants (GGUF's order).
  */
 #ifndef ZEPHYR_INTERLEAVE_H
 #define ZEPHYR_INTERLEAVE_H
@@ -21,6 +23,7 @@
 #include <string.h>
 #include "common.h"
 #include "dequant.h"
+#include "dot_kquant.h"
 #include "dot_legacy.h"
 #include "quantize.h"
 #include "tile.h"
@@ -28,34 +31,48 @@
 #define ZD_X16_ROWS 16
 
 /* Rows shorter than this gain from interleaving in every type; longer ones only where the
- * row-major kernel is compute-bound (scale and min per 32 values). A 7B model's Q8_0 rows
- * stream at memory speed already, and copying 7 GB would only slow its load. */
+ * row-major kernel cannot keep pace with the memory: Q4_0 and Q4_1 (a scale, and a min, per 32
+ * values; 7B Q4_0 decode +10-30 % here). A 7B model's Q8_0 and Q4_K rows stream at memory speed
+ * already (Q4_K A/B on this project's machine: decode 6.05 tok/s interleaved, 6.06-6.46 not;
+ * prefill +35 %), and copying 4-7 GB costs 8-20 s of load in its virtual machine. */
 #define ZD_X16_SHORT_ROW 2048
 
 /* Whether an m x k matrix of `type` is interleaved at load for path `isa`. */
 static inline int zd_x16_wanted(int type, int isa, int64_t k) {
     if (isa != ZD_ISA_AVX512)
         return 0;
-    return type == ZD_Q4_0 || type == ZD_Q4_1 || (type == ZD_Q8_0 && k < ZD_X16_SHORT_ROW);
+    return type == ZD_Q4_0 || type == ZD_Q4_1 || ((type == ZD_Q8_0 || type == ZD_Q4_K) && k < ZD_X16_SHORT_ROW);
 }
 
-/* Where a block group's parts start, for interleaved `type`: the mins (Q4_1; else -1), the
- * quant vectors; and how many quant vectors (4 of nibbles, or 8 of bytes). */
-static inline int zd_x16_mins(int type) { return zd_x16_base(type) == ZD_Q4_1 ? 32 : -1; }
-static inline int zd_x16_quants(int type) { return zd_x16_base(type) == ZD_Q4_1 ? 64 : 32; }
-static inline int zd_x16_vectors(int type) { return zd_x16_base(type) == ZD_Q8_0 ? 8 : 4; }
+/* Bytes of f16 fields a GGUF block of interleaved `type` starts with (d, then any min). */
+static inline int zd_x16_head(int type) {
+    const int base = zd_x16_base(type);
+    return base == ZD_Q4_1 || base == ZD_Q4_K ? 4 : 2;
+}
+
+/* Where byte o of row r's block sits in its interleaved group of 16 blocks. */
+static inline int64_t zd_x16_at(int type, int r, int o) {
+    const int head = zd_x16_head(type);
+    if (o < head)
+        return ZD_X16_ROWS * (o & ~1) + 2 * r + (o & 1);
+    o -= head;
+    return ZD_X16_ROWS * head + 64 * (o / 4) + 4 * r + o % 4;
+}
+
+/* Q8_0's quant bytes are stored + 128 (a flip of the top bit), the others as they are. */
+static inline uint32_t zd_x16_flip(int type) { return zd_x16_base(type) == ZD_Q8_0 ? 0x80808080u : 0; }
 
 /* Bytes of an interleaved matrix of m rows of k values (whole groups). */
 static inline int64_t zd_x16_bytes(int type, int64_t m, int64_t k) {
     return (m + ZD_X16_ROWS - 1) / ZD_X16_ROWS * ZD_X16_ROWS * zd_row_bytes(zd_x16_base(type), k);
 }
 
-/* Interleave groups [g0, g1) of the m x k GGUF matrix `src` of (GGML) type `type` into `dst`.
- * Block by block, so the writes are sequential; rows past m are zeros. */
-static void zd_x16_pack(int type, const uint8_t *src, int64_t m, int64_t k, uint8_t *dst, int64_t g0, int64_t g1) {
-    const int64_t row_bytes = zd_row_bytes(type, k), nb = k / 32, bytes = zd_block_bytes(type);
-    const int mins = zd_x16_mins(type), quants = zd_x16_quants(type), nv = zd_x16_vectors(type);
-    const int qs = type == ZD_Q4_1 ? 4 : 2;   /* where a GGUF block's quants start */
+/* Interleave groups [g0, g1) of the m x k GGUF matrix `src` of (GGML) type `type` into `dst`,
+ * word by word: the reference for zd_x16_pack_512. Rows past m are zeros. */
+static void zd_x16_pack_scalar(int type, const uint8_t *src, int64_t m, int64_t k, uint8_t *dst, int64_t g0, int64_t g1) {
+    const int64_t row_bytes = zd_row_bytes(type, k), bytes = zd_block_bytes(type), nb = row_bytes / bytes;
+    const int head = zd_x16_head(type);
+    const uint32_t flip = zd_x16_flip(type);
     for (int64_t g = g0; g < g1; g++) {
         const int valid = (int)zd_min64(ZD_X16_ROWS, m - g * ZD_X16_ROWS);
         uint8_t *out = dst + g * ZD_X16_ROWS * row_bytes;
@@ -64,86 +81,136 @@ static void zd_x16_pack(int type, const uint8_t *src, int64_t m, int64_t k, uint
                 memset(out, 0, ZD_X16_ROWS * bytes);
             for (int r = 0; r < valid; r++) {
                 const uint8_t *block = src + (g * ZD_X16_ROWS + r) * row_bytes + b * bytes;
-                memcpy(out + 2 * r, block, 2);
-                if (mins >= 0)
-                    memcpy(out + mins + 2 * r, block + 2, 2);
-                for (int i = 0; i < nv; i++) {
-                    uint32_t q;
-                    memcpy(&q, block + qs + 4 * i, 4);
-                    if (type == ZD_Q8_0)
-                        q ^= 0x80808080u;
-                    memcpy(out + quants + 64 * i + 4 * r, &q, 4);
+                for (int o = 0; o < head; o += 2)
+                    memcpy(out + zd_x16_at(type, r, o), block + o, 2);
+                for (int o = head; o < bytes; o += 4) {
+                    const uint32_t word = zd_u32_at(block + o) ^ flip;
+                    memcpy(out + zd_x16_at(type, r, o), &word, 4);
                 }
             }
         }
     }
 }
 
-/* The f16 field of row r in a group's 16 (scales or mins), as a float. */
-static inline float zd_x16_half(const uint8_t *p, int r) {
-    return zd_f16_to_f32(zd_u16_at(p + 2 * r));
+#if ZD_X86
+/* The same with one gather of the 16 rows per 64 bytes written (the load-time copy of a 7B
+ * model: ~3 GB/s word by word). A 4-byte read at a 2-byte field stays inside its block. */
+ZD_TARGET_AVX512 static void zd_x16_pack_512(int type, const uint8_t *src, int64_t m, int64_t k, uint8_t *dst, int64_t g0, int64_t g1) {
+    const int64_t row_bytes = zd_row_bytes(type, k), bytes = zd_block_bytes(type), nb = row_bytes / bytes;
+    const int head = zd_x16_head(type);
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32((int)row_bytes));
+    const __m512i flip = _mm512_set1_epi32((int)zd_x16_flip(type));
+    for (int64_t g = g0; g < g1; g++) {
+        const int valid = (int)zd_min64(ZD_X16_ROWS, m - g * ZD_X16_ROWS);
+        const __mmask16 live = (__mmask16)((1u << valid) - 1);
+        const uint8_t *rows0 = src + g * ZD_X16_ROWS * row_bytes;
+        uint8_t *out = dst + g * ZD_X16_ROWS * row_bytes;
+        for (int64_t b = 0; b < nb; b++, out += ZD_X16_ROWS * bytes) {
+            const uint8_t *at = rows0 + b * bytes;
+            for (int o = 0; o < head; o += 2) {
+                const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, rows, at + o, 1);
+                _mm256_storeu_si256((__m256i *)(out + zd_x16_at(type, 0, o)), _mm512_cvtepi32_epi16(v));
+            }
+            for (int o = head; o < bytes; o += 4) {
+                const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, rows, at + o, 1);
+                _mm512_storeu_si512(out + zd_x16_at(type, 0, o), _mm512_maskz_xor_epi32(live, v, flip));
+            }
+        }
+    }
+}
+#endif
+
+/* zd_x16_pack_scalar's result, the fast way on path `isa` where there is one. */
+static void zd_x16_pack(int type, int isa, const uint8_t *src, int64_t m, int64_t k, uint8_t *dst, int64_t g0, int64_t g1) {
+#if ZD_X86
+    if (isa == ZD_ISA_AVX512) {
+        zd_x16_pack_512(type, src, m, k, dst, g0, g1);
+        return;
+    }
+#endif
+    (void)isa;
+    zd_x16_pack_scalar(type, src, m, k, dst, g0, g1);
 }
 
-/* Unsigned quant u of value v (0..31) of row r in a block group: the weight is
- * d * (u - zd_legacy_offset) + min. */
-static inline int zd_x16_quant(int type, const uint8_t *group, int r, int v) {
-    const uint8_t *q = group + zd_x16_quants(type) + 4 * r;
-    if (zd_x16_base(type) == ZD_Q8_0)
-        return q[64 * (v / 4) + v % 4];
-    const int w = v % 16;
-    const uint8_t byte = q[64 * (w / 4) + w % 4];
-    return v < 16 ? byte & 0x0f : byte >> 4;
+/* Row r's GGUF block back from its interleaved group (the inverse of zd_x16_pack). */
+static void zd_x16_block(int type, const uint8_t *group, int r, uint8_t *block) {
+    const int head = zd_x16_head(type), bytes = (int)zd_block_bytes(type);
+    const uint32_t flip = zd_x16_flip(type);
+    for (int o = 0; o < head; o += 2)
+        memcpy(block + o, group + zd_x16_at(type, r, o), 2);
+    for (int o = head; o < bytes; o += 4) {
+        const uint32_t word = zd_u32_at(group + zd_x16_at(type, r, o)) ^ flip;
+        memcpy(block + o, &word, 4);
+    }
 }
+
+/* The largest block an interleaved type has (Q4_K). */
+#define ZD_X16_MAX_BLOCK 144
 
 /* Row `row` of an interleaved matrix, decoded to floats (embedding lookups, tests). */
 static void zd_x16_decode_row(int type, const uint8_t *w, int64_t row, int64_t k, float *out) {
-    const int64_t row_bytes = zd_row_bytes(zd_x16_base(type), k), bytes = zd_block_bytes(type);
+    const int base = zd_x16_base(type);
+    const int64_t row_bytes = zd_row_bytes(base, k), bytes = zd_block_bytes(base), values = zd_block_size(base);
     const uint8_t *group = w + row / ZD_X16_ROWS * ZD_X16_ROWS * row_bytes;
-    const int r = (int)(row % ZD_X16_ROWS), mins = zd_x16_mins(type);
-    const float offset = zd_legacy_offset(zd_x16_base(type));
-    for (int64_t b = 0; b < k / 32; b++, group += ZD_X16_ROWS * bytes) {
-        const float d = zd_x16_half(group, r), m = mins >= 0 ? zd_x16_half(group + mins, r) : 0.0f;
-        for (int v = 0; v < 32; v++)
-            out[32 * b + v] = d * ((float)zd_x16_quant(type, group, r, v) - offset) + m;
+    uint8_t block[ZD_X16_MAX_BLOCK];
+    for (int64_t b = 0; b < k / values; b++, group += ZD_X16_ROWS * bytes) {
+        zd_x16_block(type, group, (int)(row % ZD_X16_ROWS), block);
+        zd_decoder(base)(block, out + b * values, values);
     }
 }
 
 /* ---- the tile kernels: a group of 16 rows, every token of the tile ---------------------------- */
 
+/* One row's block b (with the activation's block or super-block b) for token t, as the
+ * row-major scalar kernels compute it. */
+static float zd_x16_block_dot_scalar(int base, const uint8_t *block, const zd_act *x, int64_t t, int64_t b) {
+    const int8_t *q = x->q + t * x->q_stride;
+    const float xd = x->d[t * x->d_stride + b], *xs = x->s32 + t * x->s_stride;
+    if (base == ZD_Q4_K) {
+        uint8_t u[256];
+        int sc[16];
+        float corr[8];
+        const float d = zd_kq_unpack_scalar(base, block, u, sc, corr);
+        int acc = 0;
+        for (int v = 0; v < 256; v++)
+            acc += sc[v / 16] * u[v] * q[256 * b + v];
+        return d * xd * (float)acc + zd_dot_f32_scalar(corr, xs + 8 * b, 8);
+    }
+    uint8_t u[32];
+    const float dw = zd_f16_to_f32(zd_u16_at(block));
+    zd_legacy_unpack_scalar(base, block, u);
+    int sum = 0;
+    for (int v = 0; v < 32; v++)
+        sum += u[v] * q[32 * b + v];
+    return dw * xd * (float)sum + zd_legacy_corr(base, block, dw) * xs[b];
+}
+
 /* Scalar, for the paths without AVX-512 (weights interleaved for AVX-512 and the path forced
- * down afterwards): the same integer sums, row by row. */
+ * down afterwards): each row's blocks taken back out of the group, computed as row-major. */
 static void zd_x16_tile_scalar(int type, const zd_tile *tile) {
-    const zd_act *x = tile->x;
-    const int64_t nb = x->k / 32, bytes = zd_block_bytes(type);
-    const int mins = zd_x16_mins(type);
-    const float offset = zd_legacy_offset(zd_x16_base(type));
-    for (int64_t j = 0; j < tile->nt; j++) {
-        const int64_t t = tile->t0 + j;
-        const int8_t *q = x->q + t * x->q_stride;
-        const float *xd = x->d + t * x->d_stride, *xs = x->s32 + t * x->s_stride;
+    const int base = zd_x16_base(type);
+    const int64_t values = zd_block_size(base), nb = tile->x->k / values, bytes = ZD_X16_ROWS * zd_block_bytes(base);
+    uint8_t block[ZD_X16_MAX_BLOCK];
+    for (int64_t j = 0; j < tile->nt; j++)
         for (int r = 0; r < tile->rows; r++) {
             float total = 0.0f;
             for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *group = tile->w + b * ZD_X16_ROWS * bytes;
-                const float dw = zd_x16_half(group, r);
-                int sum = 0;
-                for (int v = 0; v < 32; v++)
-                    sum += zd_x16_quant(type, group, r, v) * q[32 * b + v];
-                const float corr = mins >= 0 ? zd_x16_half(group + mins, r) : -offset * dw;
-                total += dw * xd[b] * (float)sum + corr * xs[b];
+                zd_x16_block(type, tile->w + b * bytes, r, block);
+                total += zd_x16_block_dot_scalar(base, block, tile->x, tile->t0 + j, b);
             }
             zd_tile_store(tile, r, j, total);
         }
-    }
 }
 
 #if ZD_X86
-/* T tokens from j0: per block, each quant vector gives one slice of 16 rows (Q8_0) or two (the
- * low and high nibbles), one dpbusd per slice and token. */
+/* Legacy types, T tokens from j0: per block, each quant vector gives one slice of 16 rows
+ * (Q8_0) or two (the low and high nibbles), one dpbusd per slice and token. */
 ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tokens_512(const int type, const int T, const zd_tile *tile, int64_t j0) {
     const zd_act *x = tile->x;
     const int64_t nb = x->k / 32, bytes = 16 * zd_block_bytes(type);
-    const int mins = zd_x16_mins(type), quants = zd_x16_quants(type), nv = zd_x16_vectors(type);
+    const int head = zd_x16_head(type), quants = zd_x16_at(type, 0, head);
+    const int mins = head == 4 ? zd_x16_at(type, 0, 2) : -1, nv = type == ZD_Q8_0 ? 8 : 4;
     const int8_t *q[4];
     const float *xd[4], *xs[4];
     for (int j = 0; j < T; j++) {
@@ -189,8 +256,96 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tokens_512(const int type, const int T, c
         zd_rows16_store(tile, j0 + j, _mm512_fmadd_ps(C[j], factor, F[j]));
 }
 
+/* Byte s (0..3) of each 32-bit lane, as an int32 per lane. */
+ZD_TARGET_AVX512 ZD_INLINE __m512i zd_lane_byte_512(__m512i v, int s) {
+    return _mm512_and_si512(_mm512_srli_epi32(v, 8 * s), _mm512_set1_epi32(0xff));
+}
+
+/* Q4_K, T tokens from j0. Per super-block the 16 rows' 6-bit scales and mins are unpacked to
+ * bytes (as zd_k4_scales_mins, on 16 rows at once); each of the 32 quant vectors gives two
+ * slices (sub-blocks 2c and 2c + 1 of chunk c = i / 8), one dpbusd each per token. The high
+ * nibbles are used in place (16 times their value) and the sum divided by 16 after, which is
+ * exact. A sub-block's sum times its integer scale joins the super-block's integer total, then
+ * one float multiply-add by d * dx; the mins meet the activations' sums per 32 values (s32).
+ * Activations come in Q4_K order (zd_act.kq_order): sub-block 2c's values start at
+ * 128 (c / 2) + 32 (c % 2), sub-block 2c + 1's 64 later. */
+ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q4k_tokens_512(const int T, const zd_tile *tile, int64_t j0) {
+    const zd_act *x = tile->x;
+    const int64_t nsb = x->k / 256, bytes = 16 * sizeof(zd_block_q4_k);
+    const int8_t *q[4];
+    const float *xd[4], *xs[4];
+    for (int j = 0; j < T; j++) {
+        const int64_t t = tile->t0 + j0 + j;
+        q[j] = x->q + t * x->q_stride;
+        xd[j] = x->d + t * x->d_stride;
+        xs[j] = x->s32 + t * x->s_stride;
+    }
+    __m512 F[4], C[4];
+    for (int j = 0; j < T; j++)
+        F[j] = C[j] = _mm512_setzero_ps();
+    const __m512i low = _mm512_set1_epi8(0x0f), high = _mm512_set1_epi8((char)0xf0);
+    const __m512i six = _mm512_set1_epi8(0x3f), top = _mm512_set1_epi8(0x30);
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *group = tile->w + sb * bytes;
+        for (int64_t o = 0; o < bytes; o += 64)
+            _mm_prefetch((const char *)(group + ZD_PREFETCH_BYTES + o), ZD_PREFETCH_HINT);
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)group));
+        const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(group + 32)));
+        const __m512i a = _mm512_loadu_si512(group + 64), b = _mm512_loadu_si512(group + 128);
+        const __m512i c = _mm512_loadu_si512(group + 192);
+        /* lane r, byte s: scale (mins: min) of sub-block s in sc[0], of s + 4 in sc[1] */
+        const __m512i sc[2] = {_mm512_and_si512(a, six),
+                               _mm512_or_si512(_mm512_and_si512(c, low), _mm512_and_si512(_mm512_srli_epi32(a, 2), top))};
+        const __m512i mn[2] = {_mm512_and_si512(b, six),
+                               _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(c, 4), low),
+                                               _mm512_and_si512(_mm512_srli_epi32(b, 2), top))};
+        __m512i acc[4];
+        __m512 m[4];
+        for (int j = 0; j < T; j++) {
+            acc[j] = _mm512_setzero_si512();
+            m[j] = _mm512_setzero_ps();
+        }
+        for (int s = 0; s < 8; s++) {
+            const __m512 mins = _mm512_cvtepi32_ps(zd_lane_byte_512(mn[s / 4], s % 4));
+            for (int j = 0; j < T; j++)
+                m[j] = _mm512_fmadd_ps(mins, _mm512_set1_ps(xs[j][8 * sb + s]), m[j]);
+        }
+        for (int ch = 0; ch < 4; ch++) {
+            __m512i I[4], H[4];
+            for (int j = 0; j < T; j++)
+                I[j] = H[j] = _mm512_setzero_si512();
+            const int64_t at = 256 * sb + 128 * (ch / 2) + 32 * (ch % 2);
+            for (int i = 0; i < 8; i++) {
+                const __m512i v = _mm512_loadu_si512(group + 256 + 64 * (8 * ch + i));
+                const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(v, high);
+                for (int j = 0; j < T; j++) {
+                    I[j] = _mm512_dpbusd_epi32(I[j], lo, zd_x4_512(q[j] + at + 4 * i));
+                    H[j] = _mm512_dpbusd_epi32(H[j], hi, zd_x4_512(q[j] + at + 64 + 4 * i));
+                }
+            }
+            const __m512i s_lo = zd_lane_byte_512(sc[ch / 2], 2 * (ch % 2)), s_hi = zd_lane_byte_512(sc[ch / 2], 2 * (ch % 2) + 1);
+            for (int j = 0; j < T; j++)
+                acc[j] = _mm512_add_epi32(_mm512_add_epi32(acc[j], _mm512_mullo_epi32(I[j], s_lo)),
+                                          _mm512_mullo_epi32(_mm512_srai_epi32(H[j], 4), s_hi));
+        }
+        for (int j = 0; j < T; j++) {
+            F[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[j]), _mm512_mul_ps(d, _mm512_set1_ps(xd[j][sb])), F[j]);
+            C[j] = _mm512_fmadd_ps(dmin, m[j], C[j]);
+        }
+    }
+    for (int j = 0; j < T; j++)
+        zd_rows16_store(tile, j0 + j, _mm512_sub_ps(F[j], C[j]));
+}
+
 ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tile_512(const int type, const zd_tile *tile) {
     int64_t j = 0;
+    if (type == ZD_Q4_K) {
+        for (; j + 4 <= tile->nt; j += 4)
+            zd_x16_q4k_tokens_512(4, tile, j);
+        for (; j < tile->nt; j++)
+            zd_x16_q4k_tokens_512(1, tile, j);
+        return;
+    }
     for (; j + 4 <= tile->nt; j += 4)
         zd_x16_tokens_512(type, 4, tile, j);
     for (; j < tile->nt; j++)
@@ -210,6 +365,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tile_512(const int type, const zd_tile *t
 ZD_X16_KERNELS(zd_x16_q4_0, ZD_Q4_0)
 ZD_X16_KERNELS(zd_x16_q4_1, ZD_Q4_1)
 ZD_X16_KERNELS(zd_x16_q8_0, ZD_Q8_0)
+ZD_X16_KERNELS(zd_x16_q4_k, ZD_Q4_K)
 
 /* The kernel for an interleaved type code on path `isa`, or NULL for a code no kernel reads. */
 #if ZD_X86
@@ -222,6 +378,7 @@ static zd_tile_fn zd_x16_kernel(int type, int isa) {
     case ZD_X16 | ZD_Q4_0: return ZD_X16_PICK(zd_x16_q4_0, isa);
     case ZD_X16 | ZD_Q4_1: return ZD_X16_PICK(zd_x16_q4_1, isa);
     case ZD_X16 | ZD_Q8_0: return ZD_X16_PICK(zd_x16_q8_0, isa);
+    case ZD_X16 | ZD_Q4_K: return ZD_X16_PICK(zd_x16_q4_k, isa);
     default: return 0;
     }
 }
