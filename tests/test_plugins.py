@@ -9,6 +9,7 @@ from zephyr import hookspecs
 from zephyr.backend import BACKEND_API_VERSION, Availability
 from zephyr.errors import BackendError
 from zephyr.hookspecs import hookimpl
+from zephyr.placement import plan_placement
 from zephyr.plugins import (ENTRY_POINT_GROUP, backend_classes, best_backend_class, describe_backends,
                             get_backend_class, register_plugin, unregister_plugin)
 from zephyr_backends.reference.backend import ReferenceBackend
@@ -85,6 +86,26 @@ def test_higher_score_wins_and_names_select(plugin):
     assert get_backend_class("reference") is ReferenceBackend
     with pytest.raises(BackendError, match="no backend named 'nope'.*installed: .*cpu"):
         get_backend_class("nope")
+
+
+def test_a_cpu_only_placement_does_not_probe_gpu_backends(plugin):
+    """Probing a GPU backend can be costly (the CUDA one imports CuPy); gpu_layers=0 needs none."""
+    probed = []
+
+    class Gpu(ReferenceBackend):
+        name = "probed-gpu"
+        device = "gpu"
+
+        @classmethod
+        def availability(cls):
+            probed.append(cls.name)
+            return Availability(True, "")
+    plugin(Gpu)
+    placement = plan_placement(2, gpu_layers=0)
+    assert placement.head.name == "cpu" and probed == []
+    assert plan_placement(2, gpu_layers=1).layers[1].name == "probed-gpu" and probed
+    gpu_rows = describe_backends("gpu")
+    assert "probed-gpu" in [r[0] for r in gpu_rows] and all(backend_classes()[r[0]].device == "gpu" for r in gpu_rows)
 
 
 def test_a_plugin_returning_junk_is_reported(plugin):

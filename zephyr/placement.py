@@ -62,9 +62,7 @@ def plan_placement(n_layers: int, *, backend=None, gpu_layers=0, gpu_backend=Non
 def _best_for_device(device, gpu_layers=None):
     classes = backend_classes()
     reasons = []
-    for name, _score, usable, reason in describe_backends():
-        if name not in classes or classes[name].device != device:
-            continue
+    for name, _score, usable, reason in describe_backends(device):
         if usable:
             return classes[name]
         reasons.append(f"{name}: {reason}")

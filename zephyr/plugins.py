@@ -64,11 +64,15 @@ def check_compatible(cls):
             f"zephyr speaks version {BACKEND_API_VERSION}; upgrade the package that provides it (or zephyr)")
 
 
-def describe_backends() -> list:
+def describe_backends(device=None) -> list:
     """(name, score, usable, reason) for every installed backend, best first: what `zephyr backends` shows.
-    Plugins that failed to load are listed too, unusable, with the error."""
+    Plugins that failed to load are listed too, unusable, with the error. With `device` ("cpu" or
+    "gpu"), only that device's backends, and only they are probed (a GPU backend's probe imports
+    CuPy: ~15 MB of memory that a CPU-only run should not pay)."""
     rows = []
     for name, cls in backend_classes().items():
+        if device is not None and cls.device != device:
+            continue
         try:
             check_compatible(cls)
             status = cls.availability()
@@ -76,7 +80,8 @@ def describe_backends() -> list:
         except Exception as exc:  # a broken plugin must not hide the others
             usable, reason = False, str(exc)
         rows.append((name, cls.score, usable, reason))
-    rows += [(name, 0, False, why) for name, why in broken_plugins.items()]
+    if device is None:
+        rows += [(name, 0, False, why) for name, why in broken_plugins.items()]
     return sorted(rows, key=lambda row: (-row[1], row[0]))
 
 
