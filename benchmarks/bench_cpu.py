@@ -302,14 +302,17 @@ BANDWIDTH_PASSES = 5
 
 
 def measure_read_bandwidth(threads, gib=2.0, passes=BANDWIDTH_PASSES):
-    """Best read rate (bytes/s) over a buffer far larger than any cache, `threads` numpy reductions
-    over disjoint slices at once (numpy releases the GIL). Returns (bytes/s, kernel name)."""
+    """Read rate (bytes/s) over a buffer far larger than any cache, `threads` numpy reductions over
+    disjoint slices at once (numpy releases the GIL): the median of `passes` passes, for the faster
+    of two kernels. A median, not the best pass: this project's virtual machines read 28 GB/s one
+    second and 50 the next, and a peak would make every engine look slow. Returns (bytes/s, kernel)."""
     n = int(gib * (1 << 30)) // (4096 * threads) * 4096 * threads
     buffer = np.ones(n, np.uint8)              # written, so every page is resident before timing
     slices = [buffer[i * n // threads:(i + 1) * n // threads] for i in range(threads)]
     kernels = {"float64 sum": lambda s: s.view(np.float64).sum(), "count_nonzero": np.count_nonzero}
     best, best_kernel = 0.0, None
     for name, kernel in kernels.items():
+        rates = []
         for _ in range(passes):
             workers = [threading.Thread(target=kernel, args=(s,)) for s in slices]
             start = time.perf_counter()
@@ -317,9 +320,9 @@ def measure_read_bandwidth(threads, gib=2.0, passes=BANDWIDTH_PASSES):
                 w.start()
             for w in workers:
                 w.join()
-            rate = n / (time.perf_counter() - start)
-            if rate > best:
-                best, best_kernel = rate, name
+            rates.append(n / (time.perf_counter() - start))
+        if statistics.median(rates) > best:
+            best, best_kernel = statistics.median(rates), name
     del slices, buffer
     return best, best_kernel
 
@@ -415,8 +418,9 @@ COLUMNS = ["model", "size GB", "engine", "load s", "prefill tok/s", "decode tok/
            "peak RSS GB (before load)", "zephyr/llama.cpp prefill, decode", "targets"]
 
 
-def result_rows(results, bandwidth) -> list:
-    """One row (list of strings) per engine per model, from [(spec, facts, {engine: Outcome}) or (spec, error)]."""
+def result_rows(results, bandwidths) -> list:
+    """One row (list of strings) per engine per model, from [(spec, facts, {engine: Outcome}) or (spec, error)];
+    bandwidths: model key -> the read bandwidth measured around its runs (bytes/s)."""
     rows = []
     for spec, facts, outcomes in results:
         if facts is None:
@@ -431,7 +435,7 @@ def result_rows(results, bandwidth) -> list:
                 rows.append([spec.label, size, engine, "-", "-", "-", "-", "-", "-",
                              "error: " + (outcome.errors[-1] if outcome.errors else "no runs")])
                 continue
-            roofline = bandwidth / facts.bytes_per_token
+            roofline = bandwidths[spec.key] / facts.bytes_per_token
             ratio, verdict = "-", "-"
             if engine == "zephyr":
                 if theirs:
@@ -444,6 +448,14 @@ def result_rows(results, bandwidth) -> list:
                          rate(s["decode_tok_s"]), f"{100 * s['decode_tok_s'] / roofline:.1f}",
                          f"{s['peak_rss_bytes'] / GB:.2f} ({s['rss_before_load_bytes'] / GB:.2f})", ratio, verdict])
     return rows
+
+
+def min_max(bandwidths) -> str:
+    """'lo-hi GB/s' over the per-model bandwidths."""
+    if not bandwidths:
+        return "none measured"
+    lo, hi = min(bandwidths.values()) / GB, max(bandwidths.values()) / GB
+    return f"{lo:.1f}-{hi:.1f} GB/s"
 
 
 def text_table(header, rows) -> str:
@@ -460,19 +472,20 @@ def markdown_table(header, rows) -> str:
     return "\n".join([line(header), line(["---"] * len(header))] + [line(r) for r in rows])
 
 
-def file_rows(results, bandwidth, prompt_lens) -> list:
+def file_rows(results, bandwidths, prompt_lens) -> list:
     rows = []
     for spec, facts, _ in results:
         if facts is not None:
+            bandwidth = bandwidths[spec.key]
             rows.append([spec.label, facts.path.name, f"{facts.file_bytes / GB:.2f}",
-                         f"{facts.bytes_per_token / GB:.3f}", rate(bandwidth / facts.bytes_per_token),
+                         f"{facts.bytes_per_token / GB:.3f}", f"{bandwidth / GB:.1f}", rate(bandwidth / facts.bytes_per_token),
                          f"{facts.kv_bytes / GB:.3f}",
                          f"{facts.rss_budget * (1 + spec.targets.rss_slack) / GB:.2f}", str(prompt_lens[spec.key])])
     return rows
 
 
-FILE_COLUMNS = ["model", "file", "size GB", "read per token GB", "roofline tok/s", "KV cache GB", "RSS budget GB",
-                "prompt tokens"]
+FILE_COLUMNS = ["model", "file", "size GB", "read per token GB", "read bandwidth GB/s", "roofline tok/s",
+                "KV cache GB", "RSS budget GB", "prompt tokens"]
 
 
 def target_lines(specs) -> list:
@@ -525,7 +538,7 @@ def zephyr_revision() -> str:
     return (head or "?") + (" + local changes" if dirty else "")
 
 
-def markdown_section(args, machine, versions, bandwidth, kernel, results, rows, prompt_lens, notes) -> str:
+def markdown_section(args, machine, versions, bandwidths, kernel, results, rows, prompt_lens, notes) -> str:
     specs = [spec for spec, _, _ in results]
     lines = [
         "## CPU benchmark (generated)",
@@ -535,8 +548,9 @@ def markdown_section(args, machine, versions, bandwidth, kernel, results, rows, 
         f"ISA {machine['isa']}, {machine['os']}",
         f"- Command: `{command_line()}`",
         f"- Versions: {versions}",
-        f"- Read bandwidth: {bandwidth / GB:.1f} GB/s ({args.threads} threads, best of {BANDWIDTH_PASSES} passes "
-        f"over {args.bandwidth_gib:g} GiB, {kernel})",
+        f"- Read bandwidth: measured before every run ({args.threads} threads, median of {BANDWIDTH_PASSES} passes "
+        f"over {args.bandwidth_gib:g} GiB, {kernel}); each model's roofline uses the median of its runs' "
+        f"measurements (range over the whole benchmark: {min_max(bandwidths)})",
         f"- Threads: {args.threads}; repeats: {args.repeats} (medians; peak RSS is the largest); "
         f"decode: {args.decode_tokens} greedy tokens after the prompt; context {N_CTX}",
         "",
@@ -546,7 +560,7 @@ def markdown_section(args, machine, versions, bandwidth, kernel, results, rows, 
         "eval time. Roofline = read bandwidth / bytes read per token (every weight except the token "
         "embedding's unread rows; KV cache reads left out). Sizes in GB (10^9 bytes).",
         "",
-        markdown_table(FILE_COLUMNS, file_rows(results, bandwidth, prompt_lens)),
+        markdown_table(FILE_COLUMNS, file_rows(results, bandwidths, prompt_lens)),
         "",
         markdown_table(COLUMNS, rows),
         "",
@@ -620,12 +634,10 @@ def main(argv=None) -> int:
                 f"numpy {np.__version__}, Python {platform.python_version()}")
     print(f"versions: {versions}")
 
-    print(f"measuring read bandwidth ({args.threads} threads over {args.bandwidth_gib:g} GiB) ...", flush=True)
-    bandwidth, kernel = measure_read_bandwidth(args.threads, args.bandwidth_gib)
-    print(f"read bandwidth: {bandwidth / GB:.1f} GB/s ({kernel})")
-    print("each run: a fresh process; the model file is read once before it (warm page cache)")
+    print(f"each run: a fresh process, after a read-bandwidth measurement ({args.threads} threads over "
+          f"{args.bandwidth_gib:g} GiB) and a read of the model file (warm page cache)")
 
-    results, prompt_lens = [], {}
+    results, prompt_lens, samples, kernel = [], {}, {}, None
     interrupted = False
     try:
         for key in args.models:
@@ -642,10 +654,11 @@ def main(argv=None) -> int:
             prompt = prompt_ids(facts.vocab_size, prompt_lens[key])
             outcomes = {engine: Outcome() for engine in engines}
             results.append((spec, facts, outcomes))
-            print(f"  {facts.file_bytes / GB:.2f} GB, {facts.bytes_per_token / GB:.3f} GB read per token, roofline "
-                  f"{bandwidth / facts.bytes_per_token:.1f} tok/s")
+            print(f"  {facts.file_bytes / GB:.2f} GB, {facts.bytes_per_token / GB:.3f} GB read per token")
             for repeat in range(args.repeats):
                 for engine in engines:
+                    sample, kernel = measure_read_bandwidth(args.threads, args.bandwidth_gib)
+                    samples.setdefault(key, []).append(sample)
                     warm_s = warm_page_cache(facts.path)
                     job = {"engine": engine, "path": str(facts.path), "threads": args.threads, "prompt": prompt,
                            "decode_tokens": args.decode_tokens}
@@ -659,14 +672,16 @@ def main(argv=None) -> int:
                     outcomes[engine].runs.append(run)
                     print(f"{label} load {run['load_s']:.2f} s  prefill {rate(run['prefill_tok_s'])} tok/s  "
                           f"decode {rate(run['decode_tok_s'])} tok/s  peak RSS {run['peak_rss_bytes'] / GB:.2f} GB  "
-                          f"(page cache warmed in {warm_s:.1f} s)", flush=True)
+                          f"(page cache warmed in {warm_s:.1f} s, read bandwidth {sample / GB:.1f} GB/s)", flush=True)
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: partial results below; nothing written")
 
-    rows = result_rows(results, bandwidth)
+    bandwidths = {key: statistics.median(rates) for key, rates in samples.items()}
+    results = [r for r in results if r[1] is None or r[0].key in bandwidths]   # a model interrupted before any run
+    rows = result_rows(results, bandwidths)
     print()
-    print(text_table(FILE_COLUMNS, file_rows(results, bandwidth, prompt_lens)))
+    print(text_table(FILE_COLUMNS, file_rows(results, bandwidths, prompt_lens)))
     print()
     print(text_table(COLUMNS, rows))
     print("\ntargets (zephyr rows):")
@@ -676,7 +691,7 @@ def main(argv=None) -> int:
     if interrupted:
         return 130
     if args.out:
-        section = markdown_section(args, machine, versions, bandwidth, kernel, results, rows, prompt_lens, notes)
+        section = markdown_section(args, machine, versions, bandwidths, kernel, results, rows, prompt_lens, notes)
         existing = args.out.read_text() if args.out.exists() else ""
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(replace_generated_section(existing, section))
