@@ -141,14 +141,12 @@ def test_huge_max_new_tokens_stops_at_the_context(never_ending):
 
 def test_negative_or_missing_max_new_tokens_means_until_the_context_is_full(never_ending):
     for limit in (-1, None):
-        chunks = list(never_ending._text_stream(never_ending.tokenize("hi"), never_ending._settings(
-            {"max_new_tokens": limit, "temperature": 0})))
+        chunks = list(never_ending.completion_stream(never_ending.tokenize("hi"), max_new_tokens=limit, temperature=0))
         assert chunks[-1][1] == "length" and len(never_ending.tokens) == 32
 
 
 def test_max_new_tokens_is_honoured_exactly(never_ending):
-    stream = never_ending._text_stream(never_ending.tokenize("hi"), never_ending._settings(
-        {"max_new_tokens": 5, "temperature": 0}))
+    stream = never_ending.completion_stream(never_ending.tokenize("hi"), max_new_tokens=5, temperature=0)
     assert list(stream)[-1][1] == "length"
     assert len(never_ending.tokens) == len(never_ending.tokenize("hi")) + 4   # the 5th is sampled, not evaluated
 

@@ -181,15 +181,20 @@ class LLM:
     # -- text in, text out --------------------------------------------------------------------
     def __call__(self, prompt: str, **kwargs):
         """Complete `prompt`; a string, or a generator of text chunks with stream=True."""
-        settings = self._settings(kwargs)
-        stream = self._text_stream(self.tokenize_prompt(prompt), settings)
-        if settings["stream"]:
+        stream = self.completion_stream(self.tokenize_prompt(prompt), **kwargs)
+        if self.config.stream if kwargs.get("stream") is None else kwargs["stream"]:
             return (chunk for chunk, _ in stream)
         return "".join(chunk for chunk, _ in stream)
 
+    def completion_stream(self, prompt_tokens, *, extra_stops=(), on_token=None, min_p=0.0, **settings):
+        """Generate after the token ids `prompt_tokens`, as (text, finish_reason or None) pairs; the
+        last pair carries the finish reason, "stop" or "length". `settings` are the generation
+        settings of __call__ (unset ones come from the config); `extra_stops` add stop strings
+        (a chat format's); on_token(id), if given, is called for every generated token (the server
+        counts usage with it). What __call__, chat and the server build on."""
+        return self._text_stream(prompt_tokens, dict(self._settings(settings), min_p=min_p), extra_stops, on_token)
+
     def _text_stream(self, prompt_tokens, settings, extra_stops=(), on_token=None):
-        """Yield (text, finish_reason or None); the last item carries the finish reason.
-        on_token(id), if given, is called for every generated token (the server counts usage with it)."""
         stop = settings["stop"]
         stops = ([stop] if isinstance(stop, str) else list(stop or [])) + list(extra_stops)
         if len(prompt_tokens) >= self.context_length:
@@ -230,7 +235,9 @@ class LLM:
     def chat_format(self, chat_format=None):
         return resolve_chat_format(self._file.metadata, chat_format or self._chat_format)
 
-    def _chat_prompt(self, messages, chat_format=None):
+    def chat_prompt(self, messages, chat_format=None):
+        """The token ids of `messages` rendered by the chat format, ending where the reply begins,
+        and that format (its stop strings end the reply)."""
         formatter = self.chat_format(chat_format)
         text = formatter.render(messages, add_generation_prompt=True)
         # The template may emit the BOS text itself; never add a second BOS.
@@ -240,9 +247,8 @@ class LLM:
 
     def chat(self, messages, stream=False, chat_format=None, **kwargs):
         """Reply to a conversation (list of {"role", "content"}): a string, or chunks with stream=True."""
-        settings = self._settings(dict(kwargs, stream=stream))
-        tokens, formatter = self._chat_prompt(messages, chat_format)
-        chunks = (c for c, _ in self._text_stream(tokens, settings, formatter.stop))
+        tokens, formatter = self.chat_prompt(messages, chat_format)
+        chunks = (c for c, _ in self.completion_stream(tokens, extra_stops=formatter.stop, **kwargs))
         return chunks if stream else "".join(chunks)
 
     def create_chat_completion(self, messages, *, temperature=0.2, top_p=0.95, top_k=40, min_p=0.05,
@@ -250,14 +256,12 @@ class LLM:
                                chat_format=None, model=None, **unused_openai_fields):
         """OpenAI-shaped chat completion (a dict, or an iterator of chunk dicts with stream=True),
         with llama-cpp-python's defaults."""
-        settings = self._settings(dict(temperature=temperature, top_p=top_p, top_k=top_k, stop=stop,
-                                       repetition_penalty=repeat_penalty, stream=stream,
-                                       max_new_tokens=max_tokens if max_tokens else self.context_length,
-                                       **({} if seed is None else {"seed": seed})))
-        settings["min_p"] = min_p
-        tokens, formatter = self._chat_prompt(messages, chat_format)
+        tokens, formatter = self.chat_prompt(messages, chat_format)
         generated = []
-        pieces = self._text_stream(tokens, settings, formatter.stop, on_token=generated.append)
+        pieces = self.completion_stream(tokens, extra_stops=formatter.stop, on_token=generated.append, min_p=min_p,
+                                        temperature=temperature, top_p=top_p, top_k=top_k, stop=stop,
+                                        repetition_penalty=repeat_penalty, seed=seed,
+                                        max_new_tokens=max_tokens if max_tokens else self.context_length)
         ident, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model or Path(self.model_path).name
         if stream:
             return _chat_chunks(pieces, ident, created, name)

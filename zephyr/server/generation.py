@@ -57,22 +57,20 @@ class Job:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def sampling_settings(llm, request, default_max_tokens) -> dict:
-    """The request's sampling fields as zephyr generation settings, defaults filled in."""
+def sampling_settings(request, default_max_tokens) -> dict:
+    """The request's sampling fields as LLM.completion_stream keyword arguments, the OpenAI server's
+    defaults filled in."""
     get = lambda name: DEFAULTS[name] if getattr(request, name) is None else getattr(request, name)  # noqa: E731
-    settings = llm._settings(dict(
-        temperature=get("temperature"), top_p=get("top_p"), top_k=get("top_k"),
-        repetition_penalty=get("repeat_penalty"), stop=request.stop, seed=request.seed, stream=True,
-        max_new_tokens=request.token_limit or default_max_tokens))
-    settings["min_p"] = get("min_p")
-    return settings
+    return dict(temperature=get("temperature"), top_p=get("top_p"), top_k=get("top_k"), min_p=get("min_p"),
+                repetition_penalty=get("repeat_penalty"), stop=request.stop, seed=request.seed,
+                max_new_tokens=request.token_limit or default_max_tokens)
 
 
 def run(llm, job: Job) -> Iterator[Event]:
     """Generate for `job` (on the worker thread): Started, then Pieces, then Finished.
     Closing the iterator stops the generation and frees the model."""
     if job.kind == "chat":
-        tokens, formatter = llm._chat_prompt(job.messages)
+        tokens, formatter = llm.chat_prompt(job.messages)
         extra_stops, default_max = formatter.stop, -1
     else:
         tokens = llm.tokenize_prompt(job.prompt) if isinstance(job.prompt, str) else list(job.prompt)
@@ -85,7 +83,7 @@ def run(llm, job: Job) -> Iterator[Event]:
             f"the prompt has {len(tokens)} tokens, but this model's context holds {llm.context_length}; "
             f"shorten the {'messages' if job.kind == 'chat' else 'prompt'} (or restart the server with a larger "
             f"--context-length)")
-    settings = sampling_settings(llm, job.request, default_max)
+    settings = sampling_settings(job.request, default_max)
     yield Started(len(tokens))
     generated = 0
 
@@ -93,7 +91,7 @@ def run(llm, job: Job) -> Iterator[Event]:
         nonlocal generated
         generated += 1
 
-    pieces = llm._text_stream(tokens, settings, extra_stops, on_token=count)
+    pieces = llm.completion_stream(tokens, extra_stops=extra_stops, on_token=count, **settings)
     try:
         for text, finish in pieces:
             if text:
