@@ -181,10 +181,11 @@ class LLM:
     # -- text in, text out --------------------------------------------------------------------
     def __call__(self, prompt: str, **kwargs):
         """Complete `prompt`; a string, or a generator of text chunks with stream=True."""
-        stream = self.completion_stream(self.tokenize_prompt(prompt), **kwargs)
-        if self.config.stream if kwargs.get("stream") is None else kwargs["stream"]:
-            return (chunk for chunk, _ in stream)
-        return "".join(chunk for chunk, _ in stream)
+        pieces = self.completion_stream(self.tokenize_prompt(prompt), **kwargs)
+        streaming = kwargs.get("stream")
+        if self.config.stream if streaming is None else streaming:
+            return (chunk for chunk, _ in pieces)
+        return "".join(chunk for chunk, _ in pieces)
 
     def completion_stream(self, prompt_tokens, *, extra_stops=(), on_token=None, min_p=0.0, **settings):
         """Generate after the token ids `prompt_tokens`, as (text, finish_reason or None) pairs; the

@@ -2,12 +2,12 @@
  *
  * The row-major tile kernels (dot_legacy.h, dot_kquant.h) spend much of their work per block on
  * scaling and reducing each row's dpbusd lanes, and per row on its final sums: with a scale per
- * 32 values that makes Q4_0 and Q4_1 decode compute-bound on 2 cores (Q4_K only just keeps
- * pace: ~32 GB/s from cache on 2 threads, ~63 interleaved), and short rows (a small model's
- * k = 576) pay the per-row part often. Interleaved, a dpbusd of one 64-byte load
- * adds 4 products to each of 16 rows, a block's scales are one vector for the 16 rows, and the
- * result is a vector of 16 rows stored as it is: decode streams the weights at the memory's
- * pace, and prefill needs no panel.
+ * 32 values that makes Q4_0 and Q4_1 decode compute-bound on 2 cores (Q4_K only just keeps pace:
+ * ~32-43 GB/s from cache on 2 threads, ~63 interleaved), and short rows (a small model's k = 576)
+ * pay the per-row part often. Interleaved, a dpbusd of one 64-byte load adds 4 products to each
+ * of 16 rows, a block's scales are one vector for the 16 rows, and the result is a vector of 16
+ * rows stored as it is: decode streams the weights at the memory's pace, and prefill needs no
+ * panel.
  *
  * Layout (type code ZD_X16 | the GGML type): groups of 16 rows (the last padded with zero rows),
  * each the size of 16 GGUF rows; in a group, per block, the 16 rows' blocks with their bytes
