@@ -73,3 +73,18 @@ def test_check_targets(bench, tmp_path):
     verdict = bench.check_targets(spec, facts, dict(mine, decode_tok_s=5.5, peak_rss_bytes=5e9), theirs)
     assert verdict.startswith("FAIL") and "decode 1.10x < 1.2x" in verdict and "RSS 5.00 > 4.60 GB" in verdict
     assert bench.check_targets(spec, facts, mine, None) == "PASS (ratios n/a)"
+
+
+def test_each_model_gets_the_roofline_of_its_own_bandwidth(bench, tmp_path):
+    """% roofline divides by the bandwidth measured around that model's runs, not a global one."""
+    run = {"load_s": 1.0, "prefill_tok_s": 20.0, "decode_tok_s": 5.0, "peak_rss_bytes": 1e9,
+           "rss_before_load_bytes": 5e7}
+    results = []
+    for key in ("q4_k_m", "q8_0"):
+        facts = bench.ModelFacts(path=tmp_path / key, file_bytes=4e9, bytes_per_token=4e9, kv_bytes=0, vocab_size=0)
+        results.append((bench.MODELS[key], facts, {"zephyr": bench.Outcome(runs=[run])}))
+    bandwidths = {"q4_k_m": 25e9, "q8_0": 40e9}     # rooflines 6.25 and 10 tok/s
+    rows = bench.result_rows(results, bandwidths)
+    assert [row[6] for row in rows] == ["80.0", "50.0"]
+    assert [row[4] for row in bench.file_rows(results, bandwidths, {"q4_k_m": 64, "q8_0": 64})] == ["25.0", "40.0"]
+    assert bench.min_max(bandwidths) == "25.0-40.0 GB/s" and bench.min_max({}) == "none measured"
