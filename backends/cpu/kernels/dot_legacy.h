@@ -179,15 +179,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_legacy_tile_512(const int type, const int R, 
     const uint8_t *row[ZD_TILE_MAX_R];
     const int8_t *xq[ZD_TILE_MAX_T];
     const float *xd[ZD_TILE_MAX_T];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; r++)
-        row[r] = zd_tile_row(tile, r);
-#pragma GCC unroll 8
-    for (int j = 0; j < T; j++) {
-        const int64_t t = zd_tile_token(tile, j);
-        xq[j] = x->q + t * x->q_stride;
-        xd[j] = x->d + t * x->d_stride;
-    }
+    zd_tile_operands(tile, R, T, row, xq, xd);
     __m512 F[ZD_TILE_MAX_R][ZD_TILE_MAX_T];
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++)
@@ -271,13 +263,7 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_legacy_tile_256(const int type, const int R, co
     const uint8_t *row[ZD_TILE_MAX_R];
     const int8_t *xq[ZD_TILE_MAX_T];
     const float *xd[ZD_TILE_MAX_T];
-    for (int r = 0; r < R; r++)
-        row[r] = zd_tile_row(tile, r);
-    for (int j = 0; j < T; j++) {
-        const int64_t t = zd_tile_token(tile, j);
-        xq[j] = x->q + t * x->q_stride;
-        xd[j] = x->d + t * x->d_stride;
-    }
+    zd_tile_operands(tile, R, T, row, xq, xd);
     __m256 F[ZD_TILE_MAX_R][ZD_TILE_MAX_T];
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++)

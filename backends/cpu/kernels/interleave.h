@@ -205,6 +205,19 @@ static void zd_x16_tile_scalar(int type, const zd_tile *tile) {
 }
 
 #if ZD_X86
+/* Tokens j0 .. j0 + T - 1 of the tile: their activation quants, block scales and d * sums per
+ * 32 values. */
+ZD_INLINE void zd_x16_token_operands(const zd_tile *tile, const int T, int64_t j0, const int8_t **q, const float **xd,
+                                     const float **xs) {
+    const zd_act *x = tile->x;
+    for (int j = 0; j < T; j++) {
+        const int64_t t = tile->t0 + j0 + j;
+        q[j] = x->q + t * x->q_stride;
+        xd[j] = x->d + t * x->d_stride;
+        xs[j] = x->s32 + t * x->s_stride;
+    }
+}
+
 /* Legacy types, T tokens from j0: per block, each quant vector gives one slice of 16 rows
  * (Q8_0) or two (the low and high nibbles), one dpbusd per slice and token. */
 ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tokens_512(const int type, const int T, const zd_tile *tile, int64_t j0) {
@@ -214,12 +227,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tokens_512(const int type, const int T, c
     const int mins = head == 4 ? zd_x16_at(type, 0, 2) : -1, nv = type == ZD_Q8_0 ? 8 : 4;
     const int8_t *q[4];
     const float *xd[4], *xs[4];
-    for (int j = 0; j < T; j++) {
-        const int64_t t = tile->t0 + j0 + j;
-        q[j] = x->q + t * x->q_stride;
-        xd[j] = x->d + t * x->d_stride;
-        xs[j] = x->s32 + t * x->s_stride;
-    }
+    zd_x16_token_operands(tile, T, j0, q, xd, xs);
     __m512 F[4], C[4];
     for (int j = 0; j < T; j++)
         F[j] = C[j] = _mm512_setzero_ps();
@@ -275,12 +283,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q4k_tokens_512(const int T, const zd_tile
     const int64_t nsb = x->k / 256, bytes = 16 * sizeof(zd_block_q4_k);
     const int8_t *q[4];
     const float *xd[4], *xs[4];
-    for (int j = 0; j < T; j++) {
-        const int64_t t = tile->t0 + j0 + j;
-        q[j] = x->q + t * x->q_stride;
-        xd[j] = x->d + t * x->d_stride;
-        xs[j] = x->s32 + t * x->s_stride;
-    }
+    zd_x16_token_operands(tile, T, j0, q, xd, xs);
     __m512 F[4], C[4];
     for (int j = 0; j < T; j++)
         F[j] = C[j] = _mm512_setzero_ps();

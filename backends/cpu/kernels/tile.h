@@ -143,6 +143,21 @@ static inline int64_t zd_tile_token(const zd_tile *tile, int j) {
     return tile->t0 + zd_min64(j, tile->nt - 1);
 }
 
+/* What a quantised tile kernel of R rows x T tokens reads: each row's weights, and each token's
+ * activation quants and block scales (stand-ins past the tile's end, as above). */
+ZD_INLINE void zd_tile_operands(const zd_tile *tile, const int R, const int T, const uint8_t **row, const int8_t **xq,
+                                const float **xd) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+        row[r] = zd_tile_row(tile, r);
+#pragma GCC unroll 8
+    for (int j = 0; j < T; j++) {
+        const int64_t t = zd_tile_token(tile, j);
+        xq[j] = tile->x->q + t * tile->x->q_stride;
+        xd[j] = tile->x->d + t * tile->x->d_stride;
+    }
+}
+
 static inline void zd_tile_store(const zd_tile *tile, int64_t r, int64_t j, float value) {
     float *dst = tile->out + j * tile->ldo + r;
     *dst = tile->accumulate ? *dst + value : value;
