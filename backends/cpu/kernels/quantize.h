@@ -116,17 +116,27 @@ static void zd_quantize_q8_0_scalar(const float *ZD_RESTRICT x, int64_t k, int8_
 /* ---- Q8_K: per 256 values, with `peak` the first value of largest magnitude, iscale =
  * -127 / peak, q = min(127, rint(iscale * x)), d = 1 / iscale ---------------------------------- */
 
+/* A super-block's s16 and s32 from its sums of quants per 16 values. */
+static inline void zd_q8_k_put_sums(const int sums[16], float d, float *ZD_RESTRICT s16, float *ZD_RESTRICT s32) {
+    for (int g = 0; g < 16; g++)
+        s16[g] = d * (float)sums[g];
+    for (int j = 0; j < 8; j++)
+        s32[j] = d * (float)(sums[2 * j] + sums[2 * j + 1]);
+}
+
+/* A super-block of zeros: quants, scale and sums. */
+static inline void zd_q8_k_zero(int8_t *q, float *d, float *ZD_RESTRICT s16, float *ZD_RESTRICT s32) {
+    static const int none[16];
+    memset(q, 0, 256);
+    *d = 0.0f;
+    zd_q8_k_put_sums(none, 0.0f, s16, s32);
+}
+
 static void zd_q8_k_sums(const int8_t *q, float d, float *ZD_RESTRICT s16, float *ZD_RESTRICT s32) {
-    for (int g = 0; g < 16; g += 2) {
-        int a = 0, b = 0;
-        for (int j = 0; j < 16; j++) {
-            a += q[16 * g + j];
-            b += q[16 * g + 16 + j];
-        }
-        s16[g] = d * (float)a;
-        s16[g + 1] = d * (float)b;
-        s32[g / 2] = d * (float)(a + b);
-    }
+    int sums[16] = {0};
+    for (int v = 0; v < 256; v++)
+        sums[v / 16] += q[v];
+    zd_q8_k_put_sums(sums, d, s16, s32);
 }
 
 static void zd_quantize_q8_k_scalar(const float *ZD_RESTRICT x, int64_t k, int8_t *ZD_RESTRICT q,
@@ -233,10 +243,7 @@ ZD_TARGET_AVX512 static void zd_quantize_q8_k_avx512(const float *ZD_RESTRICT x,
             m = _mm512_max_ps(m, _mm512_and_ps(_mm512_loadu_ps(x + 16 * i), abs_mask));
         const float amax = _mm512_reduce_max_ps(m);
         if (amax == 0.0f) {
-            memset(q, 0, 256);
-            d[b] = 0.0f;
-            memset(s16, 0, 16 * sizeof(float));
-            memset(s32, 0, 8 * sizeof(float));
+            zd_q8_k_zero(q, &d[b], s16, s32);
             continue;
         }
         float peak = 0.0f;
@@ -259,10 +266,7 @@ ZD_TARGET_AVX512 static void zd_quantize_q8_k_avx512(const float *ZD_RESTRICT x,
             _mm_storeu_si128((__m128i *)(q + zd_kq_order_at(16 * i)), _mm512_cvtepi32_epi8(v));
             sums[i] = _mm512_reduce_add_epi32(v);
         }
-        for (int g = 0; g < 16; g++)
-            s16[g] = d[b] * (float)sums[g];
-        for (int j = 0; j < 8; j++)
-            s32[j] = d[b] * (float)(sums[2 * j] + sums[2 * j + 1]);
+        zd_q8_k_put_sums(sums, d[b], s16, s32);
     }
 }
 
@@ -276,10 +280,7 @@ ZD_TARGET_AVX2 static void zd_quantize_q8_k_avx2(const float *ZD_RESTRICT x, int
             m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(x + 8 * i), abs_mask));
         const float amax = zd_hmax_256(m);
         if (amax == 0.0f) {
-            memset(q, 0, 256);
-            d[b] = 0.0f;
-            memset(s16, 0, 16 * sizeof(float));
-            memset(s32, 0, 8 * sizeof(float));
+            zd_q8_k_zero(q, &d[b], s16, s32);
             continue;
         }
         float peak = 0.0f;
@@ -307,10 +308,7 @@ ZD_TARGET_AVX2 static void zd_quantize_q8_k_avx2(const float *ZD_RESTRICT x, int
             sums[2 * i] = zd_hsum_epi32_256(_mm256_add_epi32(r[0], r[1]));
             sums[2 * i + 1] = zd_hsum_epi32_256(_mm256_add_epi32(r[2], r[3]));
         }
-        for (int g = 0; g < 16; g++)
-            s16[g] = d[b] * (float)sums[g];
-        for (int j = 0; j < 8; j++)
-            s32[j] = d[b] * (float)(sums[2 * j] + sums[2 * j + 1]);
+        zd_q8_k_put_sums(sums, d[b], s16, s32);
     }
 }
 #endif
