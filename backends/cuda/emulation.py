@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runtime import KERNEL_DIR, file_of, kernel_source
+from .runtime import FIRST_KERNEL, KERNEL_DIR, KERNEL_FILES, file_of, kernel_source
 
 _KERNEL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(([^)]*)\)')
 _CACHE = Path(tempfile.gettempdir()) / "zephyr-cuda-emulation"
@@ -200,6 +200,11 @@ class EmulatedKernels:
             function, params = library.kernels[name]
             kernel = self._functions[name] = _Kernel(function, params, self._stream, name)
         return kernel
+
+    def compile_all(self):
+        """Build every kernel file for the host now (as runtime.Kernels.compile_all compiles them)."""
+        for file in KERNEL_FILES:
+            self[FIRST_KERNEL[file]]
 
 
 class EmulatedGPU:

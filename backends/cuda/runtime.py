@@ -153,7 +153,7 @@ class Kernels:
     def compile_all(self):
         """Compile every kernel file now (the first process on a machine takes a while)."""
         for file in KERNEL_FILES:
-            self._module(file).get_function(_FIRST_KERNEL[file])
+            self._module(file).get_function(FIRST_KERNEL[file])
 
 
 def file_of(name: str) -> str:
@@ -174,5 +174,5 @@ _PREFIXES = (
     ("rope", "rope"),
     ("add", "elementwise"), ("swiglu", "elementwise"), ("to_f16", "elementwise"),
 )
-_FIRST_KERNEL = {"attention": "attention", "dequant": "embed_f32", "elementwise": "add", "matvec": "mv_f32_1",
+FIRST_KERNEL = {"attention": "attention", "dequant": "embed_f32", "elementwise": "add", "matvec": "mv_f32_1",
                  "norm": "rms_norm", "quantize": "quantize_q8_0", "rope": "rope"}
