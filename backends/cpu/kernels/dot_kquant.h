@@ -34,22 +34,37 @@ static inline void zd_k4_scales_mins(const uint8_t *packed, uint64_t *scales, ui
     *mins = (uint64_t)(b & 0x3f3f3f3fu) | (uint64_t)mn_high << 32;
 }
 
-/* Q3_K's 16 signed 6-bit scales from their 12 packed bytes. */
-static inline void zd_q3k_scales(const uint8_t *packed, int8_t out[16]) {
+/* Q3_K's 16 6-bit scales from their 12 packed bytes, biased by 32 (0..63): scales 0-7 in the
+ * bytes of *lo, 8-15 in *hi. In registers, so the SIMD paths can move them into a vector whole
+ * (16 byte stores read back as one vector would stall on store forwarding). */
+static inline void zd_q3k_scale_bytes(const uint8_t *packed, uint64_t *lo, uint64_t *hi) {
     uint64_t low;
     uint32_t high;
     memcpy(&low, packed, 8);
     memcpy(&high, packed + 8, 4);
     const uint64_t nibble = 0x0f0f0f0f0f0f0f0full;
-    const uint64_t first = (low & nibble)
+    *lo = (low & nibble)
         | ((uint64_t)(high & 0x03030303u) | (uint64_t)((high >> 2) & 0x03030303u) << 32) << 4;
-    const uint64_t second = ((low >> 4) & nibble)
+    *hi = ((low >> 4) & nibble)
         | ((uint64_t)((high >> 4) & 0x03030303u) | (uint64_t)((high >> 6) & 0x03030303u) << 32) << 4;
-    for (int i = 0; i < 8; i++) {
-        out[i] = (int8_t)((int)((first >> (8 * i)) & 0xff) - 32);
-        out[8 + i] = (int8_t)((int)((second >> (8 * i)) & 0xff) - 32);
-    }
 }
+
+/* Q3_K's 16 signed 6-bit scales. */
+static inline void zd_q3k_scales(const uint8_t *packed, int8_t out[16]) {
+    uint64_t biased[2];
+    zd_q3k_scale_bytes(packed, &biased[0], &biased[1]);
+    for (int i = 0; i < 16; i++)
+        out[i] = (int8_t)((int)((biased[i / 8] >> (8 * (i % 8))) & 0xff) - 32);
+}
+
+#if ZD_X86
+/* The same as 16 int8 lanes. */
+static inline __m128i zd_q3k_scales_128(const uint8_t *packed) {
+    uint64_t lo, hi;
+    zd_q3k_scale_bytes(packed, &lo, &hi);
+    return _mm_sub_epi8(_mm_set_epi64x((long long)hi, (long long)lo), _mm_set1_epi8(32));
+}
+#endif
 
 /* ---- scalar path ------------------------------------------------------------------------------- */
 
@@ -243,9 +258,7 @@ ZD_TARGET_AVX512 ZD_INLINE float zd_kq_prep_512(int type, const uint8_t *block, 
         __m128i packed;
         float offset;
         if (type == ZD_Q3_K) {
-            int8_t scales[16];
-            zd_q3k_scales(((const zd_block_q3_k *)block)->scales, scales);
-            packed = _mm_loadu_si128((const __m128i *)scales);
+            packed = zd_q3k_scales_128(((const zd_block_q3_k *)block)->scales);
             d = _cvtsh_ss(((const zd_block_q3_k *)block)->d);
             offset = 4.0f;
         } else {
@@ -426,7 +439,7 @@ ZD_TARGET_AVX2 ZD_INLINE float zd_kq_prep_256(int type, const uint8_t *block, __
             d = _cvtsh_ss(b->d);
         } else {
             if (type == ZD_Q3_K) {
-                zd_q3k_scales(((const zd_block_q3_k *)block)->scales, scales);
+                _mm_storeu_si128((__m128i *)scales, zd_q3k_scales_128(((const zd_block_q3_k *)block)->scales));
                 d = _cvtsh_ss(((const zd_block_q3_k *)block)->d);
                 factor = -4.0f * d;
             } else {
