@@ -59,6 +59,17 @@ def test_generated_section_appended_to_a_file_without_markers(bench):
     assert text.startswith("# Notes\n\nKeep me.\n\n" + bench.BEGIN_MARKER)
 
 
+def test_named_sections_are_replaced_apart(bench):
+    text = bench.replace_generated_section("# Benchmarks\n", "main 1\n")
+    text = bench.replace_generated_section(text, "other 1\n", "other-quants")
+    text = bench.replace_generated_section(text, "main 2\n")
+    text = bench.replace_generated_section(text, "other 2\n", "other-quants")
+    assert "main 2" in text and "other 2" in text and "main 1" not in text and "other 1" not in text
+    begin, end = bench.markers("other-quants")
+    assert text.count(begin) == 1 and text.count(end) == 1 and text.count(bench.BEGIN_MARKER) == 1
+    assert text.index(bench.END_MARKER) < text.index(begin)
+
+
 def test_unpaired_markers_are_refused(bench):
     with pytest.raises(ValueError, match="unpaired"):
         bench.replace_generated_section(f"{bench.BEGIN_MARKER}\nhalf a section\n", "new\n")
