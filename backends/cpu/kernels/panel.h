@@ -184,16 +184,19 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_panel_tokens(const int kq, const int T, int t
         F[j] = _mm512_setzero_ps();
     const __m512i *u = (const __m512i *)p->u;
     if (kq) {
+        /* Q4_K and Q5_K scale 32 values alike (groups c and c + 1 share a scale): one float
+         * step per 32 values, half the conversions and multiply-adds */
+        const int groups = zd_kq_corrections(type) == 8 ? 2 : 1;
         for (int64_t sb = 0; sb < k / 256; sb++) {
             __m512 G[ZD_PANEL_T];
             for (int j = 0; j < T; j++)
                 G[j] = _mm512_setzero_ps();
-            for (int c = 0; c < 16; c++) {
+            for (int c = 0; c < 16; c += groups) {
                 const int64_t s0 = 64 * sb + 4 * c;   /* first slice of group c */
                 __m512i I[ZD_PANEL_T];
                 for (int j = 0; j < T; j++)
                     I[j] = zd_zero_512();
-                for (int i = 0; i < 4; i++) {
+                for (int i = 0; i < 4 * groups; i++) {
                     const __m512i w = _mm512_load_si512(u + s0 + i);
                     for (int j = 0; j < T; j++)
                         I[j] = _mm512_dpbusd_epi32(I[j], w, zd_x4_512(q[j] + 4 * (s0 + i)));
