@@ -228,10 +228,10 @@ ZD_TARGET_AVX512 ZD_INLINE __m512i zd_scale32_index_512(int h) {
                             a + 1, a + 1, a + 1, a + 1, a + 0, a + 0, a + 0, a + 0, a + 1, a + 1, a + 1, a + 1, a + 0, a + 0, a + 0, a + 0);
 }
 
-/* The two scale vectors and the corrections of one super-block; returns d. */
-ZD_TARGET_AVX512 ZD_INLINE float zd_kq_prep_512(int type, const uint8_t *block, __m512i S[2], float *corr) {
-    __m512i wide;
-    float d;
+/* One super-block's integer scales as bytes (16, one per 16 values; Q4_K, Q5_K: 8, one per 32,
+ * in the low half; all signed or below 64, so sign extension widens any of them), its corrections
+ * in *corr (8 for Q4_K, Q5_K, the other lanes zero) and d in *d, all in registers. */
+ZD_TARGET_AVX512 ZD_INLINE __m128i zd_kq_scale_bytes_512(int type, const uint8_t *block, __m512 *corr, float *d) {
     switch (type) {
     case ZD_Q4_K:
     case ZD_Q5_K: {
@@ -239,40 +239,52 @@ ZD_TARGET_AVX512 ZD_INLINE float zd_kq_prep_512(int type, const uint8_t *block, 
         uint64_t scales, mins;
         zd_k4_scales_mins(b->scales, &scales, &mins);
         const __m256 m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)mins)));
-        _mm256_storeu_ps(corr, _mm256_mul_ps(m, _mm256_set1_ps(-_cvtsh_ss(b->dmin))));
-        wide = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)scales)));
-        for (int h = 0; h < 2; h++)
-            S[h] = _mm512_permutexvar_epi16(zd_scale32_index_512(h), wide);
-        return _cvtsh_ss(b->d);
+        *corr = _mm512_zextps256_ps512(_mm256_mul_ps(m, _mm256_set1_ps(-_cvtsh_ss(b->dmin))));
+        *d = _cvtsh_ss(b->d);
+        return _mm_cvtsi64_si128((long long)scales);
     }
     case ZD_Q2_K: {
         const zd_block_q2_k *b = (const zd_block_q2_k *)block;
         const __m128i packed = _mm_loadu_si128((const __m128i *)b->scales);
         const __m128i mins = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0f));
-        _mm512_storeu_ps(corr, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mins)), _mm512_set1_ps(-_cvtsh_ss(b->dmin))));
-        wide = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm_and_si128(packed, _mm_set1_epi8(0x0f))));
-        d = _cvtsh_ss(b->d);
-        break;
+        *corr = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mins)), _mm512_set1_ps(-_cvtsh_ss(b->dmin)));
+        *d = _cvtsh_ss(b->d);
+        return _mm_and_si128(packed, _mm_set1_epi8(0x0f));
     }
     default: {   /* Q3_K, Q6_K: signed scales, corrections -offset * d * scale */
         __m128i packed;
         float offset;
         if (type == ZD_Q3_K) {
             packed = zd_q3k_scales_128(((const zd_block_q3_k *)block)->scales);
-            d = _cvtsh_ss(((const zd_block_q3_k *)block)->d);
+            *d = _cvtsh_ss(((const zd_block_q3_k *)block)->d);
             offset = 4.0f;
         } else {
             packed = _mm_loadu_si128((const __m128i *)((const zd_block_q6_k *)block)->scales);
-            d = _cvtsh_ss(((const zd_block_q6_k *)block)->d);
+            *d = _cvtsh_ss(((const zd_block_q6_k *)block)->d);
             offset = 32.0f;
         }
-        _mm512_storeu_ps(corr, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(packed)), _mm512_set1_ps(-offset * d)));
-        wide = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(packed));
-        break;
+        *corr = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(packed)), _mm512_set1_ps(-offset * *d));
+        return packed;
     }
     }
-    for (int h = 0; h < 2; h++)
-        S[h] = _mm512_permutexvar_epi16(zd_scale16_index_512(h), wide);
+}
+
+/* The two scale vectors and the corrections of one super-block; returns d. */
+ZD_TARGET_AVX512 ZD_INLINE float zd_kq_prep_512(int type, const uint8_t *block, __m512i S[2], float *corr) {
+    float d;
+    __m512 c;
+    const __m128i bytes = zd_kq_scale_bytes_512(type, block, &c, &d);
+    if (type == ZD_Q4_K || type == ZD_Q5_K) {
+        _mm256_storeu_ps(corr, _mm512_castps512_ps256(c));
+        const __m512i wide = _mm512_castsi128_si512(_mm_cvtepu8_epi16(bytes));
+        for (int h = 0; h < 2; h++)
+            S[h] = _mm512_permutexvar_epi16(zd_scale32_index_512(h), wide);
+    } else {
+        _mm512_storeu_ps(corr, c);
+        const __m512i wide = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(bytes));
+        for (int h = 0; h < 2; h++)
+            S[h] = _mm512_permutexvar_epi16(zd_scale16_index_512(h), wide);
+    }
     return d;
 }
 

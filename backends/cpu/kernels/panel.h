@@ -97,19 +97,17 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_panel_put_floats(float *dst, const __m512 row
 }
 
 /* One k-quant super-block's weight scale per 16 values (d * sc) in the activation order, and its
- * corrections (zd_kq_corrections of them, the rest of the lanes undefined). */
+ * corrections (zd_kq_corrections of them, the other lanes zero). */
 ZD_TARGET_AVX512 ZD_INLINE void zd_kq_row_scales_512(int type, const uint8_t *block, __m512 *scale, __m512 *corr) {
     /* 16-value group c of the activation order is group g of the natural order: vector c / 4 =
      * 2h + e of a super-block holds sub-blocks 4h + e (bytes 0-31) and 4h + 2 + e (32-63), so
      * g = 2 (4h + 2 second + e) + c % 2 with h = c / 8, e = (c / 4) % 2, second = (c % 4) / 2 */
     const __m512i order = _mm512_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15);
-    float corr16[16] = {0.0f};   /* Q4_K, Q5_K fill 8 */
-    int sc[16];
-    /* the scales' bytes are few; the scalar unpack is shared with the scalar path */
-    const float d = zd_kq_scales_scalar(type, block, sc, corr16);
-    const __m512 natural = _mm512_cvtepi32_ps(_mm512_loadu_si512(sc));
-    *scale = _mm512_mul_ps(_mm512_permutexvar_ps(order, natural), _mm512_set1_ps(d));
-    *corr = _mm512_loadu_ps(corr16);
+    float d;
+    __m512i sc = _mm512_cvtepi8_epi32(zd_kq_scale_bytes_512(type, block, corr, &d));
+    if (type == ZD_Q4_K || type == ZD_Q5_K)   /* a scale per 32 values serves two groups of 16 */
+        sc = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7), sc);
+    *scale = _mm512_mul_ps(_mm512_permutexvar_ps(order, _mm512_cvtepi32_ps(sc)), _mm512_set1_ps(d));
 }
 
 /* Unpack the tile's rows of a k-quant type into the panel. */
