@@ -541,11 +541,13 @@ def machine_description() -> dict:
 
 
 def zephyr_revision() -> str:
-    """The git commit of the checkout (read-only git calls), '+ local changes' when the tree differs."""
+    """The git commit of the checkout (read-only git calls), '+ local changes' when the tree differs
+    outside docs/ (where runs write their results)."""
     try:
         head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":(exclude)docs"],
                                capture_output=True, text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return "?"
