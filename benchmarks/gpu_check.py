@@ -20,7 +20,7 @@ failure; a stage that would not fit the remaining budget is skipped):
 
 `--emulate` runs the correctness stages (1-4) on the kernel emulator of the tests
 (backends/cuda/emulation.py) instead of CuPy: it checks this script on a machine without a GPU,
-so a device session does not spend its minutes on a broken script (tests/test_bench_harness.py).
+so a device session does not spend its minutes on a broken script (tests/test_gpu_check.py).
 
 A Markdown table goes to stdout and, when $OUT is set (or --out is given), to $OUT/gpu_check.md.
 Targets (H100, Zephyr-7B-shaped Q4_K_M): decode >= 300 tok/s, prefill >= 5000 tok/s.
