@@ -5,8 +5,8 @@
  * dpbusd result must be scaled per block and reduced across lanes, per row and token. Here the
  * lanes are the rows: the panel holds, for every 4 consecutive values ("slice"), the 16 rows'
  * 4 unsigned quants as one 64-byte vector, so one dpbusd with the token's 4 quants broadcast
- * adds 4 products to each row's lane. A block of 32 values (or a 16-value k-quant group) is
- * then 8 (4) dpbusd into one register and a single float scaling for all 16 rows; the results
+ * adds 4 products to each row's lane. A block of 32 values (a k-quant group of 16, or of 32 for
+ * Q4_K and Q5_K) is then 8 (4, 8) dpbusd into one register and a single float scaling for all 16 rows; the results
  * are a vector of 16 rows, stored as they are. Unpacking and transposing the tile costs a
  * fixed amount per row, repaid over the batch: the path serves batches of ZD_PANEL_MIN_N tokens
  * or more.
@@ -162,8 +162,8 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_panel_fill_legacy(int type, const zd_tile *ti
     }
 }
 
-/* T tokens starting at j0 over a filled panel; `kq`: k-quant (units of 16 values, one
- * activation scale per 256) or legacy (blocks of 32, one activation scale each). */
+/* T tokens starting at j0 over a filled panel; `kq`: k-quant (units of 16 values, taken in
+ * pairs for Q4_K and Q5_K, one activation scale per 256) or legacy (blocks of 32, one activation scale each). */
 ZD_TARGET_AVX512 ZD_INLINE void zd_panel_tokens(const int kq, const int T, int type, const zd_tile *tile,
                                                 const zd_panel *p, int64_t j0) {
     const zd_act *x = tile->x;
