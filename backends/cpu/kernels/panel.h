@@ -6,10 +6,10 @@
  * lanes are the rows: the panel holds, for every 4 consecutive values ("slice"), the 16 rows'
  * 4 unsigned quants as one 64-byte vector, so one dpbusd with the token's 4 quants broadcast
  * adds 4 products to each row's lane. A block of 32 values (a k-quant group of 16, or of 32 for
- * Q4_K and Q5_K) is then 8 (4, 8) dpbusd into one register and a single float scaling for all 16 rows; the results
- * are a vector of 16 rows, stored as they are. Unpacking and transposing the tile costs a
- * fixed amount per row, repaid over the batch: the path serves batches of ZD_PANEL_MIN_N tokens
- * or more.
+ * Q4_K and Q5_K) is then 8 (4, 8) dpbusd into one register and a single float scaling for all
+ * 16 rows; the results are a vector of 16 rows, stored as they are. Unpacking and transposing
+ * the tile costs a fixed amount per row, repaid over the batch: the path serves batches of
+ * ZD_PANEL_MIN_N tokens or more.
  *
  * Per row, the panel stores per unit (legacy block of 32; k-quant group of 16) a float weight
  * scale (dw; d * sc for k-quants) and per correction unit (as tile.h: 32 values, 16 for Q2_K,
