@@ -70,6 +70,13 @@ def test_named_sections_are_replaced_apart(bench):
     assert text.index(bench.END_MARKER) < text.index(begin)
 
 
+def test_section_names_must_be_safe_in_a_comment(bench, capsys):
+    assert bench.parse_args(["--section", "other-quants"]).section == "other-quants"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--section", "x-->"])
+    assert "--section" in capsys.readouterr().err
+
+
 def test_unpaired_markers_are_refused(bench):
     with pytest.raises(ValueError, match="unpaired"):
         bench.replace_generated_section(f"{bench.BEGIN_MARKER}\nhalf a section\n", "new\n")

@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py on the CPU kernel emulator (--emulate): the script a device session runs
-must work before the session starts. Small attention shapes, a small vocabulary and few decode steps keep it quick."""
+must work before the session starts. Small attention shapes, a small vocabulary and few decode
+steps keep it quick."""
 import importlib.util
 from pathlib import Path
 

@@ -175,4 +175,4 @@ _PREFIXES = (
     ("add", "elementwise"), ("swiglu", "elementwise"), ("to_f16", "elementwise"),
 )
 FIRST_KERNEL = {"attention": "attention", "dequant": "embed_f32", "elementwise": "add", "matvec": "mv_f32_1",
-                 "norm": "rms_norm", "quantize": "quantize_q8_0", "rope": "rope"}
+                "norm": "rms_norm", "quantize": "quantize_q8_0", "rope": "rope"}
