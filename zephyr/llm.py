@@ -206,7 +206,7 @@ class LLM:
         finish = "stop"
         generation = self.generate(prompt_tokens, **{k: settings[k] for k in (
             "top_k", "top_p", "temperature", "repetition_penalty", "last_n_tokens", "seed", "batch_size",
-            "threads", "reset")}, min_p=settings.get("min_p", 0.0))
+            "threads", "reset")}, min_p=settings["min_p"])
         try:
             count = 0
             for token in generation:

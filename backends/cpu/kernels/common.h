@@ -56,6 +56,7 @@ static int zd_best_isa(void) {
 }
 
 static inline int64_t zd_min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t zd_max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 /* This thread's number and its team's size inside a parallel region (0 and 1 without OpenMP). */
 #ifdef _OPENMP
@@ -65,7 +66,6 @@ static inline int zd_team_size(void) { return omp_get_num_threads(); }
 static inline int zd_thread_num(void) { return 0; }
 static inline int zd_team_size(void) { return 1; }
 #endif
-static inline int64_t zd_max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 /* A barrier for the threads of one parallel region. It spins briefly (the usual wait is a few
  * microseconds), then yields the CPU while it waits: on a machine shared with other work, a

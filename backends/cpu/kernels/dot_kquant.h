@@ -160,6 +160,14 @@ static float zd_kq_unpack_scalar(int type, const uint8_t *block, uint8_t u[256],
     return zd_kq_scales_scalar(type, block, sc, corr);
 }
 
+/* A super-block's integer sum: each 16-value group's u . q times its scale. */
+static inline int zd_kq_int_dot_scalar(const uint8_t u[256], const int sc[16], const int8_t *q) {
+    int acc = 0;
+    for (int g = 0; g < 16; g++)
+        acc += sc[g] * zd_dot_u8_s8_scalar(u + 16 * g, q + 16 * g, 16);
+    return acc;
+}
+
 /* R = 1 row, up to T = 4 tokens. */
 static inline void zd_kq_tile_scalar(int type, const zd_tile *tile) {
     const zd_act *x = tile->x;
@@ -172,14 +180,7 @@ static inline void zd_kq_tile_scalar(int type, const zd_tile *tile) {
         const float d = zd_kq_unpack_scalar(type, tile->w + sb * bytes, u, sc, tile->cbuf + sb * nc);
         for (int64_t j = 0; j < tile->nt; j++) {
             const int8_t *q = x->q + (tile->t0 + j) * x->q_stride + 256 * sb;
-            int acc = 0;
-            for (int g = 0; g < 16; g++) {
-                int sum = 0;
-                for (int l = 0; l < 16; l++)
-                    sum += u[16 * g + l] * q[16 * g + l];
-                acc += sc[g] * sum;
-            }
-            total[j] += d * x->d[(tile->t0 + j) * x->d_stride + sb] * (float)acc;
+            total[j] += d * x->d[(tile->t0 + j) * x->d_stride + sb] * (float)zd_kq_int_dot_scalar(u, sc, q);
         }
     }
     for (int64_t j = 0; j < tile->nt; j++) {

@@ -88,10 +88,7 @@ static inline void zd_legacy_tile_scalar(int type, const zd_tile *tile) {
         zd_legacy_unpack_scalar(type, block, u);
         for (int64_t j = 0; j < tile->nt; j++) {
             const int8_t *q = x->q + (tile->t0 + j) * x->q_stride + 32 * b;
-            int sum = 0;
-            for (int l = 0; l < 32; l++)
-                sum += u[l] * q[l];
-            total[j] += dw * x->d[(tile->t0 + j) * x->d_stride + b] * (float)sum;
+            total[j] += dw * x->d[(tile->t0 + j) * x->d_stride + b] * (float)zd_dot_u8_s8_scalar(u, q, 32);
         }
     }
     for (int64_t j = 0; j < tile->nt; j++)

@@ -173,18 +173,12 @@ static float zd_x16_block_dot_scalar(int base, const uint8_t *block, const zd_ac
         int sc[16];
         float corr[8];
         const float d = zd_kq_unpack_scalar(base, block, u, sc, corr);
-        int acc = 0;
-        for (int v = 0; v < 256; v++)
-            acc += sc[v / 16] * u[v] * q[256 * b + v];
-        return d * xd * (float)acc + zd_dot_f32_scalar(corr, xs + 8 * b, 8);
+        return d * xd * (float)zd_kq_int_dot_scalar(u, sc, q + 256 * b) + zd_dot_f32_scalar(corr, xs + 8 * b, 8);
     }
     uint8_t u[32];
     const float dw = zd_f16_to_f32(zd_u16_at(block));
     zd_legacy_unpack_scalar(base, block, u);
-    int sum = 0;
-    for (int v = 0; v < 32; v++)
-        sum += u[v] * q[32 * b + v];
-    return dw * xd * (float)sum + zd_legacy_corr(base, block, dw) * xs[b];
+    return dw * xd * (float)zd_dot_u8_s8_scalar(u, q + 32 * b, 32) + zd_legacy_corr(base, block, dw) * xs[b];
 }
 
 /* Scalar, for the paths without AVX-512 (weights interleaved for AVX-512 and the path forced

@@ -183,6 +183,15 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_rows16_store(const zd_tile *tile, int64_t j, 
 }
 #endif
 
+/* The integer dot product of n unsigned weight quants and signed activation quants (the
+ * scalar paths' inner loop). */
+static inline int zd_dot_u8_s8_scalar(const uint8_t *u, const int8_t *q, int n) {
+    int sum = 0;
+    for (int i = 0; i < n; i++)
+        sum += u[i] * q[i];
+    return sum;
+}
+
 /* ---- the correction dot product dot(c, s) of n floats, one per ISA ------------------------- */
 
 static inline float zd_dot_f32_scalar(const float *ZD_RESTRICT a, const float *ZD_RESTRICT b, int64_t n) {
