@@ -37,7 +37,7 @@ extensions = [cpu_extension(name) for name in ("_openmp", "_ops")]
 
 setup(
     package_dir={"zephyr": "zephyr", "zephyr_backends": "backends"},
-    packages=["zephyr", "zephyr.server", "zephyr.integrations", "zephyr_backends", "zephyr_backends.reference",
+    packages=["zephyr", "zephyr.server", "zephyr.integrations", "zephyr.testing", "zephyr_backends", "zephyr_backends.reference",
               "zephyr_backends.cpu", "zephyr_backends.cuda"],
     package_data={"zephyr_backends.cpu": ["kernels/*.h", "*.pyx", "*.pxd"], "zephyr.server": ["static/*.html"],
                   "zephyr_backends.cuda": ["kernels/*.cu", "kernels/*.cuh"]},

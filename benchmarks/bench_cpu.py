@@ -353,7 +353,7 @@ def warm_page_cache(path: Path) -> float:
 
 
 def synthetic_size_estimate(layout: str) -> int:
-    from zephyr.synthetic import PRESETS, llama_tensors
+    from zephyr.testing.synthetic import PRESETS, llama_tensors
     return sum(-(-t.nbytes // 32) * 32 for t in llama_tensors(PRESETS["zephyr-7b"], layout)) + (8 << 20)
 
 
@@ -361,7 +361,7 @@ def ensure_synthetic(layout: str, cache: Path) -> Path:
     """The zephyr-7b file of `layout` in `cache`, written (atomically, once) if it is not there yet."""
     from zephyr import gguf
     from zephyr.errors import GGUFError
-    from zephyr.synthetic import LAYOUT_FILE_TYPES, write_llama_model
+    from zephyr.testing.synthetic import LAYOUT_FILE_TYPES, write_llama_model
 
     path = cache / f"zephyr-7b-synthetic.{layout}.gguf"
     if path.exists():

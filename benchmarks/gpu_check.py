@@ -245,7 +245,7 @@ def check_tiny_model(report, workdir, make_backend):
     from zephyr.config import ModelConfig
     from zephyr.model import LlamaModel
     from zephyr.placement import Placement
-    from zephyr.synthetic import write_llama_model
+    from zephyr.testing.synthetic import write_llama_model
     path = workdir / "tiny-Q4_K_M.gguf"
     write_llama_model(path, "tiny", "Q4_K_M", vocab_size=TINY_VOCAB)
     file = gguf.read(path)
@@ -312,7 +312,7 @@ def bandwidth(report):
 
 
 def build_7b(report, workdir):
-    from zephyr.synthetic import write_llama_model
+    from zephyr.testing.synthetic import write_llama_model
     path = workdir / "zephyr-7b-Q4_K_M.gguf"
     t = time.perf_counter()
     write_llama_model(path, "zephyr-7b", "Q4_K_M")

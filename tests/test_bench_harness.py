@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from zephyr import gguf
-from zephyr.synthetic import PRESETS, llama_tensors, write_llama_model
+from zephyr.testing.synthetic import PRESETS, llama_tensors, write_llama_model
 
 BENCH_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_cpu.py"
 

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from zephyr.cli import main
-from zephyr.synthetic import write_llama_model
+from zephyr.testing.synthetic import write_llama_model
 
 
 @pytest.fixture(scope="module")

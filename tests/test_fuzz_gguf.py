@@ -1,7 +1,7 @@
 """Hostile model files: every malformed GGUF must end in a zephyr error with a useful message.
 
 Never a segfault, a hang, another exception type, or an allocation of what the file merely claims:
-each case runs in a child process (tests/fuzz_worker.py) that has its address space capped and is
+each case runs in a child process (tests/support/fuzz_worker.py) that has its address space capped and is
 watched for crashes and timeouts. The cases:
 
 * a structure-aware mutation corpus: the fields of two real files (a tiny synthetic Q4_K_M model
@@ -26,11 +26,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fuzz_worker import UNDER_ASAN, FuzzWorker
+from support.fuzz_worker import UNDER_ASAN, FuzzWorker
 from zephyr.gguf import GGUFValueType as V
-from zephyr.gguf_writer import TensorSpec, Typed, write_gguf
+from zephyr.testing.gguf_writer import TensorSpec, Typed, write_gguf
 from zephyr.quants import TYPE_INFO, GGMLType
-from zephyr.synthetic import PRESETS, llama_metadata, llama_tensors, minimal_llama_vocab
+from zephyr.testing.synthetic import PRESETS, llama_metadata, llama_tensors, minimal_llama_vocab
 
 SCALE = max(1, int(os.environ.get("ZEPHYR_FUZZ_SCALE", "1")))
 SHAPE = replace(PRESETS["tiny"], vocab_size=300)   # tiny preset, small vocabulary: fast to load

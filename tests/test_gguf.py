@@ -8,9 +8,9 @@ import pytest
 from zephyr import gguf
 from zephyr.errors import GGUFError
 from zephyr.gguf import GGUFValueType as V
-from zephyr.gguf_writer import TensorSpec, Typed, encode_header, write_gguf
+from zephyr.testing.gguf_writer import TensorSpec, Typed, encode_header, write_gguf
 from zephyr.quants import TYPE_INFO, GGMLType
-from zephyr.synthetic import PRESETS, llama_metadata, llama_tensors, minimal_llama_vocab
+from zephyr.testing.synthetic import PRESETS, llama_metadata, llama_tensors, minimal_llama_vocab
 
 
 # -- a raw builder, so tests can write files no honest writer would ---------------------------

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from zephyr import AutoModelForCausalLM, ZephyrError
-from zephyr.gguf_writer import TensorSpec, write_gguf
+from zephyr.testing.gguf_writer import TensorSpec, write_gguf
 from zephyr.quants import GGMLType
-from zephyr.synthetic import PRESETS, ModelShape, llama_metadata, llama_tensors, minimal_llama_vocab, write_llama_model
+from zephyr.testing.synthetic import PRESETS, ModelShape, llama_metadata, llama_tensors, minimal_llama_vocab, write_llama_model
 
 SMALL = replace(PRESETS["tiny"], vocab_size=300)
 PROMPTS = ["one", "two three four"]

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zephyr import AutoModelForCausalLM, ContextOverflowError, InsufficientMemoryError, memory, model
-from zephyr.synthetic import PRESETS, write_llama_model
+from zephyr.testing.synthetic import PRESETS, write_llama_model
 
 SMALL = replace(PRESETS["tiny"], vocab_size=300)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from zephyr import AutoModelForCausalLM, Config, ContextOverflowError, ZephyrError
-from zephyr.synthetic import write_llama_model
+from zephyr.testing.synthetic import write_llama_model
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 REFERENCE = json.loads((Path(__file__).parent / "data" / "smollm2_greedy_reference.json").read_text())

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from zephyr import AutoModelForCausalLM, BackendError
-from zephyr.synthetic import LAYOUTS, write_llama_model
+from zephyr.testing.synthetic import LAYOUTS, write_llama_model
 
 # Both backends round activations to 8-bit blocks before each quantised matmul. A float-rounding
 # difference upstream can move one activation across a rounding boundary, which shifts a random

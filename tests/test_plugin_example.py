@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from zephyr import hookspecs
-from zephyr.synthetic import write_llama_model
+from zephyr.testing.synthetic import write_llama_model
 
 ROOT = Path(__file__).parents[1]
 EXAMPLE = ROOT / "examples" / "zephyr-example-backend"

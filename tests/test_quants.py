@@ -5,7 +5,8 @@ import pytest
 
 from zephyr import gguf as zgguf
 from zephyr.quants import (QK, QK_K, SUPPORTED_TYPES, TYPE_INFO, GGMLType, _DEQUANTIZERS, _k_scale_min,
-                           _pack_k_scale_min, dequantize, quantize_q8_0, quantize_q8_k, random_blocks)
+                           _pack_k_scale_min, dequantize, quantize_q8_0, quantize_q8_k)
+from zephyr.testing.blocks import random_blocks
 
 QUANT_TYPES = sorted(t for t in SUPPORTED_TYPES if TYPE_INFO[t].block_size > 1)
 FLOAT_TYPES = [GGMLType.F32, GGMLType.F16, GGMLType.BF16]

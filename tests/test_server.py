@@ -21,7 +21,7 @@ import uvicorn  # noqa: E402
 
 from zephyr import AutoModelForCausalLM  # noqa: E402
 from zephyr.server import create_app  # noqa: E402
-from zephyr.synthetic import write_llama_model  # noqa: E402
+from zephyr.testing.synthetic import write_llama_model  # noqa: E402
 
 TIMEOUT = 120   # seconds any one request may take on a busy 2-core machine
 

@@ -20,7 +20,7 @@ httpx = pytest.importorskip("httpx")
 from test_server import free_port, live_server  # noqa: E402
 
 from zephyr import AutoModelForCausalLM  # noqa: E402
-from zephyr.synthetic import PRESETS, write_llama_model  # noqa: E402
+from zephyr.testing.synthetic import PRESETS, write_llama_model  # noqa: E402
 
 TIMEOUT = 120
 SMALL = replace(PRESETS["tiny"], vocab_size=300)

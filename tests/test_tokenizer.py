@@ -15,7 +15,7 @@ import pytest
 
 from zephyr import gguf
 from zephyr.errors import TokenizerError
-from zephyr.spm_model import read_spm_model
+from zephyr.testing.spm_model import read_spm_model
 from zephyr.tokenizer import SUPPORTED_PRE_TOKENIZERS, Tokenizer
 
 DATA = Path(__file__).parent / "data"

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from zephyr.testing.blocks import random_blocks
 from zephyr import quants
 from zephyr.backend import Weight
 from zephyr.quants import GGMLType
@@ -11,6 +12,6 @@ from zephyr.quants import GGMLType
 def make_weight():
     """make_weight(type, shape, seed=0) -> a Weight of random, finite values."""
     def make(type, shape, seed=0, name="w"):
-        data = quants.random_blocks(type, shape, np.random.default_rng(seed))
+        data = random_blocks(type, shape, np.random.default_rng(seed))
         return Weight(name, GGMLType(type), tuple(shape), data)
     return make

@@ -10,6 +10,7 @@ import mmap
 import numpy as np
 import pytest
 
+from zephyr.testing.blocks import random_blocks
 from zephyr import quants
 from zephyr.backend import Weight
 from zephyr.memory import release_pages
@@ -53,7 +54,7 @@ def interleaved(data, m, k, type=GGMLType.Q4_0):
 def test_interleaved_matmul_matches_reference(isa, type):
     rng = np.random.default_rng(5)
     for m, k in shapes(type):
-        data = quants.random_blocks(type, (m, k), rng)
+        data = random_blocks(type, (m, k), rng)
         code, packed = interleaved(data, m, k, type)
         w = quants.dequantize(data, type, (m, k)).astype(np.float64)
         for n in (1, 3, 4, 5, 17):
@@ -76,7 +77,7 @@ def test_interleaved_matmul_matches_reference(isa, type):
 def test_interleaved_rows_decode_exactly(type):
     rng = np.random.default_rng(6)
     m, k = shapes(type)[-1]
-    data = quants.random_blocks(type, (m, k), rng)
+    data = random_blocks(type, (m, k), rng)
     code, packed = interleaved(data, m, k, type)
     out = np.empty((m, k), np.float32)
     _ops.embed(packed, code, m, np.arange(m, dtype=np.int32)[::-1].copy(), out, 2)
@@ -88,7 +89,7 @@ def test_interleaved_rows_decode_exactly(type):
 def test_fast_copy_matches_the_word_by_word_copy(type):
     rng = np.random.default_rng(10)
     for m, k in shapes(type):
-        data = quants.random_blocks(type, (m, k), rng)
+        data = random_blocks(type, (m, k), rng)
         code, packed = interleaved(data, m, k, type)
         want_code, want = _ops._interleave_reference(data, int(type), m, k)
         assert code == want_code
@@ -111,7 +112,7 @@ def test_which_matrices_are_interleaved():
 
 @needs_avx512
 def test_interleaved_buffers_are_checked():
-    data = quants.random_blocks(GGMLType.Q4_0, (20, 64), np.random.default_rng(7))
+    data = random_blocks(GGMLType.Q4_0, (20, 64), np.random.default_rng(7))
     code, packed = interleaved(data, 20, 64)
     with pytest.raises(ValueError, match="smaller"):     # 20 rows are read as two whole groups (32 rows)
         _ops.matmul(np.ones((1, 64), np.float32), packed[:20 * 36], code, 20, np.empty((1, 20), np.float32), 1)

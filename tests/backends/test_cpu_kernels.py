@@ -11,6 +11,7 @@ rounding error), not against the output itself, which may be small after cancell
 import numpy as np
 import pytest
 
+from zephyr.testing.blocks import random_blocks
 from zephyr import quants
 from zephyr.backend import Weight
 from zephyr.quants import GGMLType, SUPPORTED_TYPES, TYPE_INFO
@@ -73,7 +74,7 @@ def test_matmul_matches_reference(isa, type):
     rng = np.random.default_rng(int(type))
     for k in widths(type):
         for m in (1, 5, 13, 37):
-            data = quants.random_blocks(type, (m, k), rng)
+            data = random_blocks(type, (m, k), rng)
             for n in (1, 3, 17, 22):   # 17 and 22 tokens: prefill panels (panel.h), with remainders
                 x = rng.standard_normal((n, k)).astype(np.float32)
                 out = np.empty((n, m), np.float32)
@@ -88,7 +89,7 @@ def test_a_token_gets_the_same_value_alone_or_in_a_batch(isa, type):
     """A value depends neither on its tile position nor on the thread count."""
     rng = np.random.default_rng(1)
     m, k, n = 13, widths(type)[-1], 7
-    data = quants.random_blocks(type, (m, k), rng)
+    data = random_blocks(type, (m, k), rng)
     x = rng.standard_normal((n, k)).astype(np.float32)
     batch = np.empty((n, m), np.float32)
     _ops.matmul(x, data, int(type), m, batch, 2)

@@ -7,6 +7,7 @@ composed from the CPU backend's own ops it is what the fused layer must equal bi
 import numpy as np
 import pytest
 
+from zephyr.testing.blocks import random_blocks
 from zephyr import quants
 from zephyr.backend import Backend, LayerParams, LayerWeights, Weight
 from zephyr.errors import BackendError
@@ -29,7 +30,7 @@ def layer_weights(types, seed=0):
     rng = np.random.default_rng(seed)
 
     def matrix(type, rows, cols):
-        return Weight("w", type, (rows, cols), quants.random_blocks(type, (rows, cols), rng, scale=0.05))
+        return Weight("w", type, (rows, cols), random_blocks(type, (rows, cols), rng, scale=0.05))
 
     def norm():
         values = (1 + 0.1 * rng.standard_normal(D)).astype(np.float32)

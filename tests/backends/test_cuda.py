@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from zephyr.testing.blocks import random_blocks
 from zephyr import AutoModelForCausalLM, plugins, quants
 from zephyr.backend import LayerParams, Weight
 from zephyr.quants import GGMLType, SUPPORTED_TYPES, TYPE_INFO
-from zephyr.synthetic import write_llama_model
+from zephyr.testing.synthetic import write_llama_model
 from zephyr_backends.cuda import emulation, layout, runtime
 from zephyr_backends.cuda.backend import CudaBackend
 from zephyr_backends.cuda.graphs import DecodeGraphs, LayerCall
@@ -155,7 +156,7 @@ def test_nvrtc_compiles_every_kernel_file(file):
 def test_layout_keeps_every_bit(type):
     info = TYPE_INFO[type]
     rows, cols = 3, (37 if info.block_size == 1 else 2 * info.block_size)
-    raw = quants.random_blocks(type, (rows, cols), np.random.default_rng(0))
+    raw = random_blocks(type, (rows, cols), np.random.default_rng(0))
     buffer, planes = layout.pack(np, raw, type, rows, cols)
     assert buffer.size % layout.ALIGN == 0
     assert all((p.ctypes.data - buffer.ctypes.data) % layout.ALIGN == 0 for p in planes)   # device buffers are 256-aligned
@@ -323,7 +324,7 @@ def run(backend, op, *args, **kwargs):
 
 
 def weight(type, shape, seed=0):
-    return Weight("w", type, tuple(shape), quants.random_blocks(type, shape, np.random.default_rng(seed)))
+    return Weight("w", type, tuple(shape), random_blocks(type, shape, np.random.default_rng(seed)))
 
 
 def width(type):

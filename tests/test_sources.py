@@ -11,7 +11,7 @@ import pytest
 
 from zephyr import AutoModelForCausalLM
 from zephyr.sources import ModelNotFoundError, choose_default_file, load_progress, quant_of
-from zephyr.synthetic import write_llama_model
+from zephyr.testing.synthetic import write_llama_model
 
 hub = pytest.importorskip("huggingface_hub")
 from huggingface_hub import constants  # noqa: E402

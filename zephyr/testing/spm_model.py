@@ -8,7 +8,7 @@ so the result can go straight into `tokenizer.ggml.tokens/scores/token_type`.
 import struct
 from pathlib import Path
 
-from .errors import TokenizerError
+from ..errors import TokenizerError
 
 # Protobuf wire types.
 _VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5

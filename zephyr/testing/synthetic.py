@@ -8,8 +8,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .gguf_writer import TensorSpec, Typed, write_gguf
-from .gguf import GGUFValueType
-from .quants import GGMLType, random_blocks
+from ..gguf import GGUFValueType
+from ..quants import GGMLType
+from .blocks import random_blocks
 
 T = GGMLType
 
@@ -174,7 +175,7 @@ def llama_tensors(shape: ModelShape, layout: str, seed: int = 0):
 def write_llama_model(path, shape="tiny", layout="Q4_K_M", vocab=None, name="huggingfaceh4_zephyr-7b-beta",
                       seed=0, chat_template=None, **overrides):
     """Write a synthetic llama-architecture GGUF. `shape` is a preset name or a ModelShape; `vocab`
-    is (tokens, scores, token_types), e.g. from zephyr.spm_model.read_spm_model, or a minimal one."""
+    is (tokens, scores, token_types), e.g. from zephyr.testing.spm_model.read_spm_model, or a minimal one."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     shape = PRESETS[shape] if isinstance(shape, str) else shape

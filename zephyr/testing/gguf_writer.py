@@ -9,8 +9,8 @@ from typing import Any, Callable, Union
 
 import numpy as np
 
-from .gguf import DEFAULT_ALIGNMENT, GGUF_MAGIC, SCALAR_DTYPES, GGUFValueType
-from .quants import TYPE_INFO, GGMLType
+from ..gguf import DEFAULT_ALIGNMENT, GGUF_MAGIC, SCALAR_DTYPES, GGUFValueType
+from ..quants import TYPE_INFO, GGMLType
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ Parent side: `FuzzWorker(tmp_dir).run(content)` writes `content` to a file, has 
 and returns an `Outcome`. A segfault, abort, or a case running past its timeout kills the child
 (it is restarted for the next case) and comes back as an outcome the tests fail on.
 
-Child side (`python tests/fuzz_worker.py <model>`): warms up on a good model, then caps its
+Child side (`python tests/support/fuzz_worker.py <model>`): warms up on a good model, then caps its
 address space at what it uses plus `HEADROOM_BYTES`, so a case that tries to allocate what a file
 merely claims dies with MemoryError instead of taking the machine down. For each case it runs
 `zephyr.gguf.read`, and for "load" cases `AutoModelForCausalLM.from_pretrained` plus a short greedy
