@@ -45,8 +45,8 @@ def test_kv_cache_is_refused_before_it_is_allocated(small_path, monkeypatch):
     monkeypatch.setattr(memory, "available_memory", lambda: 64 << 20)
     tracemalloc.start()
     try:
-        with pytest.raises(InsufficientMemoryError, match=r"KV cache for 100000 positions needs 0\.19 GiB but only "
-                                                          r"0\.06 GiB .* smaller context_length"):
+        with pytest.raises(InsufficientMemoryError, match=r"KV cache on cpu \(1 x 100000 positions, F16\) needs "
+                                                          r"0\.10 GiB but only 0\.06 GiB .* smaller context_length"):
             AutoModelForCausalLM.from_pretrained(str(small_path), context_length=100_000)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -61,12 +61,13 @@ def test_kv_cache_respects_an_address_space_limit(small_path):
         from zephyr import AutoModelForCausalLM, InsufficientMemoryError
         resource.setrlimit(resource.RLIMIT_AS, (3 << 30, resource.RLIM_INFINITY))
         try:
-            AutoModelForCausalLM.from_pretrained({str(small_path)!r}, context_length=2_000_000)
+            AutoModelForCausalLM.from_pretrained({str(small_path)!r}, context_length=4_000_000)
         except InsufficientMemoryError as exc:
             print("refused:", exc)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert "refused: the KV cache for 2000000 positions needs 3.81 GiB" in done.stdout, done.stdout + done.stderr
+    assert "refused: the KV cache on cpu (1 x 4000000 positions, F16) needs 3.81 GiB" in done.stdout, \
+        done.stdout + done.stderr
 
 
 def test_working_buffers_of_a_huge_batch_are_refused_before_allocation(llm, monkeypatch, forward_calls):

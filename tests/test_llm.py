@@ -184,7 +184,7 @@ def test_close_and_context_manager(tiny_path):
 
 def test_a_cache_that_cannot_fit_is_refused_before_allocation(tiny_path):
     from zephyr import InsufficientMemoryError
-    with pytest.raises(InsufficientMemoryError, match="KV cache for 1000000000 positions needs .* smaller context_length"):
+    with pytest.raises(InsufficientMemoryError, match=r"KV cache on cpu \(1 x 1000000000 positions, F16\) needs .* smaller context_length"):
         AutoModelForCausalLM.from_pretrained(str(tiny_path), context_length=10**9)
 
 

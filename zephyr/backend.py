@@ -1,45 +1,39 @@
-"""The backend interface: what every compute backend (built-in or third-party) implements.
+"""The backend contract: what every compute backend (built-in or third-party) implements.
 
 The model graph (zephyr.model) only ever calls these operations; it never sees SIMD, CUDA or
-quant block layouts. Arrays that a backend returns ("activations") are its own type (numpy for CPU
+quant block layouts. Arrays a backend returns ("activations") are its own type (numpy for host
 backends, device arrays for GPU ones); they cross to another backend only through `to_host` and
 `from_host`.
 
-Shapes: n = tokens in the batch, k = input width, m = output rows, d = model width,
-hd = head dim, h = query heads, h_kv = key/value heads, T = cache length.
+The numeric contract, which conformance (tests/backends/test_conformance.py) holds every backend to:
+- matmul with a quantised weight multiplies 8-bit activations: x is first rounded to the weight
+  type's activation type (`quants.TypeInfo.activation_type`: Q8_0 blocks for Q4_0..Q8_0, Q8_K
+  for the k-quants; `quants.round_activations` does it), as llama.cpp and every zephyr backend do.
+  Float weights take x as it is. Then float arithmetic.
+- every op then agrees with the reference backend (float64) to 1e-4 of the largest output value.
+  A textbook float matmul that skips the rounding misses by 4e-3 (Q4_0) to 7e-3 (Q4_K).
+- attention reads the cache's values as stored (rounded to f16 or Q8_0 by the cache type).
+
+Shapes: n = tokens in the batch, k = input width, m = output rows, d = model width, hd = head
+dim, h = query heads, h_kv = key/value heads, S = sequences in the cache, T = its positions.
 """
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
 
+from . import memory
 from .errors import BackendError
-from .quants import GGMLType
+from .quants import TYPE_INFO, GGMLType, dequantize, quantize_q8_0
 
-# Bumped whenever the abstract methods below change in an incompatible way.
-BACKEND_API_VERSION = 1
+# Bumped whenever the contract below changes in an incompatible way.
+BACKEND_API_VERSION = 2
 
-OPS = ("matmul", "embed", "rms_norm", "rope", "attention", "swiglu", "add", "decoder_layer")
+# KV cache element types by the names users give them (llama.cpp's --cache-type-k names).
+KV_CACHE_TYPES = {"f32": GGMLType.F32, "f16": GGMLType.F16, "q8_0": GGMLType.Q8_0}
 
 
-def check_activation(x, name, array_type, kind, cols=None, rows=None, contiguous_hint=""):
-    """x itself, if it is a C-contiguous float32 [rows, cols] `array_type` (the backend's array
-    class; `kind` names it in messages), else a BackendError saying what is wrong. The check every
-    backend makes of the activations its ops are given."""
-    if not isinstance(x, array_type):
-        raise BackendError(f"{name} must be a {kind} array (use from_host), got {type(x).__name__}")
-    if x.dtype != np.float32:
-        raise BackendError(f"{name} must be float32, got {x.dtype}")
-    if x.ndim != 2:
-        raise BackendError(f"{name} must be 2-D [n, width], got shape {x.shape}")
-    if not x.flags.c_contiguous:
-        raise BackendError(f"{name} must be C-contiguous{contiguous_hint}")
-    if cols is not None and x.shape[1] != cols:
-        raise BackendError(f"{name} has width {x.shape[1]}, expected {cols}")
-    if rows is not None and x.shape[0] != rows:
-        raise BackendError(f"{name} has {x.shape[0]} rows, expected {rows}")
-    return x
-
+# -- what the ops take --------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Weight:
@@ -73,6 +67,8 @@ class LayerWeights:
     w_up: object        # [f, d]
     w_down: object      # [d, f]
 
+    MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
 
 @dataclass(frozen=True)
 class LayerParams:
@@ -89,6 +85,209 @@ class LayerParams:
 
 
 @dataclass(frozen=True)
+class CacheShape:
+    """What `new_kv_cache` allocates: for each of `n_layers` layers, keys and values of
+    `n_seqs` sequences x `n_ctx` positions x `n_kv_heads` heads, a row of `head_dim` values of
+    `type` (F32, F16 or Q8_0) per head."""
+
+    n_layers: int
+    n_seqs: int
+    n_ctx: int
+    n_kv_heads: int
+    head_dim: int
+    type: GGMLType = GGMLType.F16
+
+    def __post_init__(self):
+        for name in ("n_layers", "n_seqs", "n_ctx", "n_kv_heads", "head_dim"):
+            as_index(getattr(self, name), name, minimum=1)
+        if self.type not in KV_CACHE_TYPES.values():
+            raise BackendError(f"KV cache type {self.type!r} is not one of {', '.join(KV_CACHE_TYPES)}")
+        block = TYPE_INFO[self.type].block_size
+        if self.head_dim % block:
+            raise BackendError(f"a {self.type.name} KV cache needs a head size that is a multiple of {block}, "
+                               f"got {self.head_dim}; use kv_cache_type='f16'")
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one head's key (or value) at one position."""
+        return TYPE_INFO[self.type].row_bytes(self.head_dim)
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.n_layers * self.n_seqs * self.n_ctx * self.n_kv_heads * self.row_bytes
+
+
+class Batch:
+    """Where the n tokens of one forward pass sit: token i at position `positions[i]` of
+    sequence `seqs[i]` of the KV cache.
+
+    Attention stores token i's key and value at that row of its sequence, then token i attends to
+    rows 0..positions[i] of the same sequence (the last `window` of them with a sliding window):
+    rows written by this batch or earlier ones, which the caller guarantees exist. No two tokens
+    of a batch share a (sequence, position).
+    """
+
+    __slots__ = ("positions", "seqs")
+
+    def __init__(self, positions, seqs):
+        positions, seqs = _index_array(positions, "positions"), _index_array(seqs, "seqs")
+        if positions.shape != seqs.shape:
+            raise BackendError(f"a batch needs a sequence for every position: {positions.size} positions, "
+                               f"{seqs.size} sequences")
+        self.positions, self.seqs = positions, seqs
+
+    @classmethod
+    def of(cls, start: int, n: int, seq: int = 0) -> "Batch":
+        """n tokens at positions start.. of one sequence."""
+        start, n, seq = as_index(start, "start"), as_index(n, "n"), as_index(seq, "seq")
+        return cls(np.arange(start, start + n, dtype=np.int32), np.full(n, seq, np.int32))
+
+    def __len__(self):
+        return self.positions.size
+
+    def __eq__(self, other):
+        return (isinstance(other, Batch) and np.array_equal(self.positions, other.positions)
+                and np.array_equal(self.seqs, other.seqs))
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"Batch({[(int(s), int(p)) for s, p in zip(self.seqs, self.positions)]})"
+
+    def runs(self) -> list:
+        """Maximal stretches of tokens that follow each other in one sequence, as
+        (first token, count, sequence, first position)."""
+        runs, first = [], 0
+        for i in range(1, len(self) + 1):
+            if (i == len(self) or self.seqs[i] != self.seqs[first]
+                    or self.positions[i] != self.positions[first] + (i - first)):
+                runs.append((first, i - first, int(self.seqs[first]), int(self.positions[first])))
+                first = i
+        return runs
+
+
+# -- the checks every backend makes ------------------------------------------------------------
+
+def as_index(value, name, minimum=0) -> int:
+    """`value` as an int, if it is an integer >= minimum (never a bool), else a BackendError."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise BackendError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _index_array(values, name) -> np.ndarray:
+    values = np.asarray(values)
+    if values.ndim != 1 or not (values.dtype.kind in "iu" or values.size == 0):
+        raise BackendError(f"batch {name} must be a 1-D integer array, got {values.dtype} shape {values.shape}")
+    if values.size and (values.min() < 0 or values.max() > np.iinfo(np.int32).max):
+        raise BackendError(f"batch {name} must lie in [0, 2**31), got {values.min()}..{values.max()}")
+    values = np.ascontiguousarray(values, dtype=np.int32)
+    values.flags.writeable = False
+    return values
+
+
+def as_positions(positions, n) -> np.ndarray:
+    """`positions` as a read-only int32 [n] array, if they are n integers in [0, 2**31)."""
+    positions = _index_array(positions, "positions")
+    if positions.size != n:
+        raise BackendError(f"{positions.size} positions for {n} rows")
+    return positions
+
+
+def check_activation(x, name, array_type, kind, cols=None, rows=None, contiguous_hint=""):
+    """x itself, if it is a C-contiguous float32 [rows, cols] `array_type` (the backend's array
+    class; `kind` names it in messages), else a BackendError saying what is wrong."""
+    if not isinstance(x, array_type):
+        raise BackendError(f"{name} must be a {kind} array (use from_host), got {type(x).__name__}")
+    if x.dtype != np.float32:
+        raise BackendError(f"{name} must be float32, got {x.dtype}")
+    if x.ndim != 2:
+        raise BackendError(f"{name} must be 2-D [n, width], got shape {x.shape}")
+    if not x.flags.c_contiguous:
+        raise BackendError(f"{name} must be C-contiguous{contiguous_hint}")
+    if cols is not None and x.shape[1] != cols:
+        raise BackendError(f"{name} has width {x.shape[1]}, expected {cols}")
+    if rows is not None and x.shape[0] != rows:
+        raise BackendError(f"{name} has {x.shape[0]} rows, expected {rows}")
+    return x
+
+
+def check_weight(weight, backend_name, supported_types) -> Weight:
+    """`weight` itself, if it is a Weight of a supported type whose bytes match its shape."""
+    if not isinstance(weight, Weight):
+        raise BackendError(f"expected a zephyr.backend.Weight, got {type(weight).__name__}")
+    if weight.type not in supported_types:
+        raise BackendError(f"the {backend_name} backend cannot use {weight.name!r}: type "
+                           f"{getattr(weight.type, 'name', weight.type)} is not supported")
+    if len(weight.shape) not in (1, 2) or min(weight.shape) <= 0:
+        raise BackendError(f"{weight.name!r}: shape {weight.shape} is not a vector or matrix")
+    info = TYPE_INFO[weight.type]
+    if weight.cols % info.block_size:
+        raise BackendError(f"{weight.name!r}: {weight.cols} columns is not a whole number of "
+                           f"{weight.type.name} blocks of {info.block_size}")
+    data = weight.data
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 1:
+        raise BackendError(f"{weight.name!r}: data must be a 1-D uint8 numpy array")
+    needed = weight.rows * info.row_bytes(weight.cols)
+    if data.size != needed:
+        raise BackendError(f"{weight.name!r}: {data.size} bytes of data, but shape {weight.shape} "
+                           f"of {weight.type.name} takes {needed}")
+    if len(weight.shape) == 1 and weight.type != GGMLType.F32:
+        raise BackendError(f"{weight.name!r}: vectors must be F32, got {weight.type.name}")
+    return weight
+
+
+def check_rope_args(width, head_dim, n_rot):
+    """Whether rope can rotate rows of `width`: whole heads, an even n_rot of at most head_dim."""
+    head_dim, n_rot = as_index(head_dim, "head_dim", minimum=1), as_index(n_rot, "n_rot")
+    if width % head_dim or n_rot % 2 or n_rot > head_dim:
+        raise BackendError(f"rope: width {width}, head_dim {head_dim}, n_rot {n_rot}: width must be "
+                           f"a multiple of head_dim and n_rot even and at most head_dim")
+
+
+def check_cache_args(cache, cache_class, layer, batch, n_heads, n_kv_heads):
+    """Whether `batch` may attend over layer `layer` of `cache` with these head counts."""
+    if not isinstance(cache, cache_class):
+        raise BackendError(f"expected a cache from this backend's new_kv_cache, got {type(cache).__name__}")
+    if not isinstance(batch, Batch):
+        raise BackendError(f"expected a zephyr.backend.Batch, got {type(batch).__name__}")
+    shape = cache.shape
+    if not as_index(layer, "layer") < shape.n_layers:
+        raise BackendError(f"layer {layer} is outside the cache's {shape.n_layers} layers")
+    n_heads, n_kv_heads = as_index(n_heads, "n_heads", minimum=1), as_index(n_kv_heads, "n_kv_heads", minimum=1)
+    if n_kv_heads != shape.n_kv_heads or n_heads % n_kv_heads:
+        raise BackendError(f"{n_heads} query heads over {n_kv_heads} kv heads do not fit a cache "
+                           f"of {shape.n_kv_heads} kv heads")
+    if len(batch):
+        if batch.positions.max() >= shape.n_ctx:
+            raise BackendError(f"position {batch.positions.max()} does not fit a cache of {shape.n_ctx} positions")
+        if batch.seqs.max() >= shape.n_seqs:
+            raise BackendError(f"sequence {batch.seqs.max()} does not fit a cache of {shape.n_seqs} sequences")
+
+
+def check_layer_shapes(rows_cols, p: LayerParams) -> int:
+    """Whether a block's matrices fit each other and the params; `rows_cols(name)` gives the
+    (rows, cols) of matrix `name`. Returns the model width d."""
+    if not isinstance(p, LayerParams):
+        raise BackendError(f"decoder_layer takes LayerParams, got {type(p).__name__}")
+    for name in ("n_heads", "n_kv_heads", "head_dim"):
+        as_index(getattr(p, name), name, minimum=1)
+    as_index(p.sliding_window, "sliding_window")
+    if p.n_heads % p.n_kv_heads:
+        raise BackendError(f"{p.n_heads} query heads are not a multiple of {p.n_kv_heads} kv heads")
+    check_rope_args(p.head_dim, p.head_dim, as_index(p.rope_dims, "rope_dims"))
+    d, f = rows_cols("wq")[1], rows_cols("w_gate")[0]
+    qd, kvd = p.n_heads * p.head_dim, p.n_kv_heads * p.head_dim
+    expected = {"wq": (qd, d), "wk": (kvd, d), "wv": (kvd, d), "wo": (d, qd), "w_gate": (f, d), "w_up": (f, d),
+                "w_down": (d, f)}
+    for name, shape in expected.items():
+        if tuple(rows_cols(name)) != shape:
+            raise BackendError(f"decoder_layer: {name} is {list(rows_cols(name))}, but the layer's shapes "
+                               f"need {list(shape)}")
+    return d
+
+
+@dataclass(frozen=True)
 class Availability:
     """Whether a backend can run on this machine, and if not, why not."""
 
@@ -99,8 +298,92 @@ class Availability:
         return self.available
 
 
+# -- the KV cache --------------------------------------------------------------------------------
+
+class KVCache(ABC):
+    """A backend's key/value cache of `shape`. Sequences are independent: the runtime moves whole
+    prefixes between them (a prompt shared by several answers, a conversation put aside)."""
+
+    shape: CacheShape
+
+    @abstractmethod
+    def copy_sequence(self, src: int, dst: int, length: int):
+        """Positions 0..length-1 of sequence `src` (every layer) into sequence `dst`."""
+
+    @abstractmethod
+    def read_sequence(self, seq: int, length: int) -> np.ndarray:
+        """Positions 0..length-1 of sequence `seq` (every layer) as uint8 bytes on the host."""
+
+    @abstractmethod
+    def write_sequence(self, seq: int, data: np.ndarray):
+        """Inverse of read_sequence: those bytes back into sequence `seq`."""
+
+    def check_sequence(self, seq, length) -> tuple:
+        """(seq, length) as ints, if they name stored positions 0..length-1 of a sequence."""
+        seq, length = as_index(seq, "sequence"), as_index(length, "length")
+        if seq >= self.shape.n_seqs or length > self.shape.n_ctx:
+            raise BackendError(f"sequence {seq}, {length} positions: the cache holds {self.shape.n_seqs} "
+                               f"sequences of {self.shape.n_ctx} positions")
+        return seq, length
+
+
+class HostKVCache(KVCache):
+    """A KV cache in host memory: `data` is uint8 [n_layers, 2 (keys, values), S, T, h_kv, row_bytes],
+    a row of each head in the cache type's bytes (F32, F16, or Q8_0 blocks as GGUF stores them)."""
+
+    def __init__(self, shape: CacheShape):
+        self.shape = shape
+        # np.zeros maps fresh pages lazily: positions never written cost no memory.
+        self.data = np.zeros((shape.n_layers, 2, shape.n_seqs, shape.n_ctx, shape.n_kv_heads, shape.row_bytes),
+                             np.uint8)
+
+    def store(self, layer: int, batch: Batch, k: np.ndarray, v: np.ndarray):
+        """k, v: float32 [n, h_kv * hd] -> the rows of `batch` in layer `layer`, rounded to the cache type."""
+        n, s = len(batch), self.shape
+        for which, x in ((0, k), (1, v)):
+            rows = encode_rows(np.asarray(x, np.float32).reshape(n * s.n_kv_heads, s.head_dim), s.type)
+            self.data[layer, which, batch.seqs, batch.positions] = rows.reshape(n, s.n_kv_heads, s.row_bytes)
+
+    def rows(self, layer: int, which: int, seq: int, end: int) -> np.ndarray:
+        """Keys (which=0) or values (1) of positions 0..end-1 of `seq`, decoded: float32 [end, h_kv, hd]."""
+        s = self.shape
+        raw = self.data[layer, which, seq, :end].reshape(-1)
+        return dequantize(raw, s.type, (end * s.n_kv_heads, s.head_dim)).reshape(end, s.n_kv_heads, s.head_dim)
+
+    def copy_sequence(self, src, dst, length):
+        src, length = self.check_sequence(src, length)
+        dst, _ = self.check_sequence(dst, length)
+        self.data[:, :, dst, :length] = self.data[:, :, src, :length]
+
+    def read_sequence(self, seq, length):
+        seq, length = self.check_sequence(seq, length)
+        return self.data[:, :, seq, :length].copy()
+
+    def write_sequence(self, seq, data):
+        seq, _ = self.check_sequence(seq, 0)
+        data = np.asarray(data)
+        s = self.shape
+        if (data.dtype != np.uint8 or data.ndim != 5 or data.shape[:2] != (s.n_layers, 2)
+                or data.shape[2] > s.n_ctx or data.shape[3:] != (s.n_kv_heads, s.row_bytes)):
+            raise BackendError(f"write_sequence takes what read_sequence of this cache returned, got "
+                               f"{data.dtype} {list(data.shape)}")
+        self.data[:, :, seq, :data.shape[2]] = data
+
+
+def encode_rows(x: np.ndarray, type: GGMLType) -> np.ndarray:
+    """float32 [rows, width] -> uint8 [rows, row_bytes] in `type` (F32, F16 rounded to nearest
+    even, or Q8_0 blocks rounded as zephyr.quants.quantize_q8_0 does)."""
+    if type == GGMLType.F32:
+        return np.ascontiguousarray(x, np.float32).view(np.uint8)
+    if type == GGMLType.F16:
+        return np.ascontiguousarray(x.astype(np.float16)).view(np.uint8)
+    return quantize_q8_0(x).reshape(x.shape[0], -1)
+
+
+# -- the backend --------------------------------------------------------------------------------
+
 class Backend(ABC):
-    """One compute backend. Subclasses set the class attributes and implement every op.
+    """One compute backend. Subclasses set the class attributes and implement every abstract method.
 
     Lifetimes: a backend instance is created per model load; `load_weight` is called once per
     tensor at load; `new_kv_cache` once per model; the ops in the hot loop.
@@ -114,24 +397,20 @@ class Backend(ABC):
     score: int = 0
     # Weight types `matmul` and `embed` accept.
     supported_types: frozenset = frozenset()
-    # Optional: the ops this backend implements; all of OPS by default.
-    supported_ops: frozenset = frozenset(OPS)
+    # KV cache types `new_kv_cache` accepts.
+    kv_cache_types: frozenset = frozenset(KV_CACHE_TYPES.values())
+    # Load options (zephyr.Config fields, e.g. "threads") the constructor takes as keyword arguments.
+    options: tuple = ()
 
     @classmethod
     def availability(cls) -> Availability:
         """Optional; default: always available."""
         return Availability(True)
 
-    def __init__(self, threads: int = 0):
-        """`threads` <= 0 means: choose (honouring OMP_NUM_THREADS)."""
-        self.threads = threads
-
-    @classmethod
-    def supports(cls, op: str, type: GGMLType = None) -> bool:
-        """Whether `op` (one of OPS) runs here, for weights of `type` where that matters."""
-        if op not in cls.supported_ops:
-            return False
-        return type is None or type in cls.supported_types
+    def memory_available(self) -> int:
+        """Bytes this backend can still allocate (for weights and caches); checked before the KV cache
+        is allocated. Default: the host's available memory."""
+        return memory.available_memory()
 
     # -- memory ---------------------------------------------------------------------------
     @abstractmethod
@@ -147,13 +426,17 @@ class Backend(ABC):
         """This backend's activation -> a float32 numpy array."""
 
     @abstractmethod
-    def new_kv_cache(self, n_layers: int, n_ctx: int, n_kv_heads: int, head_dim: int):
-        """A key/value cache for `n_layers` layers (numbered 0..n_layers-1 locally)."""
+    def new_kv_cache(self, shape: CacheShape) -> KVCache:
+        """A key/value cache of `shape` (layers numbered 0..n_layers-1 locally), of a type in
+        `kv_cache_types`."""
 
     # -- ops --------------------------------------------------------------------------------
+    # The runtime calls embed, decoder_layer, rms_norm and matmul (the output head); the others
+    # feed the default decoder_layer below, and conformance tests each one.
     @abstractmethod
     def matmul(self, x, w):
-        """x: [n, k] f32, w: weight [m, k] of any supported type -> [n, m] f32 (x @ w.T)."""
+        """x: [n, k] f32, w: weight [m, k] of any supported type -> [n, m] f32 (x @ w.T), x rounded
+        to the weight's activation type first (see the module docstring)."""
 
     @abstractmethod
     def embed(self, w, ids: np.ndarray):
@@ -164,21 +447,20 @@ class Backend(ABC):
         """x: [n, d]; w: f32 weight [d] -> x / sqrt(mean(x^2) + eps) * w."""
 
     @abstractmethod
-    def rope(self, x, start_pos: int, head_dim: int, n_rot: int, base: float, neox: bool):
-        """Rotate x: [n, heads * head_dim] in place or not; token i sits at start_pos + i.
+    def rope(self, x, positions: np.ndarray, head_dim: int, n_rot: int, base: float, neox: bool):
+        """Rotate x: [n, heads * head_dim]; row i sits at positions[i] (int32 [n]).
 
         The first n_rot dims of every head rotate; pairs are adjacent (2j, 2j+1) in llama's
         "normal" mode and (j, j + n_rot/2) when `neox`. theta = pos * base^(-2j/n_rot).
         """
 
     @abstractmethod
-    def attention(self, cache, layer: int, q, k, v, start_pos: int, n_heads: int,
-                  n_kv_heads: int, window: int = 0):
-        """Causal grouped-query attention, storing k and v into the cache first.
+    def attention(self, cache, layer: int, q, k, v, batch: Batch, n_heads: int, n_kv_heads: int,
+                  window: int = 0):
+        """Causal grouped-query attention, storing k and v into the cache first (see Batch).
 
-        q: [n, h * hd]; k, v: [n, h_kv * hd]; token i sits at start_pos + i and attends to
-        cache positions p <= start_pos + i (and p > start_pos + i - window when window > 0).
-        Scale 1/sqrt(hd). Query head j reads kv head j // (h / h_kv). -> [n, h * hd]
+        q: [n, h * hd]; k, v: [n, h_kv * hd] -> [n, h * hd]. Scale 1/sqrt(hd). Query head j reads
+        kv head j // (h / h_kv). With window > 0, token i sees positions > positions[i] - window.
         """
 
     @abstractmethod
@@ -190,18 +472,39 @@ class Backend(ABC):
         """a + b, both [n, d]."""
 
     # -- whole steps ------------------------------------------------------------------------
-    def decoder_layer(self, x, w: LayerWeights, p: LayerParams, cache, layer: int, start_pos: int):
-        """One pre-norm llama block on x: [n, d] -> [n, d]; token i sits at start_pos + i.
+    def decoder_layer(self, x, w: LayerWeights, p: LayerParams, cache, layer: int, batch: Batch):
+        """One pre-norm llama block on x: [n, d] -> [n, d]; token i sits where `batch` says.
 
         Optional: this default composes the ops above. A backend may override it with a fused
         implementation (one native call per layer) that must match this one.
         """
         h = self.rms_norm(x, w.attn_norm, p.rms_eps)                                  # h: [n, d]
-        q = self.rope(self.matmul(h, w.wq), start_pos, p.head_dim, p.rope_dims, p.rope_base, p.rope_neox)
-        k = self.rope(self.matmul(h, w.wk), start_pos, p.head_dim, p.rope_dims, p.rope_base, p.rope_neox)
-        v = self.matmul(h, w.wv)                                                      # k, v: [n, h_kv * hd]
-        attn = self.attention(cache, layer, q, k, v, start_pos, p.n_heads, p.n_kv_heads, p.sliding_window)
+        rope = (batch.positions, p.head_dim, p.rope_dims, p.rope_base, p.rope_neox)
+        q = self.rope(self.matmul(h, w.wq), *rope)                                     # q: [n, h * hd]
+        k = self.rope(self.matmul(h, w.wk), *rope)                                     # k, v: [n, h_kv * hd]
+        v = self.matmul(h, w.wv)
+        attn = self.attention(cache, layer, q, k, v, batch, p.n_heads, p.n_kv_heads, p.sliding_window)
         x = self.add(x, self.matmul(attn, w.wo))
         h = self.rms_norm(x, w.ffn_norm, p.rms_eps)
         f = self.swiglu(self.matmul(h, w.w_gate), self.matmul(h, w.w_up))            # f: [n, f]
         return self.add(x, self.matmul(f, w.w_down))
+
+
+class HostBackend(Backend):
+    """A backend whose activations are numpy arrays in host memory and whose KV cache is a
+    HostKVCache: a CPU backend, or a library working on host memory, implements only the ops."""
+
+    def from_host(self, x):
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def to_host(self, x):
+        return np.asarray(x, dtype=np.float32)
+
+    def new_kv_cache(self, shape: CacheShape) -> HostKVCache:
+        if not isinstance(shape, CacheShape):
+            raise BackendError(f"new_kv_cache takes a CacheShape, got {type(shape).__name__}")
+        if shape.type not in self.kv_cache_types:
+            raise BackendError(f"the {self.name} backend cannot keep a {shape.type.name} KV cache "
+                               f"(it keeps {', '.join(sorted(t.name for t in self.kv_cache_types))})")
+        return HostKVCache(shape)
+

@@ -124,7 +124,10 @@ class ModelConfig:
 @dataclass
 class Config:
     """Run settings, with ctransformers 0.2.27's names and defaults, except batch_size: 512 (llama.cpp's
-    n_batch) rather than 8, since prompts evaluate several times faster in large batches."""
+    n_batch) rather than 8, since prompts evaluate several times faster in large batches. Beyond
+    ctransformers: `kv_cache_type` ("f16", llama.cpp's default; "q8_0" holds twice the context in
+    the same memory; "f32") and `sequences` (how many conversations the KV cache holds at once,
+    each of context_length positions: the server's --parallel)."""
 
     top_k: int = 40
     top_p: float = 0.95
@@ -142,6 +145,8 @@ class Config:
     gpu_layers: int = 0
     mmap: bool = True
     mlock: bool = False
+    kv_cache_type: str = "f16"
+    sequences: int = 1
 
     @classmethod
     def field_names(cls):

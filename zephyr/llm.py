@@ -13,6 +13,7 @@ import numpy as np
 
 from . import gguf
 from .chat import resolve_chat_format
+from .backend import KV_CACHE_TYPES, Batch
 from .config import DEFAULT_MAX_CONTEXT, GENERATION_SETTINGS, Config, ModelConfig
 from .errors import ContextOverflowError, ZephyrError
 from .model import LlamaModel
@@ -41,11 +42,19 @@ class LLM:
             self._chat_format = chat_format
             trained = self.model_config.context_length
             n_ctx = self.config.context_length if self.config.context_length > 0 else min(trained, DEFAULT_MAX_CONTEXT)
+            kv_cache_type = KV_CACHE_TYPES.get(str(self.config.kv_cache_type).lower())
+            if kv_cache_type is None:
+                raise ValueError(f"kv_cache_type={self.config.kv_cache_type!r} is not one of "
+                                 f"{', '.join(KV_CACHE_TYPES)}")
+            if isinstance(self.config.sequences, bool) or not isinstance(self.config.sequences, int) \
+                    or self.config.sequences < 1:
+                raise ValueError(f"sequences must be a positive integer, got {self.config.sequences!r}")
             placement = plan_placement(self.model_config.n_layers, backend=backend, gpu_layers=self.config.gpu_layers,
-                                       gpu_backend=gpu_backend, threads=self.config.threads)
+                                       gpu_backend=gpu_backend, options={"threads": self.config.threads})
             self.placement = placement
             with load_progress(progress, self.model_config.n_layers, f"loading {Path(model_path).name}") as report:
-                self.model = LlamaModel(self._file, self.model_config, placement, n_ctx, progress=report)
+                self.model = LlamaModel(self._file, self.model_config, placement, n_ctx, self.config.sequences,
+                                        kv_cache_type, progress=report)
         except BaseException:
             self._file.close()
             raise
@@ -126,7 +135,7 @@ class LLM:
             self._set_threads(threads)
             for start in range(0, len(tokens), batch_size):
                 chunk = tokens[start:start + batch_size]
-                self._logits = self.model.forward(np.array(chunk, dtype=np.int32), len(self.tokens))
+                self._logits = self.model.forward(np.array(chunk, dtype=np.int32), Batch.of(len(self.tokens), len(chunk)))[0]
                 self.tokens.extend(chunk)
                 self._epoch += 1
 
@@ -291,7 +300,8 @@ class LLM:
         with self._lock:
             self.reset()
             self._set_threads(threads)
-            states = [self.model.forward(np.array(tokens[s:s + batch_size], np.int32), s, output="hidden")
+            states = [self.model.hidden_states(np.array(tokens[s:s + batch_size], np.int32),
+                                               Batch.of(s, len(tokens[s:s + batch_size])))
                       for s in range(0, len(tokens), batch_size)]
             self.reset()
         return np.concatenate(states).mean(axis=0).tolist()
@@ -337,9 +347,11 @@ class LLM:
                               last_n_tokens=pick(last_n_tokens, c.last_n_tokens))
 
     def _set_threads(self, threads):
+        """A per-call thread count, for the backends that take one."""
         if threads and threads > 0:
             for backend in self.placement.backends:
-                backend.threads = threads
+                if "threads" in backend.options:
+                    backend.threads = threads
 
 
 def _chat_chunks(pieces, ident, created, name):

@@ -64,9 +64,10 @@ def _address_space_left() -> int:
         return UNKNOWN
 
 
-def require(nbytes: int, what: str, advice: str):
-    """Raise InsufficientMemoryError unless `nbytes` fit in the available memory."""
-    available = available_memory()
+def require(nbytes: int, what: str, advice: str, available: int = None):
+    """Raise InsufficientMemoryError unless `nbytes` fit in `available` bytes (default: the
+    process's available memory)."""
+    available = available_memory() if available is None else available
     if nbytes > available:
         raise InsufficientMemoryError(
             f"{what} needs {_gib(nbytes)} but only {_gib(available)} of memory is available; {advice}")

@@ -7,7 +7,7 @@ hidden state between backends only where neighbouring layers differ.
 import numpy as np
 
 from . import memory
-from .backend import LayerParams, LayerWeights, Weight
+from .backend import Batch, CacheShape, LayerParams, LayerWeights, Weight
 from .config import ModelConfig
 from .errors import ContextOverflowError, GGUFError, ZephyrError
 from .placement import Placement
@@ -20,16 +20,18 @@ WORKING_MEMORY_CHECK_BYTES = 64 << 20
 class LlamaModel:
     """Weights (read-only, from the memory map) + KV caches (run state) + the forward pass."""
 
-    def __init__(self, gguf_file, config: ModelConfig, placement: Placement, n_ctx: int, progress=None):
-        """progress: an optional callable(layers_loaded, n_layers), called as each layer's weights load."""
+    def __init__(self, gguf_file, config: ModelConfig, placement: Placement, n_ctx: int, n_seqs: int = 1,
+                 kv_cache_type: GGMLType = GGMLType.F16, progress=None):
+        """n_ctx positions for each of n_seqs sequences in the KV caches, kept as kv_cache_type.
+        progress: an optional callable(layers_loaded, n_layers), called as each layer's weights load."""
         self.config = config
         self.placement = placement
-        self.n_ctx = n_ctx
+        self.n_ctx, self.n_seqs = n_ctx, n_seqs
         c = config
 
         def load(backend, name, shape):
             weight = _weight(gguf_file, name, shape)
-            if len(shape) == 2 and not backend.supports("matmul", weight.type):
+            if len(shape) == 2 and weight.type not in backend.supported_types:
                 raise GGUFError(f"tensor {name!r} has type {weight.type.name}, which backend {backend.name!r} "
                                 f"cannot compute with (it supports {', '.join(sorted(t.name for t in backend.supported_types))})",
                                 gguf_file.path)
@@ -64,24 +66,45 @@ class LlamaModel:
         for backend in placement.backends:
             owned = [i for i, b in enumerate(placement.layers) if b is backend]
             if owned:
-                if backend.device == "cpu":
-                    memory.require(2 * len(owned) * n_ctx * c.kv_dim * 4, f"the KV cache for {n_ctx} positions",
-                                   "load the model with a smaller context_length")
-                self.caches[id(backend)] = backend.new_kv_cache(len(owned), n_ctx, c.n_kv_heads, c.head_dim)
+                shape = CacheShape(len(owned), n_seqs, n_ctx, c.n_kv_heads, c.head_dim, kv_cache_type)
+                memory.require(shape.nbytes, f"the KV cache on {backend.name} ({n_seqs} x {n_ctx} positions, "
+                               f"{kv_cache_type.name})", "load the model with a smaller context_length, fewer "
+                               "sequences, or kv_cache_type='q8_0'", available=backend.memory_available())
+                self.caches[id(backend)] = backend.new_kv_cache(shape)
         counters = {}
         for backend in placement.layers:
             self.local_layer.append(counters.get(id(backend), 0))
             counters[id(backend)] = self.local_layer[-1] + 1
 
-    def forward(self, tokens: np.ndarray, start_pos: int, output="logits") -> np.ndarray:
-        """Evaluate `tokens` sitting at positions start_pos.. and return, as numpy float32:
-        output="logits": logits of the last token [vocab]; "hidden": final-normed states [n, d]."""
+    def forward(self, tokens: np.ndarray, batch: Batch, rows=None) -> np.ndarray:
+        """Evaluate `tokens` sitting where `batch` says; return the logits of the tokens at indexes
+        `rows` (default: the last one) as float32 [len(rows), vocab]."""
+        x, backend = self._blocks(tokens, batch)
+        rows = [len(batch) - 1] if rows is None else list(rows)
+        normed = backend.rms_norm(x[rows], self.output_norm, self.config.rms_eps)   # normed: [rows, d]
+        logits = backend.to_host(backend.matmul(normed, self.output))              # [rows, vocab]
+        if not np.isfinite(logits).all():
+            raise ZephyrError(f"the model computed non-finite logits: its weights hold NaN or infinite values "
+                              f"(a corrupt file?), or backend {backend.name!r} is broken")
+        return logits
+
+    def hidden_states(self, tokens: np.ndarray, batch: Batch) -> np.ndarray:
+        """The final-normed hidden states of `tokens` (placed by `batch`): float32 [n, d]."""
+        x, backend = self._blocks(tokens, batch)
+        return backend.to_host(backend.rms_norm(x, self.output_norm, self.config.rms_eps))
+
+    def _blocks(self, tokens, batch):
+        """Embed and run every block: (x [n, d], the backend holding it)."""
         tokens = np.ascontiguousarray(tokens, dtype=np.int32)
         n = tokens.shape[0]
-        if start_pos + n > self.n_ctx:
+        if not isinstance(batch, Batch) or len(batch) != n:
+            raise ValueError(f"{n} tokens need a zephyr.backend.Batch of {n} places, got {batch!r}")
+        if n and batch.positions.max() >= self.n_ctx:
             raise ContextOverflowError(
-                f"{start_pos + n} tokens do not fit the context window of {self.n_ctx}; "
+                f"position {batch.positions.max()} does not fit the context window of {self.n_ctx}; "
                 f"shorten the prompt, reset the model, or load it with a larger context_length")
+        if n and batch.seqs.max() >= self.n_seqs:
+            raise ValueError(f"sequence {batch.seqs.max()} does not exist: the KV cache holds {self.n_seqs}")
         if n and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got {tokens.min()}..{tokens.max()}")
         c = self.config
@@ -93,16 +116,8 @@ class LlamaModel:
         x = backend.embed(self.token_embd, tokens)                          # x: [n, d]
         for i, (block, layer_backend) in enumerate(zip(self.blocks, self.placement.layers)):
             x, backend = _move(x, backend, layer_backend)
-            x = backend.decoder_layer(x, block, self.params, self.caches[id(backend)], self.local_layer[i], start_pos)
-        x, backend = _move(x, backend, self.placement.head)
-        if output == "hidden":
-            return backend.to_host(backend.rms_norm(x, self.output_norm, c.rms_eps))
-        normed = backend.rms_norm(x[-1:], self.output_norm, c.rms_eps)     # normed: [1, d]
-        logits = backend.to_host(backend.matmul(normed, self.output))[0]   # [vocab]
-        if not np.isfinite(logits).all():
-            raise ZephyrError(f"the model computed non-finite logits at position {start_pos + n - 1}: its weights "
-                              f"hold NaN or infinite values (a corrupt file?), or backend {backend.name!r} is broken")
-        return logits
+            x = backend.decoder_layer(x, block, self.params, self.caches[id(backend)], self.local_layer[i], batch)
+        return _move(x, backend, self.placement.head)
 
 
 def _move(x, src, dst):

@@ -36,12 +36,13 @@ class Placement:
         return "; ".join(runs + [f"output head on {self.head.name}"])
 
 
-def plan_placement(n_layers: int, *, backend=None, gpu_layers=0, gpu_backend=None, threads=0) -> Placement:
+def plan_placement(n_layers: int, *, backend=None, gpu_layers=0, gpu_backend=None, options=None) -> Placement:
     """Build the placement for a model of `n_layers` blocks.
 
     backend: name of the backend for the non-GPU part (default: the best usable "cpu" backend).
     gpu_layers: how many of the last layers go to `gpu_backend`; -1 or more than n_layers: all.
     gpu_backend: name of the backend for those layers (default: the best usable "gpu" backend).
+    options: load options (Config fields such as threads); each backend gets those it declares.
     """
     main_cls = get_backend_class(backend) if backend else _best_for_device("cpu")
     if gpu_layers is None or gpu_layers == 0:
@@ -50,13 +51,18 @@ def plan_placement(n_layers: int, *, backend=None, gpu_layers=0, gpu_backend=Non
         n_gpu = n_layers
     else:
         n_gpu = gpu_layers
-    main = main_cls(threads=threads)
+    main = _create(main_cls, options)
     if n_gpu == 0:
         return Placement(main, (main,) * n_layers, main)
     gpu_cls = get_backend_class(gpu_backend) if gpu_backend else _best_for_device("gpu", gpu_layers)
-    gpu = gpu_cls(threads=threads) if gpu_cls is not main_cls else main
+    gpu = _create(gpu_cls, options) if gpu_cls is not main_cls else main
     layers = (main,) * (n_layers - n_gpu) + (gpu,) * n_gpu
     return Placement(main, layers, gpu if n_gpu == n_layers else main)
+
+
+def _create(cls, options):
+    """An instance of backend class `cls`, given the load options it declares."""
+    return cls(**{name: value for name, value in (options or {}).items() if name in cls.options})
 
 
 def _best_for_device(device, gpu_layers=None):

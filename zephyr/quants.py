@@ -48,11 +48,16 @@ class GGMLType(enum.IntEnum):
 
 @dataclass(frozen=True)
 class TypeInfo:
-    """How one GGML type packs values: `block_size` values take `type_size` bytes."""
+    """How one GGML type packs values: `block_size` values take `type_size` bytes.
+
+    `activation_type` (ggml's vec_dot_type): what a matmul rounds the activations to before they
+    meet weights of this type: Q8_0 blocks for the legacy quants, Q8_K for the k-quants, nothing
+    (F32) for float weights. Every backend follows it (zephyr.backend's numeric contract)."""
 
     type: GGMLType
     block_size: int
     type_size: int
+    activation_type: GGMLType = GGMLType.F32
 
     def row_bytes(self, n: int) -> int:
         """Bytes taken by a row of `n` values (n must be a multiple of block_size)."""
@@ -73,17 +78,17 @@ TYPE_INFO = {t.type: t for t in [
     TypeInfo(GGMLType.I16, 1, 2),
     TypeInfo(GGMLType.I32, 1, 4),
     TypeInfo(GGMLType.I64, 1, 8),
-    TypeInfo(GGMLType.Q4_0, QK, 2 + QK // 2),
-    TypeInfo(GGMLType.Q4_1, QK, 4 + QK // 2),
-    TypeInfo(GGMLType.Q5_0, QK, 2 + 4 + QK // 2),
-    TypeInfo(GGMLType.Q5_1, QK, 4 + 4 + QK // 2),
-    TypeInfo(GGMLType.Q8_0, QK, 2 + QK),
+    TypeInfo(GGMLType.Q4_0, QK, 2 + QK // 2, GGMLType.Q8_0),
+    TypeInfo(GGMLType.Q4_1, QK, 4 + QK // 2, GGMLType.Q8_0),
+    TypeInfo(GGMLType.Q5_0, QK, 2 + 4 + QK // 2, GGMLType.Q8_0),
+    TypeInfo(GGMLType.Q5_1, QK, 4 + 4 + QK // 2, GGMLType.Q8_0),
+    TypeInfo(GGMLType.Q8_0, QK, 2 + QK, GGMLType.Q8_0),
     TypeInfo(GGMLType.Q8_1, QK, 4 + QK),
-    TypeInfo(GGMLType.Q2_K, QK_K, QK_K // 16 + QK_K // 4 + 4),
-    TypeInfo(GGMLType.Q3_K, QK_K, QK_K // 8 + QK_K // 4 + 12 + 2),
-    TypeInfo(GGMLType.Q4_K, QK_K, 4 + 12 + QK_K // 2),
-    TypeInfo(GGMLType.Q5_K, QK_K, 4 + 12 + QK_K // 8 + QK_K // 2),
-    TypeInfo(GGMLType.Q6_K, QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),
+    TypeInfo(GGMLType.Q2_K, QK_K, QK_K // 16 + QK_K // 4 + 4, GGMLType.Q8_K),
+    TypeInfo(GGMLType.Q3_K, QK_K, QK_K // 8 + QK_K // 4 + 12 + 2, GGMLType.Q8_K),
+    TypeInfo(GGMLType.Q4_K, QK_K, 4 + 12 + QK_K // 2, GGMLType.Q8_K),
+    TypeInfo(GGMLType.Q5_K, QK_K, 4 + 12 + QK_K // 8 + QK_K // 2, GGMLType.Q8_K),
+    TypeInfo(GGMLType.Q6_K, QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2, GGMLType.Q8_K),
     TypeInfo(GGMLType.Q8_K, QK_K, 4 + QK_K + QK_K // 16 * 2),
     TypeInfo(GGMLType.IQ2_XXS, QK_K, 2 + QK_K // 4),
     TypeInfo(GGMLType.IQ2_XS, QK_K, 2 + QK_K // 4 + QK_K // 32),
@@ -414,3 +419,14 @@ def quantize_q8_k(x) -> np.ndarray:
     bsums = q.reshape(-1, 16, 16).sum(axis=2, dtype=np.int16)
     out = np.concatenate([d.astype(np.float32).view(np.uint8), q.view(np.uint8), bsums.view(np.uint8)], axis=1)
     return out.reshape(*x.shape[:-1], -1)
+
+
+def round_activations(x, weight_type) -> np.ndarray:
+    """x: float32 [n, k] as a matmul with weights of `weight_type` sees it: rounded through the
+    type's activation_type (Q8_0 or Q8_K blocks) and decoded back; x itself for float weights."""
+    kind = TYPE_INFO[weight_type].activation_type
+    if kind == GGMLType.Q8_0:
+        return dequantize(quantize_q8_0(x), kind, x.shape)
+    if kind == GGMLType.Q8_K:
+        return dequantize(quantize_q8_k(x), kind, x.shape)
+    return x

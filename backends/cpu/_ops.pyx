@@ -10,7 +10,7 @@ import as the best this CPU has; `set_isa` forces one (the tests run every path)
 """
 from cython.parallel cimport prange, threadid
 from libc.stdint cimport int32_t, int64_t, uint8_t
-from libc.string cimport memcpy
+from libc.math cimport sqrt
 
 import mmap
 
@@ -58,8 +58,32 @@ cdef extern from "rope.h" nogil:
                       int64_t head_dim, int64_t n_rot, int neox)
 
 cdef extern from "attention.h" nogil:
-    void zd_attend_head(const float *q, const float *k_cache, const float *v_cache, int64_t stride,
-                        int64_t lo, int64_t hi, int64_t hd, float scale, float *scores, float *out)
+    ctypedef struct zd_kv_layer:
+        uint8_t *k
+        uint8_t *v
+        int type
+        int64_t n_seqs, n_ctx, n_kv, hd, row_bytes
+    ctypedef struct zd_att_item:
+        pass
+    ctypedef struct zd_att_job:
+        const float *q
+        float *out
+        const int32_t *pos
+        const int32_t *seq
+        int64_t n, n_heads, n_kv, hd, window
+        float scale
+        const zd_kv_layer *cache
+        zd_att_item *items
+        int64_t n_items
+        int32_t *splits
+        float *partial
+    int ZD_ATT_MAX_SPLITS
+    int64_t zd_att_hdp(int64_t hd)
+    int64_t zd_att_max_items(int64_t n, int64_t n_kv)
+    int64_t zd_att_scratch_floats(int64_t hd, int64_t group)
+    int64_t zd_kv_offset(const zd_kv_layer *c, int64_t seq, int64_t pos, int64_t kv)
+    void zd_kv_encode(int type, const float *x, int64_t hd, uint8_t *row)
+    void zd_attention(zd_att_job *job, float *scratch, int64_t stride, int isa, int nth)
 
 cdef extern from "elementwise.h" nogil:
     void zd_swiglu(const float *gate, const float *up, float *out, int64_t count)
@@ -237,10 +261,11 @@ def rms_norm(const float[:, ::1] x, const float[::1] w, float eps, float[:, ::1]
             zd_rms_norm_row(&x[i, 0], &w[0], &out[i, 0], d, eps)
 
 
-def rope(const float[:, ::1] x, int64_t start_pos, int64_t head_dim, int64_t n_rot, double base,
+def rope(const float[:, ::1] x, const int32_t[::1] positions, int64_t head_dim, int64_t n_rot, double base,
          bint neox, float[:, ::1] out, int threads):
-    """out = x with the first n_rot dims of every head rotated; token i sits at start_pos + i."""
+    """out = x with the first n_rot dims of every head rotated; row i sits at positions[i]."""
     cdef int64_t n = x.shape[0], width = x.shape[1]
+    _require(positions.shape[0] == n, "one position per row")
     _require(head_dim > 0 and width % head_dim == 0, "width is not a whole number of heads")
     _require(0 <= n_rot <= head_dim and n_rot % 2 == 0, "n_rot must be even and <= head_dim")
     _require(out.shape[0] == n and out.shape[1] == width, "output shape mismatch")
@@ -248,13 +273,13 @@ def rope(const float[:, ::1] x, int64_t start_pos, int64_t head_dim, int64_t n_r
     cdef int64_t heads = width // head_dim, half = n_rot // 2
     if n == 0 or width == 0:
         return
-    # cos/sin per (token, pair): computed once, shared by every head.
+    # cos/sin per (row, pair): computed once, shared by every head.
     cdef float[:, ::1] cos_table = np.empty((n, max(half, 1)), dtype=np.float32)
     cdef float[:, ::1] sin_table = np.empty((n, max(half, 1)), dtype=np.float32)
     cdef int64_t i, item, token, head
     with nogil:
         for i in prange(n, schedule='static', num_threads=threads):
-            zd_rope_angles(start_pos + i, n_rot, base, &cos_table[i, 0], &sin_table[i, 0])
+            zd_rope_angles(positions[i], n_rot, base, &cos_table[i, 0], &sin_table[i, 0])
         for item in prange(n * heads, schedule='static', num_threads=threads):
             token = item // heads
             head = item % heads
@@ -262,44 +287,67 @@ def rope(const float[:, ::1] x, int64_t start_pos, int64_t head_dim, int64_t n_r
                          &cos_table[token, 0], &sin_table[token, 0], head_dim, n_rot, neox)
 
 
-def attention(const float[:, ::1] q, const float[:, ::1] k, const float[:, ::1] v,
-              float[:, :, ::1] k_cache, float[:, :, ::1] v_cache, int64_t start_pos,
-              int64_t n_heads, int64_t n_kv_heads, int64_t window, float[:, ::1] out, int threads):
-    """Store k, v at cache positions start_pos.., then causal GQA attention for q -> out.
+cdef zd_kv_layer _kv_layer(uint8_t[:, :, :, :, ::1] cache, int cache_type, int64_t head_dim) except *:
+    """A layer of a HostKVCache ([2, n_seqs, n_ctx, n_kv, row_bytes] bytes) for the C kernels."""
+    _require(cache.shape[0] == 2 and cache.shape[4] == zd_row_bytes(cache_type, head_dim) > 0,
+             "cache rows do not hold head_dim values of the cache type")
+    cdef zd_kv_layer c
+    c.k = &cache[0, 0, 0, 0, 0]
+    c.v = &cache[1, 0, 0, 0, 0]
+    c.type = cache_type
+    c.n_seqs, c.n_ctx, c.n_kv = cache.shape[1], cache.shape[2], cache.shape[3]
+    c.hd = head_dim
+    c.row_bytes = cache.shape[4]
+    return c
 
-    k_cache, v_cache: [n_ctx, h_kv, hd] (IN/OUT). Query head j reads kv head j // (h / h_kv);
-    token i attends to positions max(0, pos - window + 1) (or 0) .. pos, pos = start_pos + i.
-    """
-    cdef int64_t n = q.shape[0], n_ctx = k_cache.shape[0], hd = k_cache.shape[2]
-    _require(n_heads > 0 and n_kv_heads > 0 and n_heads % n_kv_heads == 0, "bad head counts")
-    _require(k_cache.shape[1] == n_kv_heads and v_cache.shape[0] == n_ctx
-             and v_cache.shape[1] == n_kv_heads and v_cache.shape[2] == hd, "cache shape mismatch")
-    _require(q.shape[1] == n_heads * hd, "q width mismatch")
-    _require(k.shape[0] == n and v.shape[0] == n and k.shape[1] == n_kv_heads * hd
-             and v.shape[1] == n_kv_heads * hd, "k/v shape mismatch")
-    _require(0 <= start_pos and start_pos + n <= n_ctx, "cache positions out of range")
+
+cdef void _check_batch(const int32_t[::1] positions, const int32_t[::1] seqs, int64_t n, zd_kv_layer *c) except *:
+    _require(positions.shape[0] == n and seqs.shape[0] == n, "one position and sequence per token")
+    cdef int64_t i
+    for i in range(n):
+        _require(0 <= positions[i] < c.n_ctx and 0 <= seqs[i] < c.n_seqs, "batch position outside the cache")
+
+
+def attention(const float[:, ::1] q, const float[:, ::1] k, const float[:, ::1] v,
+              uint8_t[:, :, :, :, ::1] cache, int cache_type, const int32_t[::1] positions,
+              const int32_t[::1] seqs, int64_t n_heads, int64_t window, float[:, ::1] out, int threads):
+    """Store k, v at the batch's rows of `cache` (IN/OUT, one layer of a HostKVCache), then causal
+    GQA attention for q -> out (attention.h). Query head j reads kv head j // (h / h_kv)."""
+    cdef int64_t n = q.shape[0], n_kv = cache.shape[3]
+    _require(n_heads > 0 and n_kv > 0 and n_heads % n_kv == 0, "bad head counts")
+    _require(q.shape[1] % n_heads == 0, "q width mismatch")
+    cdef int64_t hd = q.shape[1] // n_heads
+    cdef zd_kv_layer c = _kv_layer(cache, cache_type, hd)
+    _check_batch(positions, seqs, n, &c)
+    _require(k.shape[0] == n and v.shape[0] == n and k.shape[1] == n_kv * hd and v.shape[1] == n_kv * hd,
+             "k/v shape mismatch")
     _require(out.shape[0] == n and out.shape[1] == n_heads * hd, "output shape mismatch")
     _require(window >= 0 and threads >= 1, "bad window or thread count")
     if n == 0 or hd == 0:
         return
-    cdef int64_t group = n_heads // n_kv_heads, stride = n_kv_heads * hd
-    cdef float scale = 1.0 / np.sqrt(hd)
-    cdef float[:, ::1] scores = np.empty((threads, start_pos + n), dtype=np.float32)
-    cdef int64_t i, item, token, head, kv_head, pos, lo
+    cdef int64_t stride = zd_att_scratch_floats(hd, n_heads // n_kv), i, kv, at
+    cdef float[::1] scratch = np.empty(threads * stride, dtype=np.float32)
+    cdef uint8_t[::1] items = np.empty(zd_att_max_items(n, n_kv) * sizeof(zd_att_item), dtype=np.uint8)
+    cdef int32_t[::1] splits = np.empty(n, dtype=np.int32)
+    cdef float[::1] partial = np.empty(n * n_heads * ZD_ATT_MAX_SPLITS * (zd_att_hdp(hd) + 2), dtype=np.float32)
+    cdef zd_att_job job
     with nogil:
         for i in range(n):
-            memcpy(&k_cache[start_pos + i, 0, 0], &k[i, 0], stride * sizeof(float))
-            memcpy(&v_cache[start_pos + i, 0, 0], &v[i, 0], stride * sizeof(float))
-        for item in prange(n * n_heads, schedule='static', num_threads=threads):
-            token = item // n_heads
-            head = item % n_heads
-            kv_head = head // group
-            pos = start_pos + token
-            lo = pos - window + 1 if window > 0 else 0
-            if lo < 0:
-                lo = 0
-            zd_attend_head(&q[token, head * hd], &k_cache[0, kv_head, 0], &v_cache[0, kv_head, 0],
-                           stride, lo, pos, hd, scale, &scores[threadid(), 0], &out[token, head * hd])
+            for kv in range(n_kv):
+                at = zd_kv_offset(&c, seqs[i], positions[i], kv)
+                zd_kv_encode(cache_type, &k[i, kv * hd], hd, c.k + at)
+                zd_kv_encode(cache_type, &v[i, kv * hd], hd, c.v + at)
+        job.q = &q[0, 0]
+        job.out = &out[0, 0]
+        job.pos = &positions[0]
+        job.seq = &seqs[0]
+        job.n, job.n_heads, job.n_kv, job.hd, job.window = n, n_heads, n_kv, hd, window
+        job.scale = 1.0 / sqrt(<double>hd)
+        job.cache = &c
+        job.items = <zd_att_item *>&items[0]
+        job.splits = &splits[0]
+        job.partial = &partial[0]
+        zd_attention(&job, &scratch[0], stride, _isa, threads)
 
 
 cdef void _split(int64_t count, int threads, int64_t *chunk, int64_t *chunks) noexcept nogil:
@@ -354,10 +402,6 @@ cdef extern from "layer.h" nogil:
         double rope_base
         int rope_neox
         float rms_eps
-    ctypedef struct zd_layer_cache:
-        float *k
-        float *v
-        int64_t n_ctx
     ctypedef struct zd_layer_scratch:
         int64_t n_max
         float *h
@@ -369,15 +413,21 @@ cdef extern from "layer.h" nogil:
         float *up
         float *rope_cos
         float *rope_sin
-        int64_t rope_start, rope_n, rope_dims
+        int32_t *rope_pos
+        int64_t rope_n, rope_dims
         double rope_base
-        float *scores
+        float *att
+        int64_t att_stride
+        zd_att_item *att_items
+        int32_t *att_splits
+        float *att_partial
         float *cbuf
         int64_t cbuf_stride
         void *act[3]
     int64_t zd_layer_width(const zd_layer_params *p)
     void zd_decoder_layer(const zd_layer_weights *w, const zd_layer_params *p, zd_layer_scratch *s,
-                          const zd_layer_cache *cache, float *x, int64_t n, int64_t start_pos, int isa, int nth)
+                          const zd_kv_layer *cache, float *x, const int32_t *pos, const int32_t *seq, int64_t n,
+                          int isa, int nth)
 
 
 cdef zd_matrix _matrix(tuple spec, int64_t rows, int64_t cols, str name) except *:
@@ -397,27 +447,26 @@ cdef zd_matrix _matrix(tuple spec, int64_t rows, int64_t cols, str name) except 
 
 
 cdef class Layer:
-    """One block's weights, hyperparameters and cache, as pointers for zd_decoder_layer.
+    """One block's weights, hyperparameters and cache layer, as pointers for zd_decoder_layer.
 
     Holds references to every array it points into, so they outlive it."""
     cdef zd_layer_weights w
     cdef zd_layer_params p
-    cdef zd_layer_cache cache
+    cdef zd_kv_layer cache
     cdef object refs
 
     def __init__(self, const float[::1] attn_norm, const float[::1] ffn_norm, tuple wq, tuple wk, tuple wv,
                  tuple wo, tuple w_gate, tuple w_up, tuple w_down, int64_t f, int64_t n_heads, int64_t n_kv_heads,
                  int64_t head_dim, int64_t rope_dims, double rope_base, bint rope_neox, float rms_eps,
-                 int64_t window, float[:, :, ::1] k_cache, float[:, :, ::1] v_cache):
-        """Matrices are (flat uint8 data, GGML type); norms float32 [d]; caches [n_ctx, h_kv, hd]."""
+                 int64_t window, uint8_t[:, :, :, :, ::1] cache, int cache_type):
+        """Matrices are (flat uint8 data, GGML type); norms float32 [d]; `cache` one layer of a
+        HostKVCache, [2, n_seqs, n_ctx, n_kv, row_bytes] bytes of type `cache_type`."""
         cdef int64_t d = attn_norm.shape[0]
         _require(d > 0 and f > 0 and ffn_norm.shape[0] == d, "norm weights must have d > 0 values")
         _require(n_heads > 0 and n_kv_heads > 0 and n_heads % n_kv_heads == 0, "bad head counts")
         _require(head_dim > 0 and 0 <= rope_dims <= head_dim and rope_dims % 2 == 0, "bad head_dim / rope_dims")
         _require(window >= 0, "window must be >= 0")
-        _require(k_cache.shape[0] > 0 and k_cache.shape[1] == n_kv_heads and k_cache.shape[2] == head_dim
-                 and v_cache.shape[0] == k_cache.shape[0] and v_cache.shape[1] == n_kv_heads
-                 and v_cache.shape[2] == head_dim, "cache shape mismatch")
+        _require(cache.shape[3] == n_kv_heads, "cache shape mismatch")
         cdef int64_t qd = n_heads * head_dim, kvd = n_kv_heads * head_dim
         self.w.attn_norm = &attn_norm[0]
         self.w.ffn_norm = &ffn_norm[0]
@@ -438,10 +487,8 @@ cdef class Layer:
         self.p.rope_base = rope_base
         self.p.rope_neox = rope_neox
         self.p.rms_eps = rms_eps
-        self.cache.k = &k_cache[0, 0, 0]
-        self.cache.v = &v_cache[0, 0, 0]
-        self.cache.n_ctx = k_cache.shape[0]
-        self.refs = (attn_norm, ffn_norm, wq, wk, wv, wo, w_gate, w_up, w_down, k_cache, v_cache)
+        self.cache = _kv_layer(cache, cache_type, head_dim)
+        self.refs = (attn_norm, ffn_norm, wq, wk, wv, wo, w_gate, w_up, w_down, cache)
 
 
 cdef class LayerScratch:
@@ -457,23 +504,29 @@ cdef class LayerScratch:
     cdef void reserve(self, Layer layer, int64_t n, int threads) except *:
         cdef const zd_layer_params *p = &layer.p
         cdef int64_t width = zd_layer_width(p), qd = p.n_heads * p.head_dim, kvd = p.n_kv_heads * p.head_dim
-        cdef tuple want = (width, qd, kvd, p.f, p.rope_dims // 2, layer.cache.n_ctx, threads)
+        cdef tuple want = (width, qd, kvd, p.f, p.rope_dims // 2, p.n_heads, p.n_kv_heads,
+                           zd_att_scratch_floats(p.head_dim, p.n_heads // p.n_kv_heads), zd_att_hdp(p.head_dim),
+                           threads)
         if self.shape and n <= self.s.n_max and all(a >= b for a, b in zip(self.shape, want)):
             return
         if self.shape:
             n = max(n, self.s.n_max)
             want = tuple(max(a, b) for a, b in zip(self.shape, want))
-        width, qd, kvd, f, half, n_ctx, threads = want
+        width, qd, kvd, f, half, n_heads, n_kv, att_floats, hdp, threads = want
         cdef int64_t act_bytes = max(zd_act_bytes(ZD_ACT_Q8_0, n, width), zd_act_bytes(ZD_ACT_Q8_K, n, width))
         arrays = dict(h=np.empty(n * width, np.float32), q=np.empty(n * qd, np.float32),
                       q_rot=np.empty(n * qd, np.float32), k=np.empty(n * kvd, np.float32),
                       v=np.empty(n * kvd, np.float32), gate=np.empty(n * f, np.float32),
                       up=np.empty(n * f, np.float32), rope_cos=np.empty(n * max(half, 1), np.float32),
-                      rope_sin=np.empty(n * max(half, 1), np.float32),
-                      scores=np.empty(threads * n_ctx, np.float32),
+                      rope_sin=np.empty(n * max(half, 1), np.float32), rope_pos=np.empty(n, np.int32),
+                      att=np.empty(threads * att_floats, np.float32),
+                      att_items=np.empty(zd_att_max_items(n, n_kv) * sizeof(zd_att_item), np.uint8),
+                      att_splits=np.empty(n, np.int32),
+                      att_partial=np.empty(n * n_heads * ZD_ATT_MAX_SPLITS * (hdp + 2), np.float32),
                       cbuf=np.empty(threads * zd_cbuf_floats(width), np.float32),
                       act=[np.empty(act_bytes + 64, np.uint8) for _ in range(3)])
         cdef float[::1] view
+        cdef int32_t[::1] ints
         cdef uint8_t[::1] raw
         view = arrays["h"]; self.s.h = &view[0]
         view = arrays["q"]; self.s.q = &view[0]
@@ -484,7 +537,12 @@ cdef class LayerScratch:
         view = arrays["up"]; self.s.up = &view[0]
         view = arrays["rope_cos"]; self.s.rope_cos = &view[0]
         view = arrays["rope_sin"]; self.s.rope_sin = &view[0]
-        view = arrays["scores"]; self.s.scores = &view[0]
+        ints = arrays["rope_pos"]; self.s.rope_pos = &ints[0]
+        view = arrays["att"]; self.s.att = &view[0]
+        self.s.att_stride = att_floats
+        raw = arrays["att_items"]; self.s.att_items = <zd_att_item *>&raw[0]
+        ints = arrays["att_splits"]; self.s.att_splits = &ints[0]
+        view = arrays["att_partial"]; self.s.att_partial = &view[0]
         view = arrays["cbuf"]; self.s.cbuf = &view[0]
         self.s.cbuf_stride = zd_cbuf_floats(width)
         for i in range(3):
@@ -496,14 +554,16 @@ cdef class LayerScratch:
         self.shape = want
 
 
-def decoder_layer(Layer layer, LayerScratch scratch, float[:, ::1] x, int64_t start_pos, int threads):
-    """One whole block on x [n, d] in place (IN/OUT); token i sits at start_pos + i."""
+def decoder_layer(Layer layer, LayerScratch scratch, float[:, ::1] x, const int32_t[::1] positions,
+                  const int32_t[::1] seqs, int threads):
+    """One whole block on x [n, d] in place (IN/OUT); token t sits at positions[t] of sequence seqs[t]."""
     cdef int64_t n = x.shape[0]
     _require(x.shape[1] == layer.p.d, "input width mismatch")
-    _require(start_pos >= 0 and start_pos + n <= layer.cache.n_ctx, "cache positions out of range")
+    _check_batch(positions, seqs, n, &layer.cache)
     _require(threads >= 1, "threads must be positive")
     if n == 0:
         return
     scratch.reserve(layer, n, threads)
     with nogil:
-        zd_decoder_layer(&layer.w, &layer.p, &scratch.s, &layer.cache, &x[0, 0], n, start_pos, _isa, threads)
+        zd_decoder_layer(&layer.w, &layer.p, &scratch.s, &layer.cache, &x[0, 0], &positions[0], &seqs[0], n,
+                         _isa, threads)

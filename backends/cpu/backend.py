@@ -1,18 +1,21 @@
 """CPUBackend: the checks in Python, the loops in _ops (Cython, OpenMP, GIL released).
 
 Weights are checked once, in load_weight, which returns a _CPUWeight handle; the hot path only
-checks that it was given one. Every op validates its other arguments here and raises
-BackendError before native code sees a buffer; _ops trusts shapes, dtypes and contiguity it
-has been given. `decoder_layer` runs a whole block as one native call (kernels/layer.h).
+checks that it was given one. Every op validates its other arguments here (with the checks
+zephyr.backend shares between backends) and raises BackendError before native code sees a
+buffer; _ops trusts shapes, dtypes and contiguity it has been given. `decoder_layer` runs a
+whole block as one native call (kernels/layer.h).
 """
 import weakref
 
 import numpy as np
 
-from zephyr.backend import Availability, Backend, LayerParams, LayerWeights, Weight, check_activation
+from zephyr.backend import (Availability, Batch, HostBackend, HostKVCache, LayerParams, LayerWeights, Weight,
+                            as_index, as_positions, check_activation, check_cache_args, check_layer_shapes, check_rope_args,
+                            check_weight)
 from zephyr.errors import BackendError
 from zephyr.memory import release_pages, require
-from zephyr.quants import GGMLType, SUPPORTED_TYPES, TYPE_INFO
+from zephyr.quants import GGMLType, SUPPORTED_TYPES
 
 try:
     from . import _ops, _openmp
@@ -39,15 +42,6 @@ class _CPUWeight:
         return f"_CPUWeight({self.name!r}, {self.type.name}, {self.shape})"
 
 
-class KVCache:
-    """Per-layer key and value arrays, each [n_ctx, h_kv, hd] float32, C-contiguous."""
-
-    def __init__(self, n_layers, n_ctx, n_kv_heads, head_dim):
-        self.n_ctx, self.n_kv_heads, self.head_dim = n_ctx, n_kv_heads, head_dim
-        self.k = [np.zeros((n_ctx, n_kv_heads, head_dim), np.float32) for _ in range(n_layers)]
-        self.v = [np.zeros((n_ctx, n_kv_heads, head_dim), np.float32) for _ in range(n_layers)]
-
-
 def _activation(x, name, cols=None, rows=None):
     """x itself, if it is a C-contiguous float32 [rows, cols] numpy array."""
     return check_activation(x, name, np.ndarray, "numpy", cols, rows, " (use np.ascontiguousarray)")
@@ -58,17 +52,12 @@ def _same_shape(a, b, what):
         raise BackendError(f"{what}: shapes {a.shape} and {b.shape} differ")
 
 
-def _index(value, name, minimum=0):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise BackendError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-class CPUBackend(Backend):
+class CPUBackend(HostBackend):
     name = "cpu"
     device = "cpu"
     score = 10
     supported_types = SUPPORTED_TYPES
+    options = ("threads",)
 
     @classmethod
     def availability(cls):
@@ -78,9 +67,10 @@ class CPUBackend(Backend):
         return Availability(True)
 
     def __init__(self, threads: int = 0):
+        """threads <= 0: choose (OMP_NUM_THREADS, else every core this process may use)."""
         if _IMPORT_ERROR is not None:
             raise BackendError(self.availability().reason)
-        super().__init__(_openmp.resolve_threads(int(threads)))
+        self.threads = _openmp.resolve_threads(int(threads))
         self._layers = {}                      # (id(weights), id(cache), layer, params) -> _LayerPlan
         self._scratch = _ops.LayerScratch()    # run state shared by every layer, grown on demand
         self._loaded = weakref.WeakValueDictionary()   # (address, size, type, shape) -> handle
@@ -93,25 +83,12 @@ class CPUBackend(Backend):
         otherwise count twice in RSS)."""
         if type(weight) is _CPUWeight:
             return weight
-        if not isinstance(weight, Weight):
-            raise BackendError(f"expected a zephyr.backend.Weight, got {type(weight).__name__}")
-        if weight.type not in self.supported_types or not _ops.can_decode(int(weight.type)):
-            raise BackendError(f"the cpu backend cannot use {weight.name!r}: type "
-                               f"{getattr(weight.type, 'name', weight.type)} is not supported")
-        if len(weight.shape) not in (1, 2) or min(weight.shape) <= 0:
-            raise BackendError(f"{weight.name!r}: shape {weight.shape} is not a vector or matrix")
-        block = TYPE_INFO[weight.type].block_size
-        if weight.shape[-1] % block:
-            raise BackendError(f"{weight.name!r}: {weight.shape[-1]} columns is not a whole number of "
-                               f"{weight.type.name} blocks of {block}")
-        data = weight.data
-        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or not data.flags.c_contiguous:
+        weight = check_weight(weight, self.name, self.supported_types)
+        if not _ops.can_decode(int(weight.type)):
+            raise BackendError(f"the cpu backend cannot use {weight.name!r}: type {weight.type.name} is not supported")
+        data, rows = weight.data, weight.rows
+        if not data.flags.c_contiguous:
             raise BackendError(f"{weight.name!r}: data must be a C-contiguous uint8 array")
-        rows = weight.shape[0] if len(weight.shape) == 2 else 1
-        needed = rows * _ops.row_bytes(int(weight.type), weight.shape[-1])
-        if data.size != needed:
-            raise BackendError(f"{weight.name!r}: {data.size} bytes of data, but shape {weight.shape} "
-                               f"of {weight.type.name} takes {needed}")
         key = (data.ctypes.data, data.size, int(weight.type), tuple(weight.shape))
         loaded = self._loaded.get(key)
         if loaded is not None:   # the same tensor twice (tied embeddings): one copy
@@ -131,18 +108,6 @@ class CPUBackend(Backend):
             _ops.embed(handle.data, int(handle.type), 1, np.zeros(1, np.int32), handle.values, 1)
             handle.values = handle.values[0]
         return handle
-
-    def from_host(self, x):
-        return np.ascontiguousarray(x, dtype=np.float32)
-
-    def to_host(self, x):
-        return np.asarray(x, dtype=np.float32)
-
-    def new_kv_cache(self, n_layers, n_ctx, n_kv_heads, head_dim):
-        for name, value in (("n_layers", n_layers), ("n_ctx", n_ctx), ("n_kv_heads", n_kv_heads),
-                            ("head_dim", head_dim)):
-            _index(value, name, minimum=1)
-        return KVCache(n_layers, n_ctx, n_kv_heads, head_dim)
 
     # -- helpers --------------------------------------------------------------------------
     def _matrix(self, w, op):
@@ -193,43 +158,23 @@ class CPUBackend(Backend):
         _ops.rms_norm(x, weight, float(eps), out, self.threads)
         return out
 
-    def rope(self, x, start_pos, head_dim, n_rot, base, neox):
+    def rope(self, x, positions, head_dim, n_rot, base, neox):
         x = _activation(x, "rope input")                     # [n, heads * head_dim]
-        start_pos = _index(start_pos, "start_pos")
-        head_dim = _index(head_dim, "head_dim", minimum=1)
-        n_rot = _index(n_rot, "n_rot")
-        if x.shape[1] % head_dim:
-            raise BackendError(f"rope input width {x.shape[1]} is not a multiple of head_dim {head_dim}")
-        if n_rot % 2 or n_rot > head_dim:
-            raise BackendError(f"n_rot must be even and at most head_dim {head_dim}, got {n_rot}")
+        check_rope_args(x.shape[1], head_dim, n_rot)
+        positions = as_positions(positions, x.shape[0])
         out = np.empty_like(x)
-        _ops.rope(x, start_pos, head_dim, n_rot, float(base), bool(neox), out, self.threads)
+        _ops.rope(x, positions, int(head_dim), int(n_rot), float(base), bool(neox), out, self.threads)
         return out
 
-    def attention(self, cache, layer, q, k, v, start_pos, n_heads, n_kv_heads, window=0):
-        if not isinstance(cache, KVCache):
-            raise BackendError(f"attention takes a cache from new_kv_cache, got {type(cache).__name__}")
-        layer = _index(layer, "layer")
-        if layer >= len(cache.k):
-            raise BackendError(f"layer {layer} is outside the cache's {len(cache.k)} layers")
-        n_heads = _index(n_heads, "n_heads", minimum=1)
-        n_kv_heads = _index(n_kv_heads, "n_kv_heads", minimum=1)
-        if n_kv_heads != cache.n_kv_heads or n_heads % n_kv_heads:
-            raise BackendError(f"{n_heads} query heads over {n_kv_heads} kv heads do not fit a cache "
-                               f"of {cache.n_kv_heads} kv heads")
-        start_pos = _index(start_pos, "start_pos")
-        window = _index(window, "window")
-        hd = cache.head_dim
-        q = _activation(q, "q", cols=n_heads * hd)           # [n, h * hd]
-        n = q.shape[0]
-        k = _activation(k, "k", cols=n_kv_heads * hd, rows=n)  # [n, h_kv * hd]
+    def attention(self, cache, layer, q, k, v, batch, n_heads, n_kv_heads, window=0):
+        check_cache_args(cache, HostKVCache, layer, batch, n_heads, n_kv_heads)
+        hd, n = cache.shape.head_dim, len(batch)
+        q = _activation(q, "q", cols=n_heads * hd, rows=n)            # [n, h * hd]
+        k = _activation(k, "k", cols=n_kv_heads * hd, rows=n)         # [n, h_kv * hd]
         v = _activation(v, "v", cols=n_kv_heads * hd, rows=n)
-        if start_pos + n > cache.n_ctx:
-            raise BackendError(f"positions {start_pos}..{start_pos + n - 1} do not fit a cache of "
-                               f"{cache.n_ctx} positions")
         out = np.empty_like(q)
-        _ops.attention(q, k, v, cache.k[layer], cache.v[layer], start_pos, n_heads, n_kv_heads,
-                       window, out, self.threads)
+        _ops.attention(q, k, v, cache.data[layer], int(cache.shape.type), batch.positions, batch.seqs, n_heads,
+                       as_index(window, "window"), out, self.threads)
         return out
 
     def swiglu(self, gate, up):
@@ -249,7 +194,7 @@ class CPUBackend(Backend):
         return out
 
     # -- whole steps ------------------------------------------------------------------------
-    def decoder_layer(self, x, w, p, cache, layer, start_pos):
+    def decoder_layer(self, x, w, p, cache, layer, batch):
         """The fused block: one native call, same values as the ops composed (kernels/layer.h)."""
         try:
             plan = self._layers.get((id(w), id(cache), layer, p))
@@ -258,54 +203,30 @@ class CPUBackend(Backend):
         if plan is None:
             plan = _LayerPlan(self, w, p, cache, layer)
             self._layers[(id(w), id(cache), layer, p)] = plan
-        x = _activation(x, "decoder_layer input", cols=plan.d)       # [n, d]
-        start_pos = _index(start_pos, "start_pos")
-        if start_pos + x.shape[0] > cache.n_ctx:
-            raise BackendError(f"positions {start_pos}..{start_pos + x.shape[0] - 1} do not fit a cache of "
-                               f"{cache.n_ctx} positions")
+        check_cache_args(cache, HostKVCache, layer, batch, p.n_heads, p.n_kv_heads)
+        x = _activation(x, "decoder_layer input", cols=plan.d, rows=len(batch))   # [n, d]
         out = x.copy()
-        _ops.decoder_layer(plan.native, self._scratch, out, start_pos, self.threads)
+        _ops.decoder_layer(plan.native, self._scratch, out, batch.positions, batch.seqs, self.threads)
         return out
 
 
 class _LayerPlan:
-    """One block's checked weights, params and cache slot, bound for _ops.decoder_layer.
+    """One block's checked weights, params and cache layer, bound for _ops.decoder_layer.
 
     Keeps the objects its key names alive, so their ids cannot be reused while it exists."""
 
     def __init__(self, backend, w, p, cache, layer):
         if not isinstance(w, LayerWeights):
             raise BackendError(f"decoder_layer takes LayerWeights, got {type(w).__name__}")
-        if not isinstance(p, LayerParams):
-            raise BackendError(f"decoder_layer takes LayerParams, got {type(p).__name__}")
-        if not isinstance(cache, KVCache):
-            raise BackendError(f"decoder_layer takes a cache from new_kv_cache, got {type(cache).__name__}")
-        layer = _index(layer, "layer")
-        if layer >= len(cache.k):
-            raise BackendError(f"layer {layer} is outside the cache's {len(cache.k)} layers")
-        n_heads = _index(p.n_heads, "n_heads", minimum=1)
-        n_kv_heads = _index(p.n_kv_heads, "n_kv_heads", minimum=1)
-        head_dim = _index(p.head_dim, "head_dim", minimum=1)
-        rope_dims = _index(p.rope_dims, "rope_dims")
-        window = _index(p.sliding_window, "sliding_window")
-        if n_heads % n_kv_heads or n_kv_heads != cache.n_kv_heads or head_dim != cache.head_dim:
-            raise BackendError(f"{n_heads} query heads over {n_kv_heads} kv heads of {head_dim} do not fit a "
-                               f"cache of {cache.n_kv_heads} kv heads of {cache.head_dim}")
-        if rope_dims % 2 or rope_dims > head_dim:
-            raise BackendError(f"rope_dims must be even and at most head_dim {head_dim}, got {rope_dims}")
-        matrices = {name: backend._matrix(getattr(w, name), "decoder_layer")
-                    for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")}
-        d, f = matrices["wq"].cols, matrices["w_gate"].rows
-        qd, kvd = n_heads * head_dim, n_kv_heads * head_dim
-        shapes = {"wq": (qd, d), "wk": (kvd, d), "wv": (kvd, d), "wo": (d, qd), "w_gate": (f, d), "w_up": (f, d),
-                  "w_down": (d, f)}
-        for name, shape in shapes.items():
-            if matrices[name].shape != shape:
-                raise BackendError(f"{name} has shape {matrices[name].shape}, expected {shape}")
-        self.d = d
+        matrices = {name: backend._matrix(getattr(w, name), "decoder_layer") for name in LayerWeights.MATRICES}
+        self.d = check_layer_shapes(lambda name: matrices[name].shape, p)
+        check_cache_args(cache, HostKVCache, layer, Batch.of(0, 0), p.n_heads, p.n_kv_heads)
+        if cache.shape.head_dim != p.head_dim:
+            raise BackendError(f"head size {p.head_dim} does not match the cache's {cache.shape.head_dim}")
         self.keep = (w, cache)
         spec = {name: (m.data, m.code) for name, m in matrices.items()}
-        self.native = _ops.Layer(backend._vector(w.attn_norm, d), backend._vector(w.ffn_norm, d),
+        self.native = _ops.Layer(backend._vector(w.attn_norm, self.d), backend._vector(w.ffn_norm, self.d),
                                  spec["wq"], spec["wk"], spec["wv"], spec["wo"], spec["w_gate"], spec["w_up"],
-                                 spec["w_down"], f, n_heads, n_kv_heads, head_dim, rope_dims, float(p.rope_base),
-                                 bool(p.rope_neox), float(p.rms_eps), window, cache.k[layer], cache.v[layer])
+                                 spec["w_down"], matrices["w_gate"].rows, p.n_heads, p.n_kv_heads, p.head_dim,
+                                 p.rope_dims, float(p.rope_base), bool(p.rope_neox), float(p.rms_eps),
+                                 p.sliding_window, cache.data[layer], int(cache.shape.type))

@@ -1,4 +1,5 @@
-"""One suite: every op of every available backend against the reference backend.
+"""One suite: every op of every available backend against the reference backend, and the
+contract's other promises (KV cache types, batches of several sequences, moving sequences).
 
 A third-party backend that is installed and available on this machine is tested here too.
 """
@@ -6,7 +7,9 @@ import numpy as np
 import pytest
 
 from zephyr import plugins
+from zephyr.backend import Backend, Batch, CacheShape, LayerParams, LayerWeights
 from zephyr.errors import BackendError
+from zephyr.backend import KV_CACHE_TYPES
 from zephyr.quants import GGMLType, SUPPORTED_TYPES, TYPE_INFO
 
 TOLERANCE = 1e-4  # max |got - want| / max |want|, float32 arithmetic against a float64 oracle
@@ -22,7 +25,8 @@ def backends_under_test():
 
 @pytest.fixture(params=backends_under_test(), ids=lambda cls: cls.name)
 def backend(request):
-    return request.param(threads=2)
+    cls = request.param
+    return cls(**({"threads": 2} if "threads" in cls.options else {}))
 
 
 @pytest.fixture(scope="module")
@@ -88,13 +92,14 @@ def test_rms_norm(backend, reference, make_weight):
     assert_close(got, reference.rms_norm(x, reference.load_weight(weight), 1e-5))
 
 
-@pytest.mark.parametrize("start_pos", [0, 37])
+@pytest.mark.parametrize("start", [0, 37])
 @pytest.mark.parametrize("n_rot", [64, 32, 16])
 @pytest.mark.parametrize("neox", [False, True], ids=["normal", "neox"])
-def test_rope(backend, reference, neox, n_rot, start_pos):
+def test_rope(backend, reference, neox, n_rot, start):
     x = activations(np.random.default_rng(3), 5, 3 * 64)
-    args = (start_pos, 64, n_rot, 10000.0, neox)
-    assert_close(run(backend, "rope", x, *args), reference.rope(x, *args))
+    for positions in (np.arange(start, start + 5), np.array([start, 3, 900, 3, 0])):
+        args = (positions.astype(np.int32), 64, n_rot, 10000.0, neox)
+        assert_close(run(backend, "rope", x, *args), reference.rope(x, *args))
 
 
 def test_swiglu(backend, reference):
@@ -113,44 +118,122 @@ def test_add(backend, reference):
 
 # -- attention ---------------------------------------------------------------------------------
 
-HEADS, KV_HEADS, HEAD_DIM, N_CTX = 8, 2, 16, 24
+HEADS, KV_HEADS, HEAD_DIM, N_CTX = 8, 2, 32, 24
+CACHE_TYPES = sorted(KV_CACHE_TYPES.values())
 
 
+def caches(backend, reference, type, n_layers=2, n_seqs=1, n_ctx=N_CTX):
+    if type not in backend.kv_cache_types:
+        pytest.skip(f"{backend.name} keeps no {type.name} KV cache")
+    shape = CacheShape(n_layers, n_seqs, n_ctx, KV_HEADS, HEAD_DIM, type)
+    return backend.new_kv_cache(shape), reference.new_kv_cache(shape)
+
+
+def attend(backend, reference, cache, ref_cache, batch, rng, window=0, layer=1, scale=1.0):
+    """Run one batch through both backends' attention and compare."""
+    n = len(batch)
+    q = activations(rng, n, HEADS * HEAD_DIM) * scale
+    k = activations(rng, n, KV_HEADS * HEAD_DIM) * scale
+    v = activations(rng, n, KV_HEADS * HEAD_DIM)
+    args = (layer, q, k, v, batch, HEADS, KV_HEADS)
+    assert_close(run(backend, "attention", cache, *args, window=window),
+                 reference.attention(ref_cache, *args, window=window))
+
+
+@pytest.mark.parametrize("type", CACHE_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("window", [0, 4])
-def test_attention_prefill_then_decode(backend, reference, window):
-    """Prefill, a prefill continuing at start_pos > 0, then decode steps, on layer 1 of 2."""
+def test_attention_prefill_then_decode(backend, reference, type, window):
+    """Prefill, a prefill continuing at position 6, then decode steps, on layer 1 of 2."""
     rng = np.random.default_rng(6 + window)
-    caches = {b: b.new_kv_cache(2, N_CTX, KV_HEADS, HEAD_DIM) for b in (backend, reference)}
+    cache, ref_cache = caches(backend, reference, type)
     start = 0
     for n in (6, 5, 1, 1):
-        q = activations(rng, n, HEADS * HEAD_DIM)
-        k = activations(rng, n, KV_HEADS * HEAD_DIM)
-        v = activations(rng, n, KV_HEADS * HEAD_DIM)
-        args = (1, q, k, v, start, HEADS, KV_HEADS)
-        got = run(backend, "attention", caches[backend], *args, window=window)
-        assert_close(got, reference.attention(caches[reference], *args, window=window))
+        attend(backend, reference, cache, ref_cache, Batch.of(start, n), rng, window)
         start += n
 
 
+@pytest.mark.parametrize("type", CACHE_TYPES, ids=lambda t: t.name)
+def test_attention_over_several_sequences(backend, reference, type):
+    """Sequences fill independently; one batch mixes a decode step of one with a prompt of another."""
+    rng = np.random.default_rng(9)
+    cache, ref_cache = caches(backend, reference, type, n_seqs=3)
+    for batch in (Batch.of(0, 5, seq=2), Batch.of(0, 3, seq=0), Batch([5, 3, 4, 0], [2, 0, 0, 1]),
+                  Batch([6, 5, 1, 2], [2, 0, 1, 1])):
+        attend(backend, reference, cache, ref_cache, batch, rng, window=4)
+
+
+@pytest.mark.parametrize("window", [0, 700])
+def test_attention_at_a_long_context(backend, reference, window):
+    """Over 1,000 keys: kernels that tile or split the keys of a decode step meet their seams."""
+    rng = np.random.default_rng(10)
+    cache, ref_cache = caches(backend, reference, GGMLType.F16, n_layers=1, n_ctx=1100)
+    for batch in (Batch.of(0, 1037), Batch.of(1037, 1), Batch.of(1038, 3)):
+        attend(backend, reference, cache, ref_cache, batch, rng, window, layer=0)
+
+
 def test_attention_softmax_is_stable(backend, reference):
-    rng = np.random.default_rng(7)
-    q = activations(rng, 3, HEADS * HEAD_DIM) * 300   # logits in the thousands
-    k = activations(rng, 3, KV_HEADS * HEAD_DIM) * 300
-    v = activations(rng, 3, KV_HEADS * HEAD_DIM)
-    args = (0, q, k, v, 0, HEADS, KV_HEADS)
-    got = run(backend, "attention", backend.new_kv_cache(1, 4, KV_HEADS, HEAD_DIM), *args)
-    assert_close(got, reference.attention(reference.new_kv_cache(1, 4, KV_HEADS, HEAD_DIM), *args))
+    cache, ref_cache = caches(backend, reference, GGMLType.F32, n_layers=1, n_ctx=4)
+    attend(backend, reference, cache, ref_cache, Batch.of(0, 3), np.random.default_rng(7), layer=0, scale=300)
+
+
+@pytest.mark.parametrize("type", CACHE_TYPES, ids=lambda t: t.name)
+def test_sequences_move_between_slots(backend, reference, type):
+    """copy_sequence and read/write_sequence carry a prefix, so attention over the copy is
+    attention over the original."""
+    rng = np.random.default_rng(11)
+    cache, ref_cache = caches(backend, reference, type, n_seqs=3)
+    attend(backend, reference, cache, ref_cache, Batch.of(0, 7, seq=0), rng)
+    for c in (cache, ref_cache):
+        c.copy_sequence(0, 1, 7)
+        c.write_sequence(2, c.read_sequence(0, 5))
+    attend(backend, reference, cache, ref_cache, Batch([7, 7, 5], [0, 1, 2]), rng)
+    assert isinstance(cache.read_sequence(1, 8), np.ndarray) and cache.read_sequence(1, 8).dtype == np.uint8
+    with pytest.raises(BackendError, match="sequence 3"):
+        cache.copy_sequence(0, 3, 1)
+
+
+# -- the whole block ------------------------------------------------------------------------------
+
+D_MODEL, D_FFN = 256, 512
+
+
+def block_weights(make_weight, type):
+    rng = np.random.default_rng(12)
+    norm = lambda: (1 + 0.1 * rng.standard_normal(D_MODEL)).astype(np.float32)  # noqa: E731
+    from zephyr.backend import Weight
+    q, kv = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+    shapes = dict(wq=(q, D_MODEL), wk=(kv, D_MODEL), wv=(kv, D_MODEL), wo=(D_MODEL, q), w_gate=(D_FFN, D_MODEL),
+                  w_up=(D_FFN, D_MODEL), w_down=(D_MODEL, D_FFN))
+    matrices = {name: make_weight(type, shape, seed=i) for i, (name, shape) in enumerate(shapes.items())}
+    norms = {name: Weight(name, GGMLType.F32, (D_MODEL,), norm().view(np.uint8)) for name in ("attn_norm", "ffn_norm")}
+    return LayerWeights(**matrices, **norms)
+
+
+@pytest.mark.parametrize("type", [GGMLType.F32, GGMLType.Q8_0], ids=lambda t: t.name)
+def test_decoder_layer(backend, reference, make_weight, type):
+    """The block a backend runs (fused or not) against the default composition on the reference."""
+    weights = block_weights(make_weight, type)
+    p = LayerParams(HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM // 2, 10000.0, True, 1e-5, 5)
+    loaded = {b: LayerWeights(**{f: b.load_weight(getattr(weights, f)) for f in weights.__dataclass_fields__})
+              for b in (backend, reference)}
+    cache, ref_cache = caches(backend, reference, GGMLType.F32, n_seqs=2)
+    rng = np.random.default_rng(13)
+    for batch in (Batch.of(0, 7), Batch.of(0, 2, seq=1), Batch([7, 2], [0, 1])):
+        x = activations(rng, len(batch), D_MODEL)
+        got = run(backend, "decoder_layer", x, loaded[backend], p, cache, 1, batch)
+        want = Backend.decoder_layer(reference, x, loaded[reference], p, ref_cache, 1, batch)
+        assert_close(got, want)
 
 
 # -- errors every backend reports ------------------------------------------------------------
 
 def test_cache_overflow_raises(backend):
-    cache = backend.new_kv_cache(1, 4, KV_HEADS, HEAD_DIM)
+    cache = backend.new_kv_cache(CacheShape(1, 1, 4, KV_HEADS, HEAD_DIM))
     rng = np.random.default_rng(8)
     q = backend.from_host(activations(rng, 2, HEADS * HEAD_DIM))
     kv = backend.from_host(activations(rng, 2, KV_HEADS * HEAD_DIM))
     with pytest.raises(BackendError, match="cache"):
-        backend.attention(cache, 0, q, kv, kv, 3, HEADS, KV_HEADS)
+        backend.attention(cache, 0, q, kv, kv, Batch.of(3, 2), HEADS, KV_HEADS)
 
 
 def test_partial_block_rows_are_rejected(backend, make_weight):

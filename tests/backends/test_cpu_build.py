@@ -1,6 +1,7 @@
 """The CPU backend's build: OpenMP compiled in, and thread counts that change nothing but speed."""
 import numpy as np
 
+from zephyr.backend import Batch, CacheShape
 from zephyr.quants import GGMLType
 from zephyr_backends.cpu import _openmp
 from zephyr_backends.cpu.backend import CPUBackend
@@ -27,16 +28,19 @@ def _every_op(backend, weights):
         "matmul": backend.matmul(x, matrix),
         "embed": backend.embed(matrix, np.array([3, 0, 32], np.int32)),
         "rms_norm": backend.rms_norm(x, backend.load_weight(weights["norm"]), 1e-6),
-        "rope": backend.rope(x, 11, 64, 32, 10000.0, False),
-        "rope_neox": backend.rope(x, 11, 64, 64, 10000.0, True),
+        "rope": backend.rope(x, np.arange(11, 16), 64, 32, 10000.0, False),
+        "rope_neox": backend.rope(x, np.arange(11, 16), 64, 64, 10000.0, True),
         "swiglu": backend.swiglu(x, x[::-1].copy()),
         "add": backend.add(x, x[::-1].copy()),
     }
-    cache = backend.new_kv_cache(1, 16, 2, 64)
+    cache = backend.new_kv_cache(CacheShape(1, 2, 1200, 2, 64))
     q = rng.standard_normal((5, 8 * 64)).astype(np.float32)
     kv = rng.standard_normal((5, 2 * 64)).astype(np.float32)
-    outputs["attention"] = backend.attention(cache, 0, q, kv, kv, 0, 8, 2, window=3)
-    outputs["decode"] = backend.attention(cache, 0, q[:1], kv[:1], kv[:1], 5, 8, 2)
+    outputs["attention"] = backend.attention(cache, 0, q, kv, kv, Batch.of(0, 5), 8, 2, window=3)
+    outputs["decode"] = backend.attention(cache, 0, q[:1], kv[:1], kv[:1], Batch.of(5, 1), 8, 2)
+    long = rng.standard_normal((1100, 2 * 64)).astype(np.float32)   # long enough to split a lone token's keys
+    backend.attention(cache, 0, np.repeat(q[:1], 1100, axis=0), long, long, Batch.of(0, 1100, seq=1), 8, 2)
+    outputs["long decode"] = backend.attention(cache, 0, q[:1], kv[:1], kv[:1], Batch.of(1100, 1, seq=1), 8, 2)
     return outputs
 
 

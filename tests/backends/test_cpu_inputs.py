@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from zephyr.backend import Weight
+from zephyr.backend import Batch, CacheShape, Weight
 from zephyr.errors import BackendError
 from zephyr.quants import GGMLType
 from zephyr_backends.cpu import _ops
@@ -67,10 +67,12 @@ def test_rms_norm_rejects_wrong_weight_length(cpu):
 
 
 @pytest.mark.parametrize("args, message", [
-    ((0, 64, 63, 1e4, False), "even"),
-    ((0, 64, 66, 1e4, False), "even"),
-    ((0, 48, 16, 1e4, False), "multiple of head_dim"),
-    ((-1, 64, 64, 1e4, False), "start_pos"),
+    (([0, 1], 64, 63, 1e4, False), "even"),
+    (([0, 1], 64, 66, 1e4, False), "even"),
+    (([0, 1], 48, 16, 1e4, False), "multiple of head_dim"),
+    (([-1, 1], 64, 64, 1e4, False), "positions must lie"),
+    (([0], 64, 64, 1e4, False), "1 positions for 2 rows"),
+    (([[0, 1]], 64, 64, 1e4, False), "1-D integer"),
 ])
 def test_rope_rejects_bad_geometry(cpu, args, message):
     with pytest.raises(BackendError, match=message):
@@ -78,8 +80,10 @@ def test_rope_rejects_bad_geometry(cpu, args, message):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(start_pos=7), "do not fit"),                 # 7 + 2 tokens > 8 positions
-    (dict(start_pos=-1), "start_pos"),
+    (dict(batch=Batch.of(7, 2)), "does not fit"),      # positions 7, 8 of 8
+    (dict(batch=Batch.of(0, 2, seq=3)), "sequence 3"),
+    (dict(batch=Batch.of(0, 3)), "rows"),
+    (dict(batch=[0, 1]), "Batch"),
     (dict(layer=2), "layer"),
     (dict(n_kv_heads=4), "kv heads"),
     (dict(n_heads=3), "kv heads"),
@@ -90,10 +94,27 @@ def test_rope_rejects_bad_geometry(cpu, args, message):
     (dict(cache=object()), "new_kv_cache"),
 ])
 def test_attention_rejects_bad_arguments(cpu, kwargs, message):
-    args = dict(cache=cpu.new_kv_cache(2, 8, 2, 16), layer=0, q=f32(2, 64), k=f32(2, 32), v=f32(2, 32),
-                start_pos=0, n_heads=4, n_kv_heads=2) | kwargs
+    args = dict(cache=cpu.new_kv_cache(CacheShape(2, 3, 8, 2, 16)), layer=0, q=f32(2, 64), k=f32(2, 32),
+                v=f32(2, 32), batch=Batch.of(0, 2), n_heads=4, n_kv_heads=2) | kwargs
     with pytest.raises(BackendError, match=message):
         cpu.attention(**args)
+
+
+def test_batch_rejects_bad_places():
+    with pytest.raises(BackendError, match="positions must lie"):
+        Batch([-1], [0])
+    with pytest.raises(BackendError, match="a sequence for every position"):
+        Batch([0, 1], [0])
+
+
+@pytest.mark.parametrize("shape, message", [
+    (dict(n_ctx=0), "n_ctx must be an integer >= 1"),
+    (dict(type=GGMLType.Q4_0), "KV cache type"),
+    (dict(type=GGMLType.Q8_0, head_dim=48), "multiple of 32"),
+])
+def test_cache_shape_rejects_what_no_backend_can_hold(shape, message):
+    with pytest.raises(BackendError, match=message):
+        CacheShape(**(dict(n_layers=1, n_seqs=1, n_ctx=8, n_kv_heads=2, head_dim=64) | shape))
 
 
 @pytest.mark.parametrize("op", ["swiglu", "add"])
@@ -110,16 +131,20 @@ def test_native_layer_refuses_short_buffers():
         _ops.matmul(f32(1, 32), np.zeros(17, np.uint8), int(GGMLType.Q4_0), 1, f32(1, 1), 1)
     with pytest.raises(ValueError, match="out of range"):
         _ops.embed(np.zeros(18, np.uint8), int(GGMLType.Q4_0), 1, np.array([1], np.int32), f32(1, 32), 1)
-    with pytest.raises(ValueError, match="cache positions"):
-        _ops.attention(f32(2, 16), f32(2, 16), f32(2, 16), f32(1, 1, 16), f32(1, 1, 16), 0, 1, 1, 0,
-                       f32(2, 16), 1)
+    cache = np.zeros((2, 1, 1, 1, 64), np.uint8)   # one f32 row of 16 values: position 0 only
+    with pytest.raises(ValueError, match="outside the cache"):
+        _ops.attention(f32(2, 16), f32(2, 16), f32(2, 16), cache, int(GGMLType.F32), np.arange(2, dtype=np.int32),
+                       np.zeros(2, np.int32), 1, 0, f32(2, 16), 1)
+    with pytest.raises(ValueError, match="head_dim values"):
+        _ops.attention(f32(1, 32), f32(1, 32), f32(1, 32), cache, int(GGMLType.F32), np.zeros(1, np.int32),
+                       np.zeros(1, np.int32), 1, 0, f32(1, 32), 1)
 
 
 def test_native_layer_refuses_short_weights():
     """The fused layer's native constructor checks every buffer against the shapes it is given."""
     d, f, heads, hd = 64, 128, 2, 32
     norm = np.ones(d, np.float32)
-    cache = np.zeros((8, 1, hd), np.float32)
+    cache = np.zeros((2, 1, 8, 1, hd * 4), np.uint8)   # f32 keys and values of one sequence, 8 positions
 
     def matrix(rows, cols):
         return np.zeros(rows * _ops.row_bytes(int(GGMLType.Q4_0), cols), np.uint8), int(GGMLType.Q4_0)
@@ -130,10 +155,12 @@ def test_native_layer_refuses_short_weights():
     def layer(**change):
         m = ok | change
         return _ops.Layer(norm, norm, m["wq"], m["wk"], m["wv"], m["wo"], m["w_gate"], m["w_up"], m["w_down"],
-                          f, heads, 1, hd, hd, 1e4, False, 1e-5, 0, cache, cache)
+                          f, heads, 1, hd, hd, 1e4, False, 1e-5, 0, cache, int(GGMLType.F32))
 
     layer()
     with pytest.raises(ValueError, match="smaller"):
         layer(w_down=matrix(d, f // 2))
     with pytest.raises(ValueError, match="cannot multiply"):
         layer(wq=(ok["wq"][0], int(GGMLType.IQ2_XXS)))
+    with pytest.raises(ValueError, match="head_dim values"):
+        _ops.Layer(norm, norm, *ok.values(), f, heads, 1, hd, hd, 1e4, False, 1e-5, 0, cache, int(GGMLType.F16))

@@ -6,9 +6,10 @@
  *   -> attention -> x += attn @ Wo.T -> h = rms_norm(x) -> g, u = h @ Wgate.T, Wup.T
  *   -> x += (silu(g) * u) @ Wdown.T
  *
+ * Token t of the batch sits at position pos[t] of sequence seq[t] of the cache (zephyr.backend.Batch).
  * Each step is shared out over the team (rows, heads or weight tiles) and ends at a barrier
- * (zd_barrier: yields the CPU while it waits); the residual adds happen in the matmuls' stores. Scratch memory comes from the caller, sized
- * once for the largest batch (see zd_layer_scratch).
+ * (zd_barrier: yields the CPU while it waits); the residual adds happen in the matmuls' stores.
+ * Scratch memory comes from the caller, sized once for the largest batch (see zd_layer_scratch).
  */
 #ifndef ZEPHYR_LAYER_H
 #define ZEPHYR_LAYER_H
@@ -44,11 +45,6 @@ typedef struct {
     float rms_eps;
 } zd_layer_params;
 
-typedef struct {
-    float *k, *v;            /* this layer's cache, [n_ctx, h_kv, hd] each */
-    int64_t n_ctx;
-} zd_layer_cache;
-
 /* Run state for up to n_max tokens; every pointer is caller-owned. */
 typedef struct {
     int64_t n_max;
@@ -57,9 +53,14 @@ typedef struct {
     float *k, *v;            /* [n, h_kv * hd] */
     float *gate, *up;        /* [n, f] */
     float *rope_cos, *rope_sin;   /* [n, rope_dims / 2] */
-    int64_t rope_start, rope_n, rope_dims;   /* what the rope tables hold (rope_n = 0: nothing) */
+    int32_t *rope_pos;       /* [n]: the positions the rope tables hold */
+    int64_t rope_n, rope_dims;    /* (rope_n = 0: nothing) */
     double rope_base;
-    float *scores;           /* [threads, n_ctx] */
+    float *att;              /* [threads, att_stride]: attention scratch (zd_att_scratch_floats) */
+    int64_t att_stride;
+    zd_att_item *att_items;  /* [zd_att_max_items(n_max, h_kv)] */
+    int32_t *att_splits;     /* [n_max] */
+    float *att_partial;      /* [n_max, h, ZD_ATT_MAX_SPLITS, hdp + 2] */
     float *cbuf;             /* [threads, zd_cbuf_floats(max(d, f, h * hd))] */
     int64_t cbuf_stride;
     void *act[3];            /* quantised activations, one per kind, each zd_act_bytes of [n, width] */
@@ -117,18 +118,51 @@ static void zd_layer_norm(const float *x, const float *w, float *out, int64_t n,
 
 static inline int zd_kind_bit(int type) { return 1 << zd_act_kind(type); }
 
-/* x: [n, d] IN/OUT. n <= s->n_max; start_pos + n <= cache->n_ctx. */
+/* The rope tables for positions pos[0..n) (s->rope_*), unless they hold them already: every
+ * layer of a forward pass asks for the same ones. Run by one thread, before the parallel region. */
+static int zd_layer_rope_ready(zd_layer_scratch *s, const zd_layer_params *p, const int32_t *pos, int64_t n) {
+    if (s->rope_n >= n && s->rope_dims == p->rope_dims && s->rope_base == p->rope_base
+        && memcmp(s->rope_pos, pos, (size_t)n * sizeof(int32_t)) == 0)
+        return 1;
+    memcpy(s->rope_pos, pos, (size_t)n * sizeof(int32_t));
+    s->rope_n = n;
+    s->rope_dims = p->rope_dims;
+    s->rope_base = p->rope_base;
+    return 0;
+}
+
+/* Rotate q into q_rot and k into the cache (with v), per (token, head): this thread's share. */
+static void zd_layer_rope_store(const zd_layer_params *p, zd_layer_scratch *s, const zd_kv_layer *cache,
+                                const int32_t *pos, const int32_t *seq, int64_t n, float *row, int ith, int nth) {
+    const int64_t hd = p->head_dim, half = p->rope_dims / 2;
+    const int64_t qd = p->n_heads * hd, kvd = p->n_kv_heads * hd;
+    zd_spans spans = zd_spans_of(n, p->n_heads + p->n_kv_heads, ith, nth);
+    int64_t t, u0, u1;
+    while (zd_spans_next(&spans, &t, &u0, &u1))
+        for (int64_t u = u0; u < u1; u++) {
+            const float *cos_t = s->rope_cos + t * half, *sin_t = s->rope_sin + t * half;
+            if (u < p->n_heads) {
+                zd_rope_head(s->q + t * qd + u * hd, s->q_rot + t * qd + u * hd, cos_t, sin_t, hd, p->rope_dims,
+                             p->rope_neox);
+                continue;
+            }
+            const int64_t kv = u - p->n_heads, at = zd_kv_offset(cache, seq[t], pos[t], kv);
+            zd_rope_head(s->k + t * kvd + kv * hd, row, cos_t, sin_t, hd, p->rope_dims, p->rope_neox);
+            zd_kv_encode(cache->type, row, hd, cache->k + at);
+            zd_kv_encode(cache->type, s->v + t * kvd + kv * hd, hd, cache->v + at);
+        }
+}
+
+/* x: [n, d] IN/OUT. n <= s->n_max; token t at position pos[t] < n_ctx of sequence seq[t] < n_seqs. */
 static void zd_decoder_layer(const zd_layer_weights *w, const zd_layer_params *p, zd_layer_scratch *s,
-                             const zd_layer_cache *cache, float *x, int64_t n, int64_t start_pos, int isa, int nth) {
+                             const zd_kv_layer *cache, float *x, const int32_t *pos, const int32_t *seq, int64_t n,
+                             int isa, int nth) {
     const int64_t d = p->d, f = p->f, hd = p->head_dim;
     const int64_t qd = p->n_heads * hd, kvd = p->n_kv_heads * hd, half = p->rope_dims / 2;
-    const int64_t group = p->n_heads / p->n_kv_heads;
-    const float scale = (float)(1.0 / sqrt((double)hd));
     const int qkv_kinds = zd_kind_bit(w->wq.type) | zd_kind_bit(w->wk.type) | zd_kind_bit(w->wv.type);
     const int ffn_kinds = zd_kind_bit(w->w_gate.type) | zd_kind_bit(w->w_up.type);
     const int o_kind = zd_kind_bit(w->wo.type), down_kind = zd_kind_bit(w->w_down.type);
-    const int rope_ready = s->rope_start == start_pos && s->rope_n >= n && s->rope_dims == p->rope_dims
-                           && s->rope_base == p->rope_base;
+    const int rope_ready = zd_layer_rope_ready(s, p, pos, n);
     zd_act a_qkv[3], a_o[3], a_ffn[3], a_down[3];
     zd_mm_job qkv[3], o, gate_up[2], down;
 
@@ -144,13 +178,10 @@ static void zd_decoder_layer(const zd_layer_weights *w, const zd_layer_params *p
     zd_mm_job_init(&gate_up[0], w->w_gate.type, isa, w->w_gate.data, f, d, &a_ffn[zd_act_kind(w->w_gate.type)], s->gate, f, 0);
     zd_mm_job_init(&gate_up[1], w->w_up.type, isa, w->w_up.data, f, d, &a_ffn[zd_act_kind(w->w_up.type)], s->up, f, 0);
     zd_mm_job_init(&down, w->w_down.type, isa, w->w_down.data, d, f, &a_down[zd_act_kind(w->w_down.type)], x, d, 1);
-    int64_t next[4] = {0, 0, 0, 0};   /* chunk counters of the four matmul steps */
-    if (!rope_ready) {
-        s->rope_start = start_pos;
-        s->rope_n = n;
-        s->rope_dims = p->rope_dims;
-        s->rope_base = p->rope_base;
-    }
+    zd_att_job att = {s->q_rot, s->h, pos, seq, n, p->n_heads, p->n_kv_heads, hd, p->window,
+                      (float)(1.0 / sqrt((double)hd)), cache, s->att_items, 0, s->att_splits, s->att_partial};
+    zd_att_plan(&att);
+    int64_t next[5] = {0, 0, 0, 0, 0};   /* work counters: the four matmul steps, attention */
 
     zd_barrier barrier = {0, 0};
 
@@ -158,7 +189,7 @@ static void zd_decoder_layer(const zd_layer_weights *w, const zd_layer_params *p
     {
         const int ith = zd_thread_num(), team = zd_team_size();
         float *cbuf = s->cbuf + ith * s->cbuf_stride;
-        float *scores = s->scores + ith * cache->n_ctx;
+        float *att_scratch = s->att + ith * s->att_stride;
         int sense = 0;
         int64_t t, u0, u1;
 
@@ -166,39 +197,18 @@ static void zd_decoder_layer(const zd_layer_weights *w, const zd_layer_params *p
         zd_layer_norm(x, w->attn_norm, s->h, n, d, p->rms_eps, a_qkv, qkv_kinds, isa, ith, team);
         if (!rope_ready && half > 0)
             for (int64_t i = n * ith / team; i < n * (ith + 1) / team; i++)
-                zd_rope_angles(start_pos + i, p->rope_dims, p->rope_base, s->rope_cos + i * half, s->rope_sin + i * half);
+                zd_rope_angles(pos[i], p->rope_dims, p->rope_base, s->rope_cos + i * half, s->rope_sin + i * half);
         zd_barrier_wait(&barrier, &sense, team);
         /* 2. q, k, v */
         zd_mm_jobs_run(qkv, 3, &next[0], cbuf, team);
         zd_barrier_wait(&barrier, &sense, team);
-        /* 3. rope k into the cache and copy v there, per (token, kv head) */
-        {
-            zd_spans spans = zd_spans_of(n, p->n_kv_heads, ith, team);
-            while (zd_spans_next(&spans, &t, &u0, &u1))
-                for (int64_t kv = u0; kv < u1; kv++) {
-                    const int64_t pos = start_pos + t;
-                    zd_rope_head(s->k + t * kvd + kv * hd, cache->k + pos * kvd + kv * hd, s->rope_cos + t * half,
-                                 s->rope_sin + t * half, hd, p->rope_dims, p->rope_neox);
-                    memcpy(cache->v + pos * kvd + kv * hd, s->v + t * kvd + kv * hd, (size_t)hd * sizeof(float));
-                }
-        }
+        /* 3. rope q; rope k into the cache and store v there */
+        zd_layer_rope_store(p, s, cache, pos, seq, n, att_scratch, ith, team);
         zd_barrier_wait(&barrier, &sense, team);
-        /* attention into h, per (query head, token): head-major, so each thread gets whole heads'
-         * mixes of short (early) and long (late) rows, and one token's heads split evenly */
-        {
-            zd_spans spans = zd_spans_of(p->n_heads, n, ith, team);
-            int64_t head, i0, i1;
-            while (zd_spans_next(&spans, &head, &i0, &i1))
-                for (int64_t i = i0; i < i1; i++) {
-                    const int64_t pos = start_pos + i, lo = p->window > 0 ? zd_max64(0, pos - p->window + 1) : 0;
-                    const int64_t kv = head / group;
-                    float *q = s->q_rot + i * qd + head * hd;
-                    zd_rope_head(s->q + i * qd + head * hd, q, s->rope_cos + i * half, s->rope_sin + i * half, hd,
-                                 p->rope_dims, p->rope_neox);
-                    zd_attend_head(q, cache->k + kv * hd, cache->v + kv * hd, kvd, lo, pos, hd, scale, scores,
-                                   s->h + i * qd + head * hd);
-                }
-        }
+        /* attention into h (split tokens' shares merged after all items are done) */
+        zd_att_work(&att, &next[4], att_scratch, isa);
+        zd_barrier_wait(&barrier, &sense, team);
+        zd_att_merge(&att, ith, team);
         zd_barrier_wait(&barrier, &sense, team);
         {   /* the attention output, quantised for Wo */
             const int64_t o_unit = zd_layer_unit(o_kind, qd);

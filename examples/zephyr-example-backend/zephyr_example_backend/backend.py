@@ -1,20 +1,36 @@
-"""ExampleBackend: zephyr's reference backend under its own name, with one op of its own.
+"""ExampleBackend: a whole zephyr backend in numpy, written against the contract in zephyr/backend.py.
 
-A real backend would implement every op of zephyr.backend.Backend for its device; this one
-inherits them from the reference backend and replaces `swiglu`, to show where an op goes.
+HostBackend supplies what every host-memory backend shares (numpy activations, the KV cache);
+this class implements the ops. Weights are decoded to float32 once, at load: simple, and memory
+hungry (4 bytes a value), which a real backend would avoid by keeping them quantised.
 """
 import os
 
 import numpy as np
 
-from zephyr.backend import Availability
-from zephyr_backends.reference.backend import ReferenceBackend
+from zephyr.backend import (Availability, HostBackend, HostKVCache, Weight, as_positions, check_activation,
+                            check_cache_args, check_rope_args, check_weight)
+from zephyr.errors import BackendError
+from zephyr.quants import SUPPORTED_TYPES, dequantize, round_activations
 
 
-class ExampleBackend(ReferenceBackend):
+class ExampleWeight:
+    """A weight decoded to float32 [rows, cols], remembering its type for the activation rule."""
+
+    def __init__(self, weight: Weight):
+        self.name, self.type, self.shape = weight.name, weight.type, weight.shape
+        self.values = dequantize(weight.data, weight.type, (weight.rows, weight.cols)).astype(np.float32)
+
+
+def _matrix(x, name, cols=None, rows=None):
+    return check_activation(x, name, np.ndarray, "numpy", cols, rows)
+
+
+class ExampleBackend(HostBackend):
     name = "example"
     device = "cpu"
     score = -1          # below the built-in backends: used only when asked for, backend="example"
+    supported_types = SUPPORTED_TYPES
 
     @classmethod
     def availability(cls):
@@ -22,12 +38,64 @@ class ExampleBackend(ReferenceBackend):
             return Availability(False, "switched off by ZEPHYR_EXAMPLE_BACKEND_OFF")
         return Availability(True)
 
-    def __init__(self, threads: int = 0):
-        super().__init__(threads)
-        self.swiglu_calls = 0
+    def __init__(self):
+        self.swiglu_calls = 0   # the tests check this backend really ran
+
+    def load_weight(self, weight):
+        if isinstance(weight, ExampleWeight):
+            return weight
+        return ExampleWeight(check_weight(weight, self.name, self.supported_types))
+
+    def matmul(self, x, w):
+        w = self.load_weight(w)                                    # [m, k]
+        x = _matrix(x, "matmul input", cols=w.shape[-1])          # [n, k]
+        # The numeric contract: quantised weights meet x rounded to 8-bit blocks first.
+        return round_activations(x, w.type) @ w.values.T
+
+    def embed(self, w, ids):
+        w, ids = self.load_weight(w), np.asarray(ids)
+        if ids.ndim != 1 or (ids.size and (ids.min() < 0 or ids.max() >= w.shape[0])):
+            raise BackendError(f"token ids must be a 1-D array in [0, {w.shape[0]}), got {ids!r}")
+        return w.values[ids]                                       # [n, d]
+
+    def rms_norm(self, x, w, eps):
+        x = _matrix(x, "rms_norm input", cols=self.load_weight(w).values.shape[-1])
+        return x / np.sqrt(np.mean(x * x, axis=1, keepdims=True) + np.float32(eps)) * self.load_weight(w).values[0]
+
+    def rope(self, x, positions, head_dim, n_rot, base, neox):
+        x = _matrix(x, "rope input")
+        check_rope_args(x.shape[1], head_dim, n_rot)
+        positions = as_positions(positions, x.shape[0])
+        heads = x.reshape(x.shape[0], -1, head_dim).copy()         # [n, heads, hd]
+        half = n_rot // 2
+        theta = positions[:, None] * base ** (-2.0 * np.arange(half) / n_rot)   # [n, half]
+        cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
+        a, b = (np.arange(half), np.arange(half) + half) if neox else (np.arange(0, n_rot, 2), np.arange(1, n_rot, 2))
+        x0, x1 = heads[..., a].copy(), heads[..., b].copy()
+        heads[..., a] = x0 * cos - x1 * sin
+        heads[..., b] = x0 * sin + x1 * cos
+        return heads.reshape(x.shape).astype(np.float32)
+
+    def attention(self, cache, layer, q, k, v, batch, n_heads, n_kv_heads, window=0):
+        check_cache_args(cache, HostKVCache, layer, batch, n_heads, n_kv_heads)
+        hd, n = cache.shape.head_dim, len(batch)
+        q = _matrix(q, "q", cols=n_heads * hd, rows=n).reshape(n, n_heads, hd)
+        cache.store(layer, batch, _matrix(k, "k", n_kv_heads * hd, n), _matrix(v, "v", n_kv_heads * hd, n))
+        out = np.empty_like(q)
+        for i, (seq, pos) in enumerate(zip(batch.seqs, batch.positions)):
+            lo = max(0, pos - window + 1) if window > 0 else 0
+            keys = cache.rows(layer, 0, seq, pos + 1)[lo:]         # [visible, h_kv, hd]
+            values = cache.rows(layer, 1, seq, pos + 1)[lo:]
+            kv = np.arange(n_heads) // (n_heads // n_kv_heads)     # the kv head of each query head
+            scores = np.einsum("hd,thd->ht", q[i], keys[:, kv]) / np.sqrt(hd)   # [h, visible]
+            weights = np.exp(scores - scores.max(axis=1, keepdims=True))
+            out[i] = np.einsum("ht,thd->hd", weights / weights.sum(axis=1, keepdims=True), values[:, kv])
+        return out.reshape(n, n_heads * hd)
 
     def swiglu(self, gate, up):
-        # gate, up: [n, d_ffn] float32 -> silu(gate) * up
         self.swiglu_calls += 1
-        gate = np.asarray(gate, dtype=np.float32)
-        return (gate / (1.0 + np.exp(-gate)) * np.asarray(up, dtype=np.float32)).astype(np.float32)
+        gate, up = _matrix(gate, "gate"), _matrix(up, "up", cols=gate.shape[1], rows=gate.shape[0])
+        return gate / (1.0 + np.exp(-np.clip(gate, -80, 80))) * up
+
+    def add(self, a, b):
+        return _matrix(a, "a") + _matrix(b, "b", cols=a.shape[1], rows=a.shape[0])
