@@ -91,3 +91,61 @@ def test_placement_plan(model_dir):
 def test_gpu_layers_without_a_gpu_backend_is_a_clear_error(model_dir):
     with pytest.raises(BackendError, match="gpu_layers=5 asks for a GPU"):
         AutoModelForCausalLM.from_pretrained(str(synthetic(model_dir, "Q4_0")), gpu_layers=5)
+
+
+# -- KV cache types ---------------------------------------------------------------------------------
+
+KV_TOLERANCE = {"f16": 1e-2, "q8_0": 3e-2}
+
+
+def test_kv_cache_types_change_the_logits_by_little(model_dir):
+    """A 300-token prompt, then decode steps, on a model of float weights (whose matmuls round nothing,
+    so the cache's rounding is the only difference): f16 (the default) and Q8_0 caches move the logits
+    by at most 1e-2 and 3e-2 relative to an f32 cache."""
+    path = synthetic(model_dir, "F32", n_layers=4)
+    prompt = (np.arange(300) * 7919 % 30000 + 100).tolist()
+
+    def logits(kv_cache_type):
+        with AutoModelForCausalLM.from_pretrained(str(path), kv_cache_type=kv_cache_type) as llm:
+            llm.eval(prompt)
+            steps = [llm.logits]
+            for token in (11, 905, 4130):
+                llm.eval([token])
+                steps.append(llm.logits)
+            return steps
+
+    want = logits("f32")
+    for kind, tolerance in KV_TOLERANCE.items():
+        for step, (got, exact) in enumerate(zip(logits(kind), want)):
+            error = relative_error(got, exact)
+            assert 0 < error < tolerance, f"{kind} cache, step {step}: relative error {error:.3g}"
+
+
+@pytest.mark.parametrize("kind", list(KV_TOLERANCE))
+def test_kv_cache_types_keep_the_greedy_text_of_a_real_model(smollm2_path, kind):
+    """On the demo model every float-order change moves logits by ~3 % (8-bit activations amplify
+    it), so the user-visible promise is checked instead: the same greedy continuation as an f32 cache,
+    up to a first pick that differs only at a near-tie."""
+    prompt = "The history of the printing press begins in East Asia, where woodblock printing"
+
+    def continuation(kv_cache_type):
+        with AutoModelForCausalLM.from_pretrained(str(smollm2_path), kv_cache_type=kv_cache_type) as llm:
+            llm.eval(llm.tokenize(prompt))
+            tokens, logits = [], []
+            for _ in range(24):
+                logits.append(llm.logits)
+                tokens.append(int(np.argmax(llm.logits)))
+                llm.eval([tokens[-1]])
+            return tokens, logits
+
+    want_tokens, want_logits = continuation("f32")
+    got_tokens, got_logits = continuation(kind)
+    for step, (got, want) in enumerate(zip(got_tokens, want_tokens)):
+        if got != want:
+            assert greedy_flip_is_a_near_tie(got_logits[step], want_logits[step]), f"step {step}: {got} != {want}"
+            break
+
+
+def test_an_unknown_kv_cache_type_is_refused(smollm2_path):
+    with pytest.raises(ValueError, match="kv_cache_type='q4' is not one of f32, f16, q8_0"):
+        AutoModelForCausalLM.from_pretrained(str(smollm2_path), kv_cache_type="q4")

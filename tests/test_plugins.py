@@ -114,6 +114,19 @@ def test_a_plugin_returning_junk_is_reported(plugin):
         backend_classes()
 
 
+def test_two_plugins_offering_one_name_is_an_error_naming_both(plugin):
+    class Impostor(ReferenceBackend):
+        name = "cpu"
+    plugin(Impostor)
+    with pytest.raises(BackendError, match="two plugins offer a backend named 'cpu': 'zephyr_backends.cpu' and '_Plugin'"):
+        backend_classes()
+
+
+def test_one_class_offered_twice_is_one_backend(plugin):
+    plugin(ReferenceBackend)
+    assert backend_classes()["reference"] is ReferenceBackend
+
+
 def test_every_hook_is_documented():
     docs = (Path(__file__).parents[1] / "docs" / "backends.md").read_text()
     hooks = [name for name in dir(hookspecs) if name.startswith("zephyr_")]

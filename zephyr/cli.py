@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from .backend import KV_CACHE_TYPES
 from .errors import ZephyrError
 
 
@@ -40,6 +41,8 @@ def _parser():
         p.add_argument("--threads", type=int, default=-1)
         p.add_argument("--gpu-layers", type=int, default=0)
         p.add_argument("--context-length", type=int, default=-1)
+        p.add_argument("--kv-cache-type", default="f16", choices=list(KV_CACHE_TYPES),
+                       help="how the KV cache stores keys and values (default f16; q8_0 holds twice the context)")
         p.add_argument("--backend", help="backend for the non-GPU layers (see `zephyr backends`)")
         p.add_argument("--chat-format", help="override the chat template (e.g. zephyr, chatml, llama-2)")
 
@@ -85,7 +88,8 @@ def _load(args):
     from .llm import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(
         str(_model_path(args)), threads=args.threads, gpu_layers=args.gpu_layers,
-        context_length=args.context_length, backend=args.backend, chat_format=args.chat_format)
+        context_length=args.context_length, kv_cache_type=args.kv_cache_type, backend=args.backend,
+        chat_format=args.chat_format)
 
 
 def _sampling(args):

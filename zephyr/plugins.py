@@ -49,16 +49,15 @@ def backend_classes() -> dict:
     """Every registered backend class by name, whatever its interface version or availability.
     Two plugins offering different backends of one name is an error naming both."""
     found, offered_by = {}, {}
-    hook = plugin_manager().hook.zephyr_register_backends
-    for impl in hook.get_hookimpls():   # in the order the plugins were registered
+    for impl in plugin_manager().hook.zephyr_register_backends.get_hookimpls():   # in registration order
+        plugin = getattr(impl.plugin, "__name__", type(impl.plugin).__name__)     # a module, or an object's class
         for cls in impl.function() or ():
             if not (isinstance(cls, type) and issubclass(cls, Backend)):
-                raise BackendError(f"plugin {impl.plugin_name!r} returned {cls!r}, which is not a "
-                                   f"zephyr.backend.Backend subclass")
+                raise BackendError(f"plugin {plugin!r} returned {cls!r}, which is not a zephyr.backend.Backend subclass")
             if cls.name in found and found[cls.name] is not cls:
                 raise BackendError(f"two plugins offer a backend named {cls.name!r}: {offered_by[cls.name]!r} "
-                                   f"and {impl.plugin_name!r}; uninstall one of them")
-            found[cls.name], offered_by[cls.name] = cls, impl.plugin_name
+                                   f"and {plugin!r}; uninstall one of them")
+            found[cls.name], offered_by[cls.name] = cls, plugin
     return found
 
 

@@ -1,8 +1,9 @@
 # cython: language_level=3
-"""The one module that talks to the OpenMP runtime (thread counts, build check)."""
-import os
+"""The one module that talks to the OpenMP runtime (thread counts, build check).
 
-cimport openmp
+A compiler without OpenMP still builds it (and the kernels, whose loops then run on one thread):
+omp.h is included only when the build has OpenMP."""
+import os
 
 
 def openmp_enabled():
@@ -13,12 +14,16 @@ def openmp_enabled():
 cdef extern from *:
     """
     #ifdef _OPENMP
+    #include <omp.h>
     #define ZEPHYR_OPENMP 1
+    static int zephyr_omp_max_threads(void) { return omp_get_max_threads(); }
     #else
     #define ZEPHYR_OPENMP 0
+    static int zephyr_omp_max_threads(void) { return 1; }
     #endif
     """
     int ZEPHYR_OPENMP
+    int zephyr_omp_max_threads()
 
 
 _OPENMP_ENABLED = bool(ZEPHYR_OPENMP)
@@ -42,4 +47,4 @@ def resolve_threads(int threads):
 
 def max_threads():
     """What the OpenMP runtime itself would use."""
-    return openmp.omp_get_max_threads()
+    return zephyr_omp_max_threads()

@@ -50,3 +50,24 @@ def test_thread_counts_give_identical_results(make_weight):
     for threads in (2, 3):
         for op, result in _every_op(CPUBackend(threads=threads), weights).items():
             np.testing.assert_array_equal(result, single[op], err_msg=f"{op} with {threads} threads")
+
+
+def test_a_compiler_without_openmp_still_builds_the_extensions(tmp_path):
+    """The generated C of both extensions compiles without -fopenmp and without omp.h (then they run
+    serial): an omp.h that stops the compiler stands in for a compiler that has none."""
+    import shutil
+    import subprocess
+    import sysconfig
+    from pathlib import Path
+
+    import pytest
+    sources = [Path(__file__).parents[2] / "backends" / "cpu" / f"{name}.c" for name in ("_openmp", "_ops")]
+    if not all(source.exists() for source in sources) or not shutil.which("gcc"):
+        pytest.skip("needs gcc and the C files Cython generated for the in-place build")
+    (tmp_path / "omp.h").write_text("#error this compiler has no OpenMP\n")
+    includes = [f"-I{tmp_path}", f"-I{sysconfig.get_paths()['include']}", f"-I{np.get_include()}",
+                f"-I{sources[0].parent / 'kernels'}"]
+    for source in sources:
+        done = subprocess.run(["gcc", "-fsyntax-only", "-Wno-unused-function", *includes, str(source)],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
