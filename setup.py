@@ -2,6 +2,7 @@
 
 ZEPHYR_PORTABLE=1 builds without -march=native (for wheels that run on other x86 machines).
 """
+import glob
 import os
 import sys
 import tempfile
@@ -53,6 +54,7 @@ def cpu_extension(name):
         f"zephyr_backends.cpu.{name}",
         [f"backends/cpu/{name}.pyx"],
         include_dirs=[numpy.get_include(), "backends/cpu/kernels"],
+        depends=sorted(glob.glob("backends/cpu/kernels/*.h")),   # a changed kernel rebuilds the extension
         extra_compile_args=compile_args,
         extra_link_args=link_args,
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],

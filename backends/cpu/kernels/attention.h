@@ -1,7 +1,8 @@
 /* Attention over the KV cache, flash style: the keys a query block can see are walked in tiles
  * of ZD_ATT_KEYS, each tile decoded once (from f32, f16 or Q8_0) for every query row of the
  * block, and folded into the rows' outputs with an online softmax, so no [tokens, context]
- * score matrix is ever made.
+ * score matrix is ever made. Blocks of many rows (prompts) transpose the key tile, so scores
+ * come 32 keys at a time without horizontal sums; a decode token's few rows take dot products.
  *
  * Work items: a block of consecutive query tokens of one sequence (ZD_ATT_ROWS rows: tokens x
  * the query heads that read one kv head) x one kv head x a range of keys. A prompt chunk is cut
@@ -24,7 +25,9 @@
 #include "quantize.h"
 
 #define ZD_ATT_KEYS 64          /* keys per tile */
+#define ZD_ATT_LANES 32         /* floats the inner loops keep in registers: 4 AVX2 or 8 SSE vectors */
 #define ZD_ATT_ROWS 32          /* query rows per work item (at least one token's group) */
+#define ZD_ATT_TRANSPOSE_ROWS 8 /* from this many rows, the key tile is transposed for the scores */
 #define ZD_ATT_SPLIT_KEYS 512   /* a lone token's keys are shared out in runs of at least this many */
 #define ZD_ATT_MAX_SPLITS 16
 
@@ -93,7 +96,7 @@ static inline int64_t zd_att_max_items(int64_t n, int64_t n_kv) { return n * n_k
 /* Floats of one thread's scratch for head size hd and `group` query heads per kv head. */
 static inline int64_t zd_att_scratch_floats(int64_t hd, int64_t group) {
     const int64_t hdp = zd_att_hdp(hd), rows = zd_att_tokens_per_item(group) * group;
-    return 2 * ZD_ATT_KEYS * hdp + 2 * rows * hdp + 2 * rows + 2 * ZD_ATT_KEYS + hdp;
+    return 3 * ZD_ATT_KEYS * hdp + 2 * rows * hdp + 2 * rows + 2 * ZD_ATT_KEYS;
 }
 
 /* The first key token t may see. */
@@ -155,19 +158,149 @@ static inline float zd_att_exp(float x) {
     return p * scale.f;
 }
 
-/* One work item (see the header comment). `scratch`: zd_att_scratch_floats of this thread. */
-ZD_INLINE void zd_att_item_body(const zd_att_job *job, const zd_att_item *it, float *ZD_RESTRICT scratch) {
+/* The three inner loops, written once in plain C and compiled for each instruction-set path
+ * (ZD_ATT_LOOPS below): small functions of their own, so the compiler keeps their ZD_ATT_LANES
+ * accumulators in registers. */
+
+/* lanes[0..LANES) = q . kt[:, 0..LANES): scores of LANES keys from a transposed key tile. */
+ZD_INLINE void zd_att_scores_body(const float *ZD_RESTRICT q, const float *ZD_RESTRICT kt, int64_t hd,
+                                  float *ZD_RESTRICT out) {
+    float lanes[ZD_ATT_LANES];
+    for (int j = 0; j < ZD_ATT_LANES; j++)
+        lanes[j] = 0.0f;
+    for (int64_t d = 0; d < hd; d++) {
+        const float qd = q[d];
+        const float *ZD_RESTRICT kd = kt + d * ZD_ATT_KEYS;
+#pragma omp simd
+        for (int j = 0; j < ZD_ATT_LANES; j++)
+            lanes[j] = fmaf(qd, kd[j], lanes[j]);
+    }
+    for (int j = 0; j < ZD_ATT_LANES; j++)
+        out[j] = lanes[j];
+}
+
+/* q . k over n values (a decode row's score against one key). */
+ZD_INLINE float zd_att_dot_body(const float *ZD_RESTRICT q, const float *ZD_RESTRICT k, int64_t n) {
+    float dot = 0.0f;
+#pragma omp simd reduction(+:dot)
+    for (int64_t d = 0; d < n; d++)
+        dot = fmaf(q[d], k[d], dot);
+    return dot;
+}
+
+/* a[0..width) = a * correction + sum_j p[j] * v[j * stride ...]: width <= LANES dims of one row's output. */
+ZD_INLINE void zd_att_accumulate_body(float *ZD_RESTRICT a, float correction, const float *ZD_RESTRICT p,
+                                      const float *ZD_RESTRICT v, int64_t stride, int64_t j0, int64_t j1,
+                                      int64_t width) {
+    float lanes[ZD_ATT_LANES];
+    for (int i = 0; i < ZD_ATT_LANES; i++)
+        lanes[i] = i < width ? a[i] * correction : 0.0f;
+    if (width == ZD_ATT_LANES) {   /* the common case */
+        for (int64_t j = j0; j < j1; j++) {
+            const float pj = p[j];
+            const float *ZD_RESTRICT vj = v + j * stride;
+#pragma omp simd
+            for (int i = 0; i < ZD_ATT_LANES; i++)
+                lanes[i] = fmaf(pj, vj[i], lanes[i]);
+        }
+    } else {
+        for (int64_t j = j0; j < j1; j++) {
+            const float pj = p[j];
+            const float *ZD_RESTRICT vj = v + j * stride;
+#pragma omp simd
+            for (int64_t i = 0; i < width; i++)
+                lanes[i] = fmaf(pj, vj[i], lanes[i]);
+        }
+    }
+    for (int64_t i = 0; i < width; i++)
+        a[i] = lanes[i];
+}
+
+/* One cache row (hd values of `type`) as floats. `f16` converts halves on this path. */
+ZD_INLINE void zd_att_decode_body(int type, const uint8_t *ZD_RESTRICT row, float *ZD_RESTRICT out, int64_t hd,
+                                  void (*f16)(const uint8_t *, float *, int64_t)) {
+    if (type == ZD_F32) {
+        memcpy(out, row, (size_t)hd * sizeof(float));
+    } else if (type == ZD_F16) {
+        f16(row, out, hd);
+    } else {   /* Q8_0: per 32 values an f16 scale and 32 int8 */
+        for (int64_t b = 0; b < hd / ZD_QK; b++, row += 2 + ZD_QK, out += ZD_QK) {
+            uint16_t h;
+            memcpy(&h, row, 2);
+            const float d = zd_f16_to_f32(h);
+            const int8_t *ZD_RESTRICT q = (const int8_t *)(row + 2);
+#pragma omp simd
+            for (int i = 0; i < ZD_QK; i++)
+                out[i] = d * (float)q[i];
+        }
+    }
+}
+
+static void zd_att_f16_scalar(const uint8_t *row, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        uint16_t h;
+        memcpy(&h, row + 2 * i, 2);
+        out[i] = zd_f16_to_f32(h);
+    }
+}
+
+#if ZD_X86
+ZD_TARGET_AVX2 static void zd_att_f16_f16c(const uint8_t *row, float *out, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * i))));
+    zd_att_f16_scalar(row + 2 * i, out + i, n - i);
+}
+#endif
+
+/* A path's inner loops, bound together for zd_att_item_body. */
+typedef struct {
+    void (*scores)(const float *, const float *, int64_t, float *);
+    float (*dot)(const float *, const float *, int64_t);
+    void (*accumulate)(float *, float, const float *, const float *, int64_t, int64_t, int64_t, int64_t);
+    void (*decode)(int, const uint8_t *, float *, int64_t);
+} zd_att_loops;
+
+#define ZD_ATT_LOOPS(path, target, f16)                                                                        \
+    target __attribute__((noinline)) static void zd_att_scores_##path(const float *q, const float *kt,         \
+                                                                       int64_t hd, float *out) {               \
+        zd_att_scores_body(q, kt, hd, out);                                                                    \
+    }                                                                                                          \
+    target __attribute__((noinline)) static float zd_att_dot_##path(const float *q, const float *k, int64_t n) { \
+        return zd_att_dot_body(q, k, n);                                                                       \
+    }                                                                                                          \
+    target __attribute__((noinline)) static void zd_att_accumulate_##path(                                     \
+        float *a, float correction, const float *p, const float *v, int64_t stride, int64_t j0, int64_t j1,    \
+        int64_t width) {                                                                                       \
+        zd_att_accumulate_body(a, correction, p, v, stride, j0, j1, width);                                    \
+    }                                                                                                          \
+    target static void zd_att_decode_##path(int type, const uint8_t *row, float *out, int64_t hd) {           \
+        zd_att_decode_body(type, row, out, hd, f16);                                                           \
+    }                                                                                                          \
+    static const zd_att_loops zd_att_loops_##path = {zd_att_scores_##path, zd_att_dot_##path,                   \
+                                                     zd_att_accumulate_##path, zd_att_decode_##path};
+
+ZD_ATT_LOOPS(scalar, , zd_att_f16_scalar)
+#if ZD_X86
+ZD_ATT_LOOPS(avx2, ZD_TARGET_AVX2, zd_att_f16_f16c)
+ZD_ATT_LOOPS(avx512, ZD_TARGET_AVX512, zd_att_f16_f16c)
+#endif
+
+/* One work item (see the header comment), with path `L`'s inner loops. `scratch`:
+ * zd_att_scratch_floats of this thread. */
+static void zd_att_run_item(const zd_att_job *job, const zd_att_item *it, float *ZD_RESTRICT scratch,
+                        const zd_att_loops *L) {
     const zd_kv_layer *c = job->cache;
     const int64_t hd = job->hd, hdp = zd_att_hdp(hd), group = job->n_heads / job->n_kv;
     const int64_t rows = (it->t1 - it->t0) * group, seq = job->seq[it->t0];
-    float *ZD_RESTRICT kt = scratch;                       /* [hdp][KEYS]: the key tile, transposed */
+    const int transpose = rows >= ZD_ATT_TRANSPOSE_ROWS;
+    float *ZD_RESTRICT kf = scratch;                        /* [KEYS][hdp]: the key tile */
+    float *ZD_RESTRICT kt = kf + ZD_ATT_KEYS * hdp;         /* [hdp][KEYS]: the key tile, transposed */
     float *ZD_RESTRICT vt = kt + hdp * ZD_ATT_KEYS;         /* [KEYS][hdp]: the value tile */
     float *ZD_RESTRICT qb = vt + ZD_ATT_KEYS * hdp;         /* [rows][hdp]: scaled queries */
     float *ZD_RESTRICT acc = qb + rows * hdp;               /* [rows][hdp] */
     float *ZD_RESTRICT m = acc + rows * hdp, *ZD_RESTRICT l = m + rows;
-    float *ZD_RESTRICT s = l + rows, *ZD_RESTRICT p = s + ZD_ATT_KEYS;
-    float *ZD_RESTRICT row_f = p + ZD_ATT_KEYS;           /* [hdp]: one decoded key row */
-    const zd_decode_fn decode = zd_decoder(c->type);
+    float *ZD_RESTRICT score = l + rows, *ZD_RESTRICT p = score + ZD_ATT_KEYS;   /* [KEYS] each */
 
     for (int64_t r = 0; r < rows; r++) {
         const int64_t t = it->t0 + r / group, head = it->kv * group + r % group;
@@ -179,37 +312,31 @@ ZD_INLINE void zd_att_item_body(const zd_att_job *job, const zd_att_item *it, fl
         m[r] = -INFINITY;
         l[r] = 0.0f;
     }
-    memset(row_f, 0, (size_t)hdp * sizeof(float));
-    memset(vt, 0, (size_t)ZD_ATT_KEYS * hdp * sizeof(float));
+    /* Rows past a short last tile and dims past hd stay zero: they meet zero weights or queries. */
+    memset(scratch, 0, (size_t)3 * ZD_ATT_KEYS * hdp * sizeof(float));
 
     for (int64_t kb = it->k0; kb < it->k1; kb += ZD_ATT_KEYS) {
         const int64_t kn = zd_min64(ZD_ATT_KEYS, it->k1 - kb);
-        for (int64_t j = 0; j < ZD_ATT_KEYS; j++) {
-            if (j < kn) {
-                decode(c->k + zd_kv_offset(c, seq, kb + j, it->kv), row_f, hd);
-                decode(c->v + zd_kv_offset(c, seq, kb + j, it->kv), vt + j * hdp, hd);
-            } else {
-                memset(row_f, 0, (size_t)hd * sizeof(float));
-            }
-            for (int64_t d = 0; d < hdp; d++)
-                kt[d * ZD_ATT_KEYS + j] = row_f[d];
+        for (int64_t j = 0; j < kn; j++) {
+            L->decode(c->type, c->k + zd_kv_offset(c, seq, kb + j, it->kv), kf + j * hdp, hd);
+            L->decode(c->type, c->v + zd_kv_offset(c, seq, kb + j, it->kv), vt + j * hdp, hd);
         }
+        if (transpose)
+            for (int64_t d = 0; d < hd; d++)
+                for (int64_t j = 0; j < ZD_ATT_KEYS; j++)
+                    kt[d * ZD_ATT_KEYS + j] = j < kn ? kf[j * hdp + d] : 0.0f;
         for (int64_t r = 0; r < rows; r++) {
             const int64_t t = it->t0 + r / group, pos = job->pos[t], lo = zd_att_lo(job, t);
             if (kb > pos || kb + kn <= lo)
                 continue;   /* every key of the tile is hidden from this row */
             const int64_t j0 = zd_max64(0, lo - kb), j1 = zd_min64(kn, pos - kb + 1);
-            float score[ZD_ATT_KEYS];
-            for (int j = 0; j < ZD_ATT_KEYS; j++)
-                score[j] = 0.0f;
-            const float *ZD_RESTRICT q = qb + r * hdp;
-            for (int64_t d = 0; d < hd; d++) {
-                const float qd = q[d];
-                const float *ZD_RESTRICT kd = kt + d * ZD_ATT_KEYS;
-#pragma omp simd
-                for (int j = 0; j < ZD_ATT_KEYS; j++)
-                    score[j] = fmaf(qd, kd[j], score[j]);
-            }
+            const float *q = qb + r * hdp;
+            if (transpose)
+                for (int64_t jb = 0; jb < j1; jb += ZD_ATT_LANES)
+                    L->scores(q, kt + jb, hd, score + jb);
+            else
+                for (int64_t j = j0; j < j1; j++)
+                    score[j] = L->dot(q, kf + j * hdp, hdp);
             float top = score[j0];
             for (int64_t j = j0 + 1; j < j1; j++)
                 top = score[j] > top ? score[j] : top;
@@ -223,32 +350,8 @@ ZD_INLINE void zd_att_item_body(const zd_att_job *job, const zd_att_item *it, fl
             }
             l[r] = l[r] * correction + total;
             m[r] = m_new;
-            float *ZD_RESTRICT a = acc + r * hdp;
-            for (int64_t c0 = 0; c0 < hdp; c0 += 64) {
-                const int64_t width = zd_min64(64, hdp - c0);
-                float part[64];
-                for (int64_t i = 0; i < width; i++)
-                    part[i] = a[c0 + i] * correction;
-                if (width == 64) {   /* the common case, kept in registers */
-                    for (int64_t j = j0; j < j1; j++) {
-                        const float pj = p[j];
-                        const float *ZD_RESTRICT vj = vt + j * hdp + c0;
-#pragma omp simd
-                        for (int i = 0; i < 64; i++)
-                            part[i] = fmaf(pj, vj[i], part[i]);
-                    }
-                } else {
-                    for (int64_t j = j0; j < j1; j++) {
-                        const float pj = p[j];
-                        const float *ZD_RESTRICT vj = vt + j * hdp + c0;
-#pragma omp simd
-                        for (int64_t i = 0; i < width; i++)
-                            part[i] = fmaf(pj, vj[i], part[i]);
-                    }
-                }
-                for (int64_t i = 0; i < width; i++)
-                    a[c0 + i] = part[i];
-            }
+            for (int64_t c0 = 0; c0 < hdp; c0 += ZD_ATT_LANES)
+                L->accumulate(acc + r * hdp + c0, correction, p, vt + c0, hdp, j0, j1, zd_min64(ZD_ATT_LANES, hdp - c0));
         }
     }
 
@@ -269,36 +372,18 @@ ZD_INLINE void zd_att_item_body(const zd_att_job *job, const zd_att_item *it, fl
     }
 }
 
-static void zd_att_item_scalar(const zd_att_job *job, const zd_att_item *it, float *scratch) {
-    zd_att_item_body(job, it, scratch);
-}
-
-#if ZD_X86
-ZD_TARGET_AVX2 static void zd_att_item_avx2(const zd_att_job *job, const zd_att_item *it, float *scratch) {
-    zd_att_item_body(job, it, scratch);
-}
-
-ZD_TARGET_AVX512 static void zd_att_item_avx512(const zd_att_job *job, const zd_att_item *it, float *scratch) {
-    zd_att_item_body(job, it, scratch);
-}
-#endif
-
 /* This thread's part of the items: taken one by one from the shared counter `next`. */
 static void zd_att_work(const zd_att_job *job, int64_t *next, float *scratch, int isa) {
-    for (int64_t i; (i = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED)) < job->n_items;) {
+    const zd_att_loops *loops = &zd_att_loops_scalar;
 #if ZD_X86
-        if (isa == ZD_ISA_AVX512) {
-            zd_att_item_avx512(job, &job->items[i], scratch);
-            continue;
-        }
-        if (isa == ZD_ISA_AVX2) {
-            zd_att_item_avx2(job, &job->items[i], scratch);
-            continue;
-        }
+    if (isa == ZD_ISA_AVX512)
+        loops = &zd_att_loops_avx512;
+    else if (isa == ZD_ISA_AVX2)
+        loops = &zd_att_loops_avx2;
 #endif
-        (void)isa;
-        zd_att_item_scalar(job, &job->items[i], scratch);
-    }
+    (void)isa;
+    for (int64_t i; (i = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED)) < job->n_items;)
+        zd_att_run_item(job, &job->items[i], scratch, loops);
 }
 
 /* Merge the shares of split tokens into their outputs: thread ith of nth's part (after every
