@@ -25,8 +25,8 @@ def main(argv=None) -> int:
         return 1
 
 
-def _parser():
-    parser = argparse.ArgumentParser(prog="zephyr", description="Run GGUF language models.")
+def _parser(parser_class=argparse.ArgumentParser):
+    parser = parser_class(prog="zephyr", description="Run GGUF language models.")
     sub = parser.add_subparsers(dest="command")
 
     def model_command(name, help, run):
@@ -81,11 +81,32 @@ def _model_path(args):
     return resolve_model_file(args.model, model_file=args.model_file)
 
 
+def _load_options(args) -> dict:
+    """The loading options as `from_pretrained` keyword arguments."""
+    return dict(model_file=args.model_file, threads=args.threads, gpu_layers=args.gpu_layers,
+                context_length=args.context_length, backend=args.backend, chat_format=args.chat_format)
+
+
 def _load(args):
     from .llm import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(
-        str(_model_path(args)), threads=args.threads, gpu_layers=args.gpu_layers,
-        context_length=args.context_length, backend=args.backend, chat_format=args.chat_format)
+    return AutoModelForCausalLM.from_pretrained(args.model, **_load_options(args))
+
+
+def server_spec(args):
+    """What `zephyr serve`'s options ask each server process to load and serve: the one place they
+    become model and app options, for this process and for every Ray Serve replica alike."""
+    from .server import ServerSpec
+    return ServerSpec(args.model, _load_options(args), dict(
+        model_name=args.model_alias, api_key=args.api_key or os.environ.get("ZEPHYR_API_KEY"),
+        max_queue=args.max_queue, cors_origins=tuple(args.cors_origin)))
+
+
+def serve_options(argv: list) -> argparse.Namespace:
+    """`zephyr serve ARGV...`'s options, parsed as the command parses them; a bad one is a ValueError."""
+    class Refusing(argparse.ArgumentParser):
+        def error(self, message):
+            raise ValueError(f"zephyr serve: {message}")
+    return _parser(Refusing).parse_args(["serve", *argv])
 
 
 def _sampling(args):
@@ -139,13 +160,12 @@ def _serve(args):
     except ImportError as exc:
         raise ZephyrError(f"`zephyr serve` needs the server extra ({exc.name} is missing): "
                           f"pip install 'zephyr[server]'") from None
+    spec = server_spec(args)
     from .server import serve
-    with _load(args) as llm:
+    with spec.load() as llm:
         print(f"zephyr: serving {llm.model_path} ({llm.placement.describe()}) at http://{args.host}:{args.port}/ "
               f"(chat page at /, OpenAI API at /v1; one generation at a time, the others wait)", flush=True)
-        serve(llm, host=args.host, port=args.port, log_level=args.log_level, model_name=args.model_alias,
-              api_key=args.api_key or os.environ.get("ZEPHYR_API_KEY"), max_queue=args.max_queue,
-              cors_origins=args.cors_origin)
+        serve(llm, host=args.host, port=args.port, log_level=args.log_level, **spec.app_options)
 
 
 def _info(args):
