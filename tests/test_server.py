@@ -312,3 +312,18 @@ def test_serve_without_the_extra_names_the_install_command(monkeypatch, capsys, 
     assert main(["serve", tiny_path]) == 1
     assert "pip install 'zephyr[server]'" in capsys.readouterr().err
 
+
+def test_serve_on_ray_without_the_extra_names_the_install_command(monkeypatch, capsys, tiny_path):
+    import zephyr.integrations
+    from zephyr.cli import main
+    monkeypatch.setitem(sys.modules, "ray", None)
+    monkeypatch.delitem(sys.modules, "zephyr.integrations.ray_serve", raising=False)
+    monkeypatch.delattr(zephyr.integrations, "ray_serve", raising=False)   # as if never imported
+    assert main(["serve", tiny_path, "--ray-replicas", "2"]) == 1
+    assert "pip install 'zephyr[ray]'" in capsys.readouterr().err
+
+
+def test_the_command_and_the_server_do_not_import_ray():
+    check = ("import sys, zephyr.cli, zephyr.server; "
+             "sys.exit(' '.join(m for m in sys.modules if m.split('.')[0] == 'ray') or None)")
+    subprocess.run([sys.executable, "-c", check], check=True, timeout=60)

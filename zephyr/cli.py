@@ -66,6 +66,10 @@ def _parser(parser_class=argparse.ArgumentParser):
     s.add_argument("--max-queue", type=int, default=64, help="requests that may run or wait at once; more get 503")
     s.add_argument("--cors-origin", action="append", default=[], help="allow web pages from ORIGIN (repeatable)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--ray-replicas", type=int, metavar="N",
+                   help="serve N replicas of the model on Ray Serve, one endpoint (see docs/ray.md)")
+    s.add_argument("--ray-address", help="with --ray-replicas: join the Ray cluster at ADDRESS ('auto': this "
+                                         "machine's) rather than start a local instance (default: $RAY_ADDRESS)")
     load_options(s)
     model_command("info", "show metadata, tensor types and sizes", _info)
     b = sub.add_parser("backends", help="list installed backends and whether they can run here")
@@ -161,11 +165,26 @@ def _serve(args):
         raise ZephyrError(f"`zephyr serve` needs the server extra ({exc.name} is missing): "
                           f"pip install 'zephyr[server]'") from None
     spec = server_spec(args)
+    if args.ray_replicas is not None:
+        return _serve_on_ray(args, spec)
+    if args.ray_address:
+        raise ValueError("--ray-address needs --ray-replicas N")
     from .server import serve
     with spec.load() as llm:
         print(f"zephyr: serving {llm.model_path} ({llm.placement.describe()}) at http://{args.host}:{args.port}/ "
               f"(chat page at /, OpenAI API at /v1; one generation at a time, the others wait)", flush=True)
         serve(llm, host=args.host, port=args.port, log_level=args.log_level, **spec.app_options)
+
+
+def _serve_on_ray(args, spec):
+    if args.ray_replicas < 1:
+        raise ValueError(f"--ray-replicas must be at least 1, not {args.ray_replicas}")
+    try:
+        from .integrations import ray_serve
+    except ImportError as exc:
+        raise ZephyrError(str(exc)) from None
+    ray_serve.run(spec, replicas=args.ray_replicas, address=args.ray_address, host=args.host, port=args.port,
+                  log_level=args.log_level, on_ready=lambda message: print(message, flush=True))
 
 
 def _info(args):
