@@ -137,8 +137,9 @@ def run(spec: ServerSpec, *, replicas: int, address=None, host="127.0.0.1", port
         _check_reachable(address)
         try:
             ray.init(address=address, logging_level=log_level.upper())
-        except (ConnectionError, RuntimeError) as exc:   # no cluster found for "auto"; another Ray version
-            raise ZephyrError(f"could not join the Ray cluster at {address}: {exc}") from None
+        except (ConnectionError, RuntimeError) as exc:   # no cluster for "auto", a token, another Ray version
+            reason = f"{exc}: {exc.__cause__}" if exc.__cause__ else str(exc)
+            raise ZephyrError(f"could not join the Ray cluster at {address}: {reason}") from None
     else:   # a new instance of our own, even when this machine runs another
         ray.init(address="local", include_dashboard=False, logging_level=log_level.upper())
     spec, resources = per_replica(spec)
