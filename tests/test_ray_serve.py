@@ -110,7 +110,8 @@ def ask(client, stream: bool, max_tokens=8) -> tuple:
     if not stream:
         return reply.choices[0].message.content, {reply.system_fingerprint}
     chunks = list(reply)
-    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), {c.system_fingerprint for c in chunks}
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, {c.system_fingerprint for c in chunks}
 
 
 # -- two replicas, one endpoint -------------------------------------------------------------------------

@@ -91,6 +91,7 @@ def slow_forward(tiny_llm, monkeypatch):
 
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+THIS_PROCESS = f"{socket.gethostname()}:{os.getpid()}"   # the system_fingerprint of the servers started here
 
 
 # -- the official openai client --------------------------------------------------------------------
@@ -111,7 +112,7 @@ def test_chat_with_the_openai_client_streamed_equals_whole(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     assert len({c.id for c in chunks}) == 1
     # the process that answered (here, this one) names itself on every response and chunk
-    assert {c.system_fingerprint for c in chunks} == {whole.system_fingerprint} == {f"{socket.gethostname()}:{os.getpid()}"}
+    assert {c.system_fingerprint for c in chunks} == {whole.system_fingerprint} == {THIS_PROCESS}
 
 
 def test_completion_with_the_openai_client_streamed_equals_whole(client):
@@ -122,7 +123,7 @@ def test_completion_with_the_openai_client_streamed_equals_whole(client):
     streamed = list(client.completions.create(model="demo", prompt="The capital of France is", temperature=0,
                                               max_tokens=6, stream=True))
     assert "".join(c.choices[0].text for c in streamed) == text
-    assert {c.system_fingerprint for c in streamed} == {whole.system_fingerprint} == {f"{socket.gethostname()}:{os.getpid()}"}
+    assert {c.system_fingerprint for c in streamed} == {whole.system_fingerprint} == {THIS_PROCESS}
 
 
 def test_stop_strings_and_seeds(client):
@@ -141,7 +142,7 @@ def test_models_health_and_embeddings(client, demo_url, smollm2_path):
         client.models.retrieve("gpt-4")
     assert missing.value.code == "model_not_found"
     health = httpx.get(demo_url + "/health", timeout=TIMEOUT).json()
-    assert health["status"] == "ok" and health["system_fingerprint"] == f"{socket.gethostname()}:{os.getpid()}"
+    assert health["status"] == "ok" and health["system_fingerprint"] == THIS_PROCESS
     result = client.embeddings.create(model="demo", input=["Paris", "a longer sentence about cats"])  # base64
     assert [d.index for d in result.data] == [0, 1] and len(result.data[0].embedding) == 576
     assert result.usage.prompt_tokens >= 3
