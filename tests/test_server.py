@@ -91,6 +91,7 @@ def slow_forward(tiny_llm, monkeypatch):
 
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+THIS_PROCESS = f"{socket.gethostname()}:{os.getpid()}"   # the system_fingerprint of the servers started here
 
 
 # -- the official openai client --------------------------------------------------------------------
@@ -110,6 +111,8 @@ def test_chat_with_the_openai_client_streamed_equals_whole(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     assert len({c.id for c in chunks}) == 1
+    # the process that answered (here, this one) names itself on every response and chunk
+    assert {c.system_fingerprint for c in chunks} == {whole.system_fingerprint} == {THIS_PROCESS}
 
 
 def test_completion_with_the_openai_client_streamed_equals_whole(client):
@@ -117,9 +120,10 @@ def test_completion_with_the_openai_client_streamed_equals_whole(client):
     text = whole.choices[0].text
     assert "Paris" in text and whole.object == "text_completion"
     assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 6
-    streamed = client.completions.create(model="demo", prompt="The capital of France is", temperature=0,
-                                         max_tokens=6, stream=True)
+    streamed = list(client.completions.create(model="demo", prompt="The capital of France is", temperature=0,
+                                              max_tokens=6, stream=True))
     assert "".join(c.choices[0].text for c in streamed) == text
+    assert {c.system_fingerprint for c in streamed} == {whole.system_fingerprint} == {THIS_PROCESS}
 
 
 def test_stop_strings_and_seeds(client):
@@ -137,7 +141,8 @@ def test_models_health_and_embeddings(client, demo_url, smollm2_path):
     with pytest.raises(openai.NotFoundError) as missing:
         client.models.retrieve("gpt-4")
     assert missing.value.code == "model_not_found"
-    assert httpx.get(demo_url + "/health", timeout=TIMEOUT).json()["status"] == "ok"
+    health = httpx.get(demo_url + "/health", timeout=TIMEOUT).json()
+    assert health["status"] == "ok" and health["system_fingerprint"] == THIS_PROCESS
     result = client.embeddings.create(model="demo", input=["Paris", "a longer sentence about cats"])  # base64
     assert [d.index for d in result.data] == [0, 1] and len(result.data[0].embedding) == 576
     assert result.usage.prompt_tokens >= 3
@@ -307,3 +312,19 @@ def test_serve_without_the_extra_names_the_install_command(monkeypatch, capsys, 
     monkeypatch.setitem(sys.modules, "uvicorn", None)
     assert main(["serve", tiny_path]) == 1
     assert "pip install 'zephyr[server]'" in capsys.readouterr().err
+
+
+def test_serve_on_ray_without_the_extra_names_the_install_command(monkeypatch, capsys, tiny_path):
+    import zephyr.integrations
+    from zephyr.cli import main
+    monkeypatch.setitem(sys.modules, "ray", None)
+    monkeypatch.delitem(sys.modules, "zephyr.integrations.ray_serve", raising=False)
+    monkeypatch.delattr(zephyr.integrations, "ray_serve", raising=False)   # as if never imported
+    assert main(["serve", tiny_path, "--ray-replicas", "2"]) == 1
+    assert "pip install 'zephyr[ray]'" in capsys.readouterr().err
+
+
+def test_the_command_and_the_server_do_not_import_ray():
+    check = ("import sys, zephyr.cli, zephyr.server; "
+             "sys.exit(' '.join(m for m in sys.modules if m.split('.')[0] == 'ray') or None)")
+    subprocess.run([sys.executable, "-c", check], check=True, timeout=60)

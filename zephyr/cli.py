@@ -26,8 +26,8 @@ def main(argv=None) -> int:
         return 1
 
 
-def _parser():
-    parser = argparse.ArgumentParser(prog="zephyr", description="Run GGUF language models.")
+def _parser(parser_class=argparse.ArgumentParser):
+    parser = parser_class(prog="zephyr", description="Run GGUF language models.")
     sub = parser.add_subparsers(dest="command")
 
     def model_command(name, help, run):
@@ -69,6 +69,10 @@ def _parser():
     s.add_argument("--max-queue", type=int, default=64, help="requests that may run or wait at once; more get 503")
     s.add_argument("--cors-origin", action="append", default=[], help="allow web pages from ORIGIN (repeatable)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--ray-replicas", type=int, metavar="N",
+                   help="serve N replicas of the model on Ray Serve, one endpoint (see docs/ray.md)")
+    s.add_argument("--ray-address", help="with --ray-replicas: join the Ray cluster at ADDRESS ('auto': this "
+                                         "machine's) rather than start a local instance (default: $RAY_ADDRESS)")
     load_options(s)
     model_command("info", "show metadata, tensor types and sizes", _info)
     b = sub.add_parser("backends", help="list installed backends and whether they can run here")
@@ -84,12 +88,33 @@ def _model_path(args):
     return resolve_model_file(args.model, model_file=args.model_file)
 
 
+def _load_options(args) -> dict:
+    """The loading options as `from_pretrained` keyword arguments."""
+    return dict(model_file=args.model_file, threads=args.threads, gpu_layers=args.gpu_layers,
+                context_length=args.context_length, kv_cache_type=args.kv_cache_type, backend=args.backend,
+                chat_format=args.chat_format)
+
+
 def _load(args):
     from .llm import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(
-        str(_model_path(args)), threads=args.threads, gpu_layers=args.gpu_layers,
-        context_length=args.context_length, kv_cache_type=args.kv_cache_type, backend=args.backend,
-        chat_format=args.chat_format)
+    return AutoModelForCausalLM.from_pretrained(args.model, **_load_options(args))
+
+
+def server_spec(args):
+    """What `zephyr serve`'s options ask each server process to load and serve: the one place they
+    become model and app options, for this process and for every Ray Serve replica alike."""
+    from .server import ServerSpec
+    return ServerSpec(args.model, _load_options(args), dict(
+        model_name=args.model_alias, api_key=args.api_key or os.environ.get("ZEPHYR_API_KEY"),
+        max_queue=args.max_queue, cors_origins=tuple(args.cors_origin)))
+
+
+def serve_options(argv: list) -> argparse.Namespace:
+    """`zephyr serve ARGV...`'s options, parsed as the command parses them; a bad one is a ValueError."""
+    class Refusing(argparse.ArgumentParser):
+        def error(self, message):
+            raise ValueError(f"zephyr serve: {message}")
+    return _parser(Refusing).parse_args(["serve", *argv])
 
 
 def _sampling(args):
@@ -143,13 +168,27 @@ def _serve(args):
     except ImportError as exc:
         raise ZephyrError(f"`zephyr serve` needs the server extra ({exc.name} is missing): "
                           f"pip install 'zephyr[server]'") from None
+    spec = server_spec(args)
+    if args.ray_replicas is not None:
+        return _serve_on_ray(args, spec)
+    if args.ray_address:
+        raise ValueError("--ray-address needs --ray-replicas N")
     from .server import serve
-    with _load(args) as llm:
+    with spec.load() as llm:
         print(f"zephyr: serving {llm.model_path} ({llm.placement.describe()}) at http://{args.host}:{args.port}/ "
               f"(chat page at /, OpenAI API at /v1; one generation at a time, the others wait)", flush=True)
-        serve(llm, host=args.host, port=args.port, log_level=args.log_level, model_name=args.model_alias,
-              api_key=args.api_key or os.environ.get("ZEPHYR_API_KEY"), max_queue=args.max_queue,
-              cors_origins=args.cors_origin)
+        serve(llm, host=args.host, port=args.port, log_level=args.log_level, **spec.app_options)
+
+
+def _serve_on_ray(args, spec):
+    if args.ray_replicas < 1:
+        raise ValueError(f"--ray-replicas must be at least 1, not {args.ray_replicas}")
+    try:
+        from .integrations import ray_serve
+    except ImportError as exc:
+        raise ZephyrError(str(exc)) from None
+    ray_serve.run(spec, replicas=args.ray_replicas, address=args.ray_address, host=args.host, port=args.port,
+                  log_level=args.log_level, on_ready=lambda message: print(message, flush=True))
 
 
 def _info(args):

@@ -4,6 +4,7 @@
     serve(llm, host="127.0.0.1", port=8000)
 """
 from .app import create_app
+from .spec import ServerSpec
 
 
 def serve(llm, *, host="127.0.0.1", port=8000, log_level="info", **app_options):
@@ -13,4 +14,4 @@ def serve(llm, *, host="127.0.0.1", port=8000, log_level="info", **app_options):
                 timeout_graceful_shutdown=5)
 
 
-__all__ = ["create_app", "serve"]
+__all__ = ["ServerSpec", "create_app", "serve"]

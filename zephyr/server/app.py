@@ -4,7 +4,9 @@ Routes: POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, GE
 GET /health, and GET / (the chat page). Errors use OpenAI's shape:
 {"error": {"message", "type", "param", "code"}} with a matching HTTP status.
 """
+import os
 import secrets
+import socket
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -57,6 +59,8 @@ def chat_page() -> str:
     return resources.files(__package__).joinpath("static/chat.html").read_text(encoding="utf-8")
 
 
+# Requests allowed to run or wait at once by default; more get 503.
+MAX_QUEUE = 64
 # Largest request body accepted; a chat request of a full 32k-token context is far smaller.
 MAX_BODY_BYTES = 8 << 20
 
@@ -96,15 +100,18 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def create_app(llm, *, model_name=None, api_key=None, max_queue=64, cors_origins=(),
-               max_body_bytes=MAX_BODY_BYTES) -> FastAPI:
+def create_app(llm, *, model_name=None, api_key=None, max_queue=MAX_QUEUE, cors_origins=(),
+               max_body_bytes=MAX_BODY_BYTES, health_info=None) -> FastAPI:
     """A FastAPI app serving `llm` (a loaded zephyr.LLM). The app does not close the model.
 
     model_name: the id /v1/models reports (default: the file name); requests may name any model.
     api_key: when set, /v1/* needs `Authorization: Bearer <api_key>`.
     max_queue: requests allowed to run or wait at once; more get 503.
+    health_info: an async function returning more fields for /health (Ray Serve: the replicas).
     """
     name = model_name or Path(llm.model_path).name
+    # Names the process that answers (system_fingerprint), so replicas behind one endpoint can be told apart.
+    fingerprint = f"{socket.gethostname()}:{os.getpid()}"
     runner = ModelRunner(llm, max_queue)
     page = chat_page()
 
@@ -182,7 +189,11 @@ def create_app(llm, *, model_name=None, api_key=None, max_queue=64, cors_origins
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, "requests_in_progress": runner.pending}
+        report = {"status": "ok", "model": name, "requests_in_progress": runner.pending,
+                  "system_fingerprint": fingerprint}
+        if health_info is not None:
+            report.update(await health_info())
+        return report
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
@@ -215,14 +226,14 @@ def create_app(llm, *, model_name=None, api_key=None, max_queue=64, cors_origins
                 finished = event
         if finished is None:
             return Response(status_code=499)
-        return generation.completion_response(job, name, "".join(text), finished)
+        return generation.completion_response(job, name, fingerprint, "".join(text), finished)
 
     async def sse_events(job, stream, first):
-        for chunk in generation.stream_chunks(job, name, first):
+        for chunk in generation.stream_chunks(job, name, fingerprint, first):
             yield encode(chunk)
         try:
             async for event in stream:
-                for chunk in generation.stream_chunks(job, name, event):
+                for chunk in generation.stream_chunks(job, name, fingerprint, event):
                     yield encode(chunk)
         except Exception as exc:   # the status line has gone out: report the error in the stream
             yield encode(api_error(exc).body())

@@ -116,19 +116,19 @@ def embed(llm, request, model: str) -> dict:
 
 
 # -- OpenAI response shapes ----------------------------------------------------------------------
-def completion_response(job: Job, model: str, text: str, finished: Finished) -> dict:
-    """The whole (non-streamed) response."""
+def completion_response(job: Job, model: str, fingerprint: str, text: str, finished: Finished) -> dict:
+    """The whole (non-streamed) response; `fingerprint` names the server process (system_fingerprint)."""
     if job.kind == "chat":
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                   "finish_reason": finished.reason}
         return {"id": f"chatcmpl-{job.ident}", "object": "chat.completion", "created": job.created, "model": model,
-                "choices": [choice], "usage": finished.usage()}
+                "system_fingerprint": fingerprint, "choices": [choice], "usage": finished.usage()}
     choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finished.reason}
     return {"id": f"cmpl-{job.ident}", "object": "text_completion", "created": job.created, "model": model,
-            "choices": [choice], "usage": finished.usage()}
+            "system_fingerprint": fingerprint, "choices": [choice], "usage": finished.usage()}
 
 
-def stream_chunks(job: Job, model: str, event: Event) -> list:
+def stream_chunks(job: Job, model: str, fingerprint: str, event: Event) -> list:
     """The chunk dicts one event becomes when streaming (Started opens a chat with the role)."""
     chat = job.kind == "chat"
     include_usage = job.request.include_usage
@@ -137,11 +137,11 @@ def stream_chunks(job: Job, model: str, event: Event) -> list:
         if chat:
             choice = {"index": 0, "delta": delta_or_text, "logprobs": None, "finish_reason": finish}
             body = {"id": f"chatcmpl-{job.ident}", "object": "chat.completion.chunk", "created": job.created,
-                    "model": model, "choices": [choice]}
+                    "model": model, "system_fingerprint": fingerprint, "choices": [choice]}
         else:
             choice = {"index": 0, "text": delta_or_text, "logprobs": None, "finish_reason": finish}
             body = {"id": f"cmpl-{job.ident}", "object": "text_completion", "created": job.created,
-                    "model": model, "choices": [choice]}
+                    "model": model, "system_fingerprint": fingerprint, "choices": [choice]}
         if include_usage:
             body["usage"] = None
         return body
