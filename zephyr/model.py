@@ -93,6 +93,21 @@ class LlamaModel:
         x, backend = self._blocks(tokens, batch)
         return backend.to_host(backend.rms_norm(x, self.output_norm, self.config.rms_eps))
 
+    # -- sequences: whole prefixes moved between the caches' sequence slots ------------------
+    def copy_sequence(self, src: int, dst: int, length: int):
+        """Positions 0..length-1 of sequence `src` into `dst`, in every backend's cache."""
+        for cache in self.caches.values():
+            cache.copy_sequence(src, dst, length)
+
+    def read_sequence(self, seq: int, length: int) -> list:
+        """Positions 0..length-1 of sequence `seq`: one host array per backend's cache."""
+        return [cache.read_sequence(seq, length) for cache in self.caches.values()]
+
+    def write_sequence(self, seq: int, saved: list):
+        """What read_sequence returned, back into sequence `seq`."""
+        for cache, data in zip(self.caches.values(), saved):
+            cache.write_sequence(seq, data)
+
     def _blocks(self, tokens, batch):
         """Embed and run every block: (x [n, d], the backend holding it)."""
         tokens = np.ascontiguousarray(tokens, dtype=np.int32)
