@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from zephyr import chat
+from zephyr import template_sandbox
 from zephyr.chat import (CHAT_FORMATS, ChatFormat, chat_format_from_template, register_chat_format,
                          resolve_chat_format)
 from zephyr.errors import ChatTemplateError
@@ -407,7 +407,7 @@ def test_sandbox_limits_stop_runaway_templates_quickly(source, why, blocked):
 
 def test_time_limit_stops_slow_steps(monkeypatch):
     """Each step here is a linear scan of a list: within the step budget, but minutes in all."""
-    monkeypatch.setattr(chat, "MAX_TEMPLATE_SECONDS", 0.5)
+    monkeypatch.setattr(template_sandbox, "MAX_TEMPLATE_SECONDS", 0.5)
     source = "{% set s = range(99999)|list %}{% for i in range(99999) %}{% if -1 in s %}{% endif %}{% endfor %}"
     start = time.perf_counter()
     with pytest.raises(ChatTemplateError, match="ran for more than 0.5 seconds"):
@@ -426,14 +426,14 @@ def test_guarded_filters_still_work():
 
 
 def test_step_budget_stops_exponential_recursion(monkeypatch):
-    monkeypatch.setattr(chat, "MAX_TEMPLATE_STEPS", 5_000)
+    monkeypatch.setattr(template_sandbox, "MAX_TEMPLATE_STEPS", 5_000)
     source = "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}"
     with pytest.raises(ChatTemplateError, match="loop iterations and calls"):
         render_template(source)
 
 
 def test_budget_is_per_render(monkeypatch):
-    monkeypatch.setattr(chat, "MAX_TEMPLATE_STEPS", 50)
+    monkeypatch.setattr(template_sandbox, "MAX_TEMPLATE_STEPS", 50)
     fmt = chat_format_from_template("{% for i in range(40) %}.{% endfor %}")
     assert fmt.render([]) == fmt.render([]) == "." * 40
 
