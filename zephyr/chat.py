@@ -4,12 +4,16 @@ A prompt comes from one of two places:
 
 * a Jinja template, usually the GGUF key ``tokenizer.chat_template``. Templates inside model
   files are untrusted input, so they run in zephyr.template_sandbox;
-* a built-in named format (``zephyr``, ``chatml``, ``llama-2``, ``mistral-instruct``), each a
-  small Python function, for files that carry no template.
+* a built-in named format (``zephyr``, ``chatml``, ``llama-2``, ``mistral-instruct``, ``gemma``),
+  each a small Python function, for files that carry no template.
+
+Templates that have no system role (they never read a system message's content) get the system
+message merged into the next one, as llama.cpp does.
 
 ``resolve_chat_format`` picks one: an explicit ``chat_format`` wins, then the file's template,
 then a format recognised from ``general.name``.
 """
+import functools
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -149,10 +153,27 @@ def mistral_instruct_prompt(messages, add_generation_prompt=True, **_extra) -> s
     return "".join(parts)
 
 
+def gemma_prompt(messages, add_generation_prompt=True, **_extra) -> str:
+    """Google's Gemma (2, 3): ``<start_of_turn>{user|model}\\n{content}<end_of_turn>\\n`` per message,
+    content trimmed. Gemma has no system role: as in Gemma 3's own template, a system message goes in
+    front of the first user message, followed by ``"\\n\\n"``."""
+    system, turns = _instruction_turns(messages, "gemma")
+    parts = ["<bos>"]
+    for i, (user, assistant) in enumerate(turns):
+        prefix = f"{system}\n\n" if i == 0 and system is not None else ""
+        parts.append(f"<start_of_turn>user\n{prefix}{user.strip()}<end_of_turn>\n")
+        if assistant is not None:
+            parts.append(f"<start_of_turn>model\n{assistant.strip()}<end_of_turn>\n")
+    if add_generation_prompt:
+        parts.append("<start_of_turn>model\n")
+    return "".join(parts)
+
+
 register_chat_format("zephyr", zephyr_prompt, stop=("</s>",))
 register_chat_format("chatml", chatml_prompt, stop=("<|im_end|>",))
 register_chat_format("llama-2", llama2_prompt, stop=("</s>",))
 register_chat_format("mistral-instruct", mistral_instruct_prompt, stop=("</s>",))
+register_chat_format("gemma", gemma_prompt, stop=("<end_of_turn>",))
 
 
 # ---- Jinja templates ----------------------------------------------------------------------------
@@ -167,9 +188,58 @@ class _JinjaBuild:
         self.template = template_sandbox.compile_template(source, origin)
 
     def __call__(self, messages, add_generation_prompt=True, **extra) -> str:
+        if messages and messages[0]["role"] == "system" and not _reads_system_message(self.template):
+            messages = _system_merged_into_next(messages)
         variables = {"bos_token": self.bos_token, "eos_token": self.eos_token, **extra,
                      "messages": messages, "add_generation_prompt": add_generation_prompt}
         return template_sandbox.render(self.template, variables, self.origin)
+
+
+class _WatchedMessage(dict):
+    """A message that notes whether a template read its content."""
+
+    content_read = False
+
+    def __getitem__(self, key):
+        self.content_read |= key == "content"
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.content_read |= key == "content"
+        return super().get(key, default)
+
+    def items(self):
+        self.content_read = True
+        return super().items()
+
+    def values(self):
+        self.content_read = True
+        return super().values()
+
+
+@functools.lru_cache(maxsize=32)
+def _reads_system_message(template) -> bool:
+    """Whether a template supports the system role, decided as llama.cpp decides it: rendered with a
+    system and a user message, a template that never reads the system message's content (Gemma's and
+    Mistral v0.2's refuse the role; others skip it) does not."""
+    system = _WatchedMessage(role="system", content="System message")
+    probe = {"messages": [system, {"role": "user", "content": "User message"}], "tools": [],
+             "bos_token": "", "eos_token": "", "add_generation_prompt": True}
+    try:
+        template_sandbox.render(template, probe, "the probe")
+    except ChatTemplateError:
+        pass   # one that refuses the role often raises before reading it
+    return system.content_read
+
+
+def _system_merged_into_next(messages):
+    """llama.cpp's remedy for a template without a system role: the system text goes in front of the
+    next message's, after a newline (and is dropped if nothing follows)."""
+    system, rest = messages[0], messages[1:]
+    if not rest:
+        return rest
+    merged = dict(rest[0], content=f"{_text(system)}\n{_text(rest[0])}")
+    return [merged, *rest[1:]]
 
 
 def chat_format_from_template(source: str, *, name: str = "custom", origin: str | None = None,
@@ -197,6 +267,7 @@ def chat_format_from_template(source: str, *, name: str = "custom", origin: str 
 # converted before chat templates were stored, such as Zephyr-7B-beta's from 2023.
 _NAME_HINTS = (
     (("zephyr",), "zephyr"),
+    (("gemma",), "gemma"),
     (("mistral", "instruct"), "mistral-instruct"),
     (("llama-2", "chat"), "llama-2"),
     (("llama2", "chat"), "llama-2"),

@@ -20,7 +20,7 @@ import re
 import string
 import time
 from datetime import datetime
-from typing import Mapping, Sized
+from typing import Iterable, Mapping, Sized
 
 from jinja2 import TemplateSyntaxError, nodes, pass_context, pass_environment, pass_eval_context
 from jinja2.exceptions import SecurityError
@@ -256,11 +256,13 @@ def _filter_call(expr, filter_name):
 
 
 def _tojson(value, indent=None, separators=None, sort_keys=False, ensure_ascii=False):
-    """JSON as Hugging Face's chat templates expect: non-ASCII kept, no HTML escaping. Built piece by
-    piece, so deep nesting times a wide indent stops at MAX_PROMPT_CHARS instead of being allocated."""
+    """JSON as Hugging Face's chat templates expect: non-ASCII kept, no HTML escaping; iterators such
+    as `tools|map(attribute='function')` become arrays, as in llama.cpp. Built piece by piece, so deep
+    nesting times a wide indent stops at MAX_PROMPT_CHARS instead of being allocated."""
     if indent is not None and (len(indent) if isinstance(indent, str) else indent) > MAX_JSON_INDENT:
         raise _LimitExceeded(f"it asked for a JSON indent wider than {MAX_JSON_INDENT}")
-    encoder = json.JSONEncoder(indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii)
+    encoder = json.JSONEncoder(indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii,
+                               default=_json_container)
     if indent is None:
         return encoder.encode(value)   # one line, no bigger than the value: the fast C encoder
     pieces, length = [], 0
@@ -270,6 +272,20 @@ def _tojson(value, indent=None, separators=None, sort_keys=False, ensure_ascii=F
             raise _LimitExceeded(f"its JSON passed {MAX_PROMPT_CHARS:,} characters")
         pieces.append(piece)
     return "".join(pieces)
+
+
+def _json_container(value):
+    """A list or dict for the iterables and mappings the json module has no type for (map, select, ...)."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
+        items = []
+        for item in value:
+            items.append(item)
+            if len(items) > MAX_PROMPT_CHARS:
+                raise _LimitExceeded(f"it turned more than {MAX_PROMPT_CHARS:,} items into JSON")
+        return items
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def _raise_exception(message):
