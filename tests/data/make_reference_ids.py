@@ -12,7 +12,8 @@ It writes, each file naming the library versions that produced it:
 - smollm2_reference_ids.json: the real SmolLM2-135M-Instruct GGUF (gpt2 vocabulary, pre "smollm"),
   tokenized with special=False and special=True (no BOS), and the detokenized ids both ways.
 - pretokenizer_reference_ids.json: one "probe" byte-level vocabulary (see `probe_vocab`) written
-  into a vocabulary-only GGUF once per `tokenizer.ggml.pre` kind. The probe's merges join any
+  into a vocabulary-only GGUF once per `tokenizer.ggml.pre` name zephyr supports; names whose ids
+  llama.cpp made identical on every text share one entry ("groups": [{"names", "ids"}]). The probe's merges join any
   characters, so its tokens cross every boundary the pre-tokenizer leaves, and the ids show where
   each kind splits the text.
 - mistral_reference_ids.json: Mistral's tokenizer.model.v1 (Zephyr-7B-beta's llama vocabulary)
@@ -29,8 +30,6 @@ import tempfile
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parent
-PRE_KINDS = ("default", "gpt-2", "llama3", "llama-v3", "llama-bpe", "smollm", "starcoder", "refact",
-             "codeshell", "qwen2", "tekken")
 PROBE_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 PROBE_MAX_TOKEN_CHARS = 6
 
@@ -141,6 +140,7 @@ def main():
     sys.path.insert(0, str(DATA.parent))
     from conftest import MISTRAL_VOCAB
     from zephyr.demo import demo_model_path, fetch_wheel_file, sha256_of
+    from zephyr.tokenizer import SUPPORTED_PRE_TOKENIZERS
 
     texts = load_texts()
     versions = _versions()
@@ -152,14 +152,15 @@ def main():
         "entries": _entries(_oracle(smollm2), texts, add_bos=False)})
 
     tokens, types, merges = probe_vocab(texts)
-    by_kind = {}
+    groups = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for pre in PRE_KINDS:
+        for pre in SUPPORTED_PRE_TOKENIZERS:
             path = Path(tmp) / f"probe-{pre}.gguf"
             _write_vocab_gguf(path, tokens, types, model="gpt2", pre=pre, merges=merges, bos=0, eos=2,
                               add_bos=False)
             llm = _oracle(path)
-            by_kind[pre] = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=False) for t in texts]
+            ids = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=False) for t in texts]
+            groups.setdefault(json.dumps(ids), {"names": [], "ids": ids})["names"].append(pre)
             del llm
 
         import sentencepiece
@@ -176,7 +177,7 @@ def main():
 
     _dump("pretokenizer_reference_ids.json", {
         "produced_by": how + "; vocabulary: probe_vocab() in make_reference_ids.py", "versions": versions,
-        "texts": texts, "ids": by_kind})
+        "texts": texts, "groups": list(groups.values())})
     _dump("mistral_reference_ids.json", {
         "produced_by": how + "; vocabulary: mistral-common 1.13.1 tokenizer.model.v1 read with sentencepiece",
         "versions": versions, "add_bos": True, "entries": mistral})
