@@ -242,6 +242,26 @@ def test_real_smollm2_file_uses_its_template(smollm2_path):
     assert fmt.render(CONVERSATION) == EXPECTED["chatml"]
 
 
+def test_real_gemma3_270m_file_chats_in_gemma_format(gemma3_270m_path):
+    """The file carries no template: the format comes from general.name 'Gemma 3 270m', and renders as
+    Gemma 3's own template does with the file's <bos>."""
+    from zephyr import gguf
+    from zephyr.tokenizer import Tokenizer
+
+    with gguf.read(gemma3_270m_path) as model:
+        assert "tokenizer.chat_template" not in model.metadata
+        fmt = resolve_chat_format(model.metadata)
+        template = resolve_chat_format(model.metadata, GEMMA3_TEMPLATE)
+        tokenizer = Tokenizer.from_gguf(model)
+    assert fmt is CHAT_FORMATS["gemma"]
+    assert fmt.render(CONVERSATION) == template.render(CONVERSATION) == EXPECTED["gemma"]
+    ids = tokenizer.encode(fmt.render(CONVERSATION), add_bos=False, special=True)
+    start, end = tokenizer.token_to_id("<start_of_turn>"), tokenizer.token_to_id("<end_of_turn>")
+    assert ids[:3] == [tokenizer.bos_id, start, tokenizer.token_to_id("user")]
+    assert (ids.count(tokenizer.bos_id), ids.count(start), ids.count(end)) == (1, 4, 3)
+    assert tokenizer.is_eog(end) and "<end_of_turn>" in fmt.stop
+
+
 def test_zephyr_jinja_template_matches_builtin_format():
     fmt = resolve_chat_format(metadata(**{"tokenizer.chat_template": ZEPHYR_TEMPLATE}))
     assert fmt.stop == ("</s>",)

@@ -4,6 +4,7 @@
   sentencepiece and with llama.cpp's recorded ids (tests/data/mistral_reference_ids.json).
 - gpt2 kind: the real SmolLM2 GGUF against llama.cpp's recorded ids (and live when llama-cpp-python
   is installed), and one probe vocabulary per pre-tokenizer kind against recorded ids.
+- Gemma 3 270M's real 262144-token llama vocabulary against llama.cpp's recorded ids (and live).
 - both kinds: the reachable part of llama.cpp's own test vocabularies (Falcon, MPT, DeepSeek, Command-R,
   Qwen2, Llama 3, Phi-3, ...) against llama.cpp's recorded ids, and live when it is installed.
 The recordings come from tests/data/make_reference_ids.py and make_llama_cpp_vocabs.py, which say how
@@ -215,6 +216,56 @@ def test_smollm2_eog_matches_llama_cpp(smollm2, live_llama_cpp):
 
     vocab = llama_cpp.llama_model_get_vocab(live_llama_cpp.model)
     assert smollm2.eog_ids == {i for i in range(smollm2.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, i)}
+
+
+# --- Gemma 3 270M: a 262144-token llama vocabulary without the space prefix -------------------------
+
+@pytest.fixture(scope="module")
+def gemma3(gemma3_270m_path):
+    return Tokenizer.from_gguf(gemma3_270m_path)
+
+
+@pytest.fixture(scope="module")
+def live_gemma3_llama_cpp(gemma3_270m_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    return llama_cpp.Llama(str(gemma3_270m_path), vocab_only=True, verbose=False)
+
+
+GEMMA3_TURNS = "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n"
+
+
+def test_gemma3_matches_llama_cpp_recording(gemma3):
+    for entry in _by_text(_load("gemma3_reference_ids.json")):
+        text = entry["text"]
+        assert gemma3.encode(text) == entry["ids"], text
+        assert gemma3.encode(text, special=True) == entry["ids_special"], text
+        assert gemma3.decode(entry["ids"]) == entry["decoded"], text
+        assert gemma3.decode(entry["ids_special"], special=True) == entry["decoded_special"], text
+
+
+def test_gemma3_matches_live_llama_cpp(gemma3, live_gemma3_llama_cpp):
+    import llama_cpp
+
+    for text in TEXTS + [GEMMA3_TURNS]:
+        for special in (False, True):
+            assert gemma3.encode(text, special=special) == live_gemma3_llama_cpp.tokenize(
+                text.encode(), add_bos=True, special=special), (text, special)
+    vocab = llama_cpp.llama_model_get_vocab(live_gemma3_llama_cpp.model)
+    assert gemma3.eog_ids == {i for i in range(gemma3.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, i)}
+
+
+def test_gemma3_tokenizes_as_expected(gemma3):
+    assert (gemma3.model, gemma3.vocab_size, gemma3.bos_id, gemma3.eos_id) == ("llama", 262144, 2, 1)
+    assert gemma3.add_bos and gemma3.encode("Hello") == [2, gemma3.token_to_id("Hello")]   # no "▁" in front
+    assert gemma3.encode(" Hello", add_bos=False) == [gemma3.token_to_id("▁Hello")]
+    start, end = gemma3.token_to_id("<start_of_turn>"), gemma3.token_to_id("<end_of_turn>")
+    ids = gemma3.encode(GEMMA3_TURNS, special=True)
+    assert ids[:3] == [2, start, gemma3.token_to_id("user")] and ids.count(end) == 1 and ids.count(start) == 2
+    assert start not in gemma3.encode(GEMMA3_TURNS)                      # as text, not parsed
+    assert gemma3.decode(ids) == "user\nWhat is 2+2?\nmodel\n"
+    assert gemma3.decode(ids, special=True) == "<bos>" + GEMMA3_TURNS
+    assert gemma3.eog_ids == {1, end, gemma3.token_to_id("</s>")}       # <eos>, <end_of_turn>, and </s> by text
+    assert gemma3.encode("    x", add_bos=False)[0] == gemma3.token_to_id("    ")   # runs of spaces are pieces
 
 
 def test_from_gguf_accepts_open_file(smollm2_path, smollm2):
