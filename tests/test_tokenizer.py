@@ -13,6 +13,7 @@ to regenerate them.
 import functools
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -283,6 +284,14 @@ def test_every_pre_tokenizer_matches_llama_cpp_recording():
             tok = Tokenizer.from_metadata(_probe_metadata(pre))
             for text, ids in zip(TEXTS, group["ids"]):
                 assert tok.encode(text) == ids, (pre, text)
+
+
+def test_docs_list_every_pre_tokenizer():
+    docs = (Path(__file__).parent.parent / "docs" / "tokenizer.md").read_text(encoding="utf-8")
+    table = docs[docs.index("| `tokenizer.ggml.pre` |"):docs.index("The regexes are llama.cpp's")]
+    first_cells = [row.split("|")[1] for row in table.splitlines()[2:] if row.startswith("|")]
+    assert sorted(name for cell in first_cells for name in re.findall(r"`([^`]+)`", cell)) == sorted(
+        SUPPORTED_PRE_TOKENIZERS)
 
 
 def test_missing_pre_tokenizer_means_default():
