@@ -275,8 +275,9 @@ class Tokenizer:
         """Token ids of `text`. add_bos None → the file's choice; special → parse control tokens in text."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, not {type(text).__name__}")
-        if self._strip_around[bool(special)] is not None:
-            text = self._strip_around[bool(special)](text)
+        strip_around = self._strip_around[bool(special)]
+        if strip_around is not None:
+            text = strip_around(text)
         with self._encode_lock:
             self._encoder.encode_special_tokens = not special
             try:
@@ -381,7 +382,7 @@ class _Vocab:
         self.ids = {text: i for i, text in enumerate(tokens)}   # a repeated text maps to its last id
         self.special_ids = special_ids
         self.types = list(types)
-        self.eog_ids = self._end_of_generation_ids()
+        self.eog_ids = self._override_by_text()
         self.bos_id = special_ids["bos"]
         self.eos_id = special_ids["eos"]
         self.unknown_id = special_ids["unknown"]
@@ -464,8 +465,10 @@ class _Vocab:
                 text[i] = special[i] = b""
         return text, special
 
-    def _end_of_generation_ids(self):
-        """llama.cpp's end-of-generation ids; on the way, the token types it overrides by token text."""
+    def _override_by_text(self):
+        """What llama.cpp decides by token text: the token types it overrides (in self.types), the
+        fill-in-the-middle ids the file did not give (in self.special_ids), and the returned
+        end-of-generation ids."""
         ids, types = self.ids, self.types
         by_text = {ids[text] for text in EOG_TOKEN_TEXTS if text in ids}
         eog = set(by_text)
@@ -507,11 +510,10 @@ class _Vocab:
                 name in architecture for name in ("nomic-bert-moe", "jina-bert-v3")):
             lstrip = {ids["<mask>"]} if "<mask>" in ids else set()
         elif "phi-3" in model_name or "phi3" in model_name:
-            rstrip = special | {ids[t] for t in ("</s>",) if t in ids}
-            rstrip -= {ids[t] for t in ("<unk>", "<s>", "<|endoftext|>") if t in ids}
+            rstrip = special - {ids[t] for t in ("<unk>", "<s>", "<|endoftext|>") if t in ids}
         elif "modern-bert" in model_name:
             lstrip = {ids["[MASK]"]} if "[MASK]" in ids else set()
-        return frozenset(rstrip & special), frozenset(lstrip & special)
+        return frozenset(rstrip), frozenset(lstrip & special)
 
 
 def _list_of(value, key, n, item_types, default=None):
