@@ -1,6 +1,7 @@
 """The `zephyr` command: generate, chat, serve, info, backends.
 
-MODEL is a .gguf path, a directory, a Hugging Face repo id (with --model-file), or `demo`.
+MODEL is a .gguf path, a directory, a Hugging Face repo id (with --model-file), or a named model
+(`demo`, `gemma3-270m`).
 """
 import argparse
 import os
@@ -32,7 +33,8 @@ def _parser(parser_class=argparse.ArgumentParser):
 
     def model_command(name, help, run):
         p = sub.add_parser(name, help=help)
-        p.add_argument("model", help="a .gguf file, a directory, a Hugging Face repo id, or 'demo'")
+        p.add_argument("model", help="a .gguf file, a directory, a Hugging Face repo id, or a named model "
+                                     "('demo', 'gemma3-270m')")
         p.add_argument("--model-file", help="which .gguf file of a directory or repo")
         p.set_defaults(run=run)
         return p
@@ -81,9 +83,6 @@ def _parser(parser_class=argparse.ArgumentParser):
 
 
 def _model_path(args):
-    if args.model == "demo":
-        from .demo import demo_model_path
-        return demo_model_path()
     from .sources import resolve_model_file
     return resolve_model_file(args.model, model_file=args.model_file)
 
