@@ -288,14 +288,14 @@ def rope(const float[:, ::1] x, const int32_t[::1] positions, int64_t head_dim, 
 
 
 cdef zd_kv_layer _kv_layer(uint8_t[:, :, :, :, ::1] cache, int cache_type, int64_t head_dim) except *:
-    """A layer of a HostKVCache ([2, n_seqs, n_ctx, n_kv, row_bytes] bytes) for the C kernels."""
+    """A layer of a HostKVCache ([2, n_seqs, n_kv, n_ctx, row_bytes] bytes) for the C kernels."""
     _require(cache.shape[0] == 2 and cache.shape[4] == zd_row_bytes(cache_type, head_dim) > 0,
              "cache rows do not hold head_dim values of the cache type")
     cdef zd_kv_layer c
     c.k = &cache[0, 0, 0, 0, 0]
     c.v = &cache[1, 0, 0, 0, 0]
     c.type = cache_type
-    c.n_seqs, c.n_ctx, c.n_kv = cache.shape[1], cache.shape[2], cache.shape[3]
+    c.n_seqs, c.n_kv, c.n_ctx = cache.shape[1], cache.shape[2], cache.shape[3]
     c.hd = head_dim
     c.row_bytes = cache.shape[4]
     return c
@@ -313,7 +313,7 @@ def attention(const float[:, ::1] q, const float[:, ::1] k, const float[:, ::1] 
               const int32_t[::1] seqs, int64_t n_heads, int64_t window, float[:, ::1] out, int threads):
     """Store k, v at the batch's rows of `cache` (IN/OUT, one layer of a HostKVCache), then causal
     GQA attention for q -> out (attention.h). Query head j reads kv head j // (h / h_kv)."""
-    cdef int64_t n = q.shape[0], n_kv = cache.shape[3]
+    cdef int64_t n = q.shape[0], n_kv = cache.shape[2]
     _require(n_heads > 0 and n_kv > 0 and n_heads % n_kv == 0, "bad head counts")
     _require(q.shape[1] % n_heads == 0, "q width mismatch")
     cdef int64_t hd = q.shape[1] // n_heads
@@ -460,13 +460,13 @@ cdef class Layer:
                  int64_t head_dim, int64_t rope_dims, double rope_base, bint rope_neox, float rms_eps,
                  int64_t window, uint8_t[:, :, :, :, ::1] cache, int cache_type):
         """Matrices are (flat uint8 data, GGML type); norms float32 [d]; `cache` one layer of a
-        HostKVCache, [2, n_seqs, n_ctx, n_kv, row_bytes] bytes of type `cache_type`."""
+        HostKVCache, [2, n_seqs, n_kv, n_ctx, row_bytes] bytes of type `cache_type`."""
         cdef int64_t d = attn_norm.shape[0]
         _require(d > 0 and f > 0 and ffn_norm.shape[0] == d, "norm weights must have d > 0 values")
         _require(n_heads > 0 and n_kv_heads > 0 and n_heads % n_kv_heads == 0, "bad head counts")
         _require(head_dim > 0 and 0 <= rope_dims <= head_dim and rope_dims % 2 == 0, "bad head_dim / rope_dims")
         _require(window >= 0, "window must be >= 0")
-        _require(cache.shape[3] == n_kv_heads, "cache shape mismatch")
+        _require(cache.shape[2] == n_kv_heads, "cache shape mismatch")
         cdef int64_t qd = n_heads * head_dim, kvd = n_kv_heads * head_dim
         self.w.attn_norm = &attn_norm[0]
         self.w.ffn_norm = &ffn_norm[0]
