@@ -165,7 +165,12 @@ def test_a_wrong_api_key_is_refused(demo_url):
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "tools"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 2.5}, 400, "frequency_penalty"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"99999999": 5}}, 400, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 500}}, 400, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "hi"}], "functions": [{"name": "f"}]}, 400, "functions"),
 ])
 def test_bad_chat_requests_get_openai_errors(tiny_url, body, status, param):
     response = httpx.post(tiny_url + "/v1/chat/completions", json=body, timeout=TIMEOUT)

@@ -38,3 +38,11 @@ class ContextOverflowError(ZephyrError, ValueError):
 
 class DemoModelError(ZephyrError, RuntimeError):
     """The demo model could not be fetched or verified."""
+
+
+class InvalidRequestError(ZephyrError, ValueError):
+    """A field of an OpenAI-style request has a value zephyr cannot use; `param` names the field."""
+
+    def __init__(self, message, param):
+        super().__init__(message)
+        self.param = param

@@ -95,7 +95,7 @@ class Tokenizer:
         self._vocab = vocab
         self._encoder = encoder                  # the Hugging Face tokenizer (encoding only)
         self._encode_lock = threading.Lock()     # guards the encoder's special-token switch
-        self._text_bytes, self._special_bytes = vocab.token_bytes()
+        self._text_bytes, self._special_bytes = map(tuple, vocab.token_bytes())
         self.eog_ids = vocab.eog_ids             # frozenset of the ids that end generation
         # No token stands for more characters of text than its own text has, so a text of n characters
         # is at least n / max_token_chars tokens. None: no such bound, because a llama vocabulary
@@ -195,6 +195,10 @@ class Tokenizer:
         if self._vocab.strip_first_space:
             data = _without_prefix_space(data)
         return data.decode("utf-8", errors="replace")
+
+    def token_bytes(self, special=False) -> tuple:
+        """id -> the bytes that token stands for, for every id; control tokens are b"" unless special."""
+        return self._special_bytes if special else self._text_bytes
 
     def stream_decoder(self, special=False):
         """A `StreamDecoder` whose pushes add up to `decode` of all the ids pushed."""
