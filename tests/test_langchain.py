@@ -55,11 +55,14 @@ def test_chat_invoke_stream_and_batch_agree(chat):
     assert [m.content for m in chat.batch([QUESTION, QUESTION])] == [chat.invoke(QUESTION).content] * 2
 
 
-def test_messages_convert_and_tools_are_refused():
+def test_messages_convert_with_tool_calls_and_results():
     assert to_zephyr_messages([SystemMessage("s"), HumanMessage("h"), AIMessage("a")]) == [
         {"role": "system", "content": "s"}, {"role": "user", "content": "h"}, {"role": "assistant", "content": "a"}]
-    with pytest.raises(ValueError, match="cannot send a ToolMessage"):
-        to_zephyr_messages([ToolMessage("result", tool_call_id="1")])
+    call = {"name": "get_weather", "args": {"city": "Paris"}, "id": "call_1", "type": "tool_call"}
+    assert to_zephyr_messages([AIMessage("", tool_calls=[call]), ToolMessage("sunny", tool_call_id="call_1")]) == [
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}]
 
 
 def test_a_model_is_required():
