@@ -65,7 +65,9 @@ class Grammar:
     @classmethod
     def from_json_schema(cls, schema, origin="schema") -> "Grammar":
         """Output that is one JSON value valid under `schema` (a dict, or its JSON text). Keywords
-        llguidance cannot enforce are errors, never silently dropped."""
+        llguidance cannot enforce are errors, never silently dropped. An object with `properties` and
+        no `additionalProperties` takes only the properties it lists (as llama.cpp's JSON grammars and
+        OpenAI's strict mode do): a model left free to add keys tends to add them forever."""
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)
@@ -75,7 +77,8 @@ class Grammar:
             raise ValueError(f"{origin} must be a JSON schema object, got {type(schema).__name__}")
         llg = _llguidance()
         options = {"whitespace_pattern": JSON_WHITESPACE}
-        return cls._checked(llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=options), origin)
+        definition = llg.LLMatcher.grammar_from_json_schema(json.dumps(closed_objects(schema)), defaults=options)
+        return cls._checked(definition, origin)
 
     @classmethod
     def _checked(cls, definition: str, origin: str) -> "Grammar":
@@ -87,6 +90,35 @@ class Grammar:
     def matcher(self, tokenizer) -> "Matcher":
         """A fresh matcher of this grammar over `tokenizer`'s vocabulary."""
         return Matcher(self, tokenizer)
+
+
+# Keywords whose value is a schema, a list of schemas, or a map of names to schemas.
+_SCHEMA_KEYWORDS = ("items", "additionalItems", "contains", "not", "if", "then", "else", "propertyNames",
+                    "unevaluatedItems", "unevaluatedProperties")
+_LIST_KEYWORDS = ("prefixItems", "anyOf", "oneOf")
+_MAP_KEYWORDS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def closed_objects(schema):
+    """`schema` with "additionalProperties": false added to every object schema that lists
+    `properties` and says nothing of others (allOf members are left open: they are intersected)."""
+    if not isinstance(schema, Mapping):
+        return schema
+    out = dict(schema)
+    if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    for key in _SCHEMA_KEYWORDS:
+        if key in out:
+            out[key] = closed_objects(out[key])
+    if isinstance(out.get("additionalProperties"), Mapping):
+        out["additionalProperties"] = closed_objects(out["additionalProperties"])
+    for key in _LIST_KEYWORDS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_objects(s) for s in out[key]]
+    for key in _MAP_KEYWORDS:
+        if isinstance(out.get(key), Mapping):
+            out[key] = {name: closed_objects(s) for name, s in out[key].items()}
+    return out
 
 
 def grammar_from(grammar=None, response_format=None) -> "Grammar | None":
@@ -193,7 +225,7 @@ class _VocabularyBytes:
     def __call__(self, text):
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
-        return self._tokenizer.encode(text, add_bos=False)
+        return self._tokenizer.encode_continuation(text)
 
 
 def _first_line(error) -> str:

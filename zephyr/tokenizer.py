@@ -179,6 +179,34 @@ class Tokenizer:
             ids.append(vocab.eos_id)
         return ids
 
+    def encode_continuation(self, text: str) -> list:
+        """Token ids of `text` as it would be tokenized after other text: no BOS or EOS, and no space
+        put in front (a llama vocabulary's "▁" prefix). For tokenizing pieces of a generation."""
+        sentinel = self._continuation_sentinel()
+        ids = self.encode(sentinel + text, add_bos=False)
+        if self._vocab.add_eos and ids and ids[-1] == self._vocab.eos_id:
+            ids.pop()
+        if sentinel:
+            prefix = self.encode(sentinel, add_bos=False)[:-1 if self._vocab.add_eos else None]
+            if ids[:len(prefix)] != prefix:
+                raise TokenizerError(f"cannot tokenize {text[:40]!r} as a continuation")
+            ids = ids[len(prefix):]
+        return ids
+
+    def _continuation_sentinel(self) -> str:
+        """A control character tokenized alone and merging with nothing, put before a continuation so
+        that the "▁" a llama vocabulary puts in front of the text attaches to it ("" when none is put)."""
+        if not (self._vocab.model == "llama" and self._vocab.add_space_prefix):
+            return ""
+        for code in range(1, 32):
+            byte = bytes([code])
+            if any(t[:1] == byte and t != byte or t[:2] == b" " + byte for t in self._text_bytes):
+                continue
+            if self.decode(self.encode(chr(code), add_bos=False)) == chr(code):
+                return chr(code)
+        raise TokenizerError("this vocabulary has no control character that stands alone, so pieces of text "
+                             "cannot be tokenized without the space it puts in front")
+
     def decode(self, ids, special=False) -> str:
         """The text of `ids`; control tokens render as "" unless special. Invalid UTF-8 becomes U+FFFD."""
         table = self._special_bytes if special else self._text_bytes
