@@ -109,8 +109,7 @@ def test_reaching_max_tokens_under_a_schema_reports_length(llm):
 
 
 @pytest.mark.parametrize("question, tool", [
-    ("What's the weather like in Paris?", WEATHER), ("Is it cold in Oslo today?", WEATHER),
-    ("Find me recipes for pancakes.", SEARCH), ("Who won the 2018 world cup?", SEARCH)])
+    ("Is it cold in Oslo today?", WEATHER), ("Find me recipes for pancakes.", SEARCH)])
 def test_a_named_tool_call_always_has_valid_arguments(llm, question, tool):
     name = tool["function"]["name"]
     reply = llm.create_chat_completion(ask(question), temperature=0, max_tokens=120, tools=[WEATHER, SEARCH],
