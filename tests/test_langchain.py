@@ -61,7 +61,8 @@ def test_messages_convert_with_tool_calls_and_results():
     call = {"name": "get_weather", "args": {"city": "Paris"}, "id": "call_1", "type": "tool_call"}
     assert to_zephyr_messages([AIMessage("", tool_calls=[call]), ToolMessage("sunny", tool_call_id="call_1")]) == [
         {"role": "assistant", "content": "", "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}]
 
 
@@ -117,7 +118,8 @@ def test_with_structured_output_pydantic_and_dict(roomy):
         answer = chat.with_structured_output(Capital, method=method).invoke("What is the capital of France?")
         assert isinstance(answer, Capital), method
     schema = {"title": "capital", "description": "A country's capital", "type": "object",
-              "properties": {"country": {"type": "string", "maxLength": 30}, "city": {"type": "string", "maxLength": 30}},
+              "properties": {"country": {"type": "string", "maxLength": 30},
+                             "city": {"type": "string", "maxLength": 30}},
               "required": ["country", "city"]}
     answer = chat.with_structured_output(schema).invoke("What is the capital of France?")
     assert set(answer) == {"country", "city"}

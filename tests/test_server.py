@@ -283,6 +283,21 @@ def test_bad_chat_requests_get_openai_errors(tiny_url, body, status, param):
     assert error["type"] == "invalid_request_error" and error["param"] == param and param in error["message"]
 
 
+def test_structured_requests_without_llguidance_are_400s_naming_the_extra(tiny_url, monkeypatch):
+    from zephyr import grammar
+    from zephyr.errors import MissingDependencyError
+
+    def missing():
+        raise MissingDependencyError("grammars, JSON schemas and tool calls need llguidance: "
+                                     "pip install 'zephyr[structured]'")
+    monkeypatch.setattr(grammar, "_llguidance", missing)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "response_format": {"type": "json_object"}}
+    response = httpx.post(tiny_url + "/v1/chat/completions", json=body, timeout=TIMEOUT)
+    assert response.status_code == 400 and "zephyr[structured]" in response.json()["error"]["message"]
+    del body["response_format"]
+    assert httpx.post(tiny_url + "/v1/chat/completions", json=body, timeout=TIMEOUT).status_code == 200
+
+
 def test_other_errors_get_openai_errors(tiny_url):
     post = lambda path, **kw: httpx.post(tiny_url + path, timeout=TIMEOUT, **kw)  # noqa: E731
     response = post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})

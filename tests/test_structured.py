@@ -91,7 +91,8 @@ def test_gbnf_grammars_everywhere(llm):
     answers = {"yes.", "no."}
     assert llm("Is the sky blue? Answer:", grammar=yes_no, temperature=0) in answers
     assert llm.chat(ask("Is the sky blue?"), grammar=yes_no, temperature=0) in answers
-    assert llm.detokenize(list(llm.generate(llm.tokenize("Is the sky blue?"), grammar=yes_no, temperature=0))) in answers
+    tokens = llm.generate(llm.tokenize("Is the sky blue?"), grammar=yes_no, temperature=0)
+    assert llm.detokenize(list(tokens)) in answers
     reply = llm.create_completion("Is the sky blue? Answer:", grammar=yes_no, temperature=0)
     assert reply["choices"][0]["text"] in answers and reply["choices"][0]["finish_reason"] == "stop"
     reply = llm.create_chat_completion(ask("Is the sky blue?"), grammar=yes_no, temperature=0)

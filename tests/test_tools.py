@@ -74,10 +74,12 @@ def test_a_template_that_handles_tools_renders_them_itself():
     assert template_handles_tools(qwen) and not template_handles_tools(resolve_chat_format({}, "chatml"))
     history = [{"role": "user", "content": "Paris?"},
                {"role": "assistant", "content": None, "tool_calls": [
-                   {"id": "1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                   {"id": "1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
                {"role": "tool", "tool_call_id": "1", "content": "sunny"}]
     messages = conversation(history, TOOLS, native=True)
-    assert messages[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}   # an object, as HF templates expect
+    # arguments as an object, as Hugging Face templates expect them
+    assert messages[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
     text = qwen.render(messages, tools=[t.as_openai() for t in TOOLS])
     assert '"name": "get_weather"' in text and '{"name": "get_weather", "arguments": {"city": "Paris"}}' in text
     assert "<|im_start|>tool\nsunny" in text and "You may call functions" not in text
@@ -104,8 +106,8 @@ def test_calls_are_found_in_streamed_text_whatever_the_split():
 
 
 def test_text_that_is_not_a_call_stays_content():
-    for reply in ["a < b, and <tool", f'{OPEN}{{"name": "unknown", "arguments": {{}}}}{CLOSE}', f"{OPEN}not json{CLOSE}",
-                  f'{OPEN}\n{{"name": "get_weather", "argu']:
+    for reply in ["a < b, and <tool", f'{OPEN}{{"name": "unknown", "arguments": {{}}}}{CLOSE}',
+                  f"{OPEN}not json{CLOSE}", f'{OPEN}\n{{"name": "get_weather", "argu']:
         content, calls = feed(CallParser(TOOLS), [reply])
         assert content == reply and calls == []
 

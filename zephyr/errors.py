@@ -46,3 +46,7 @@ class InvalidRequestError(ZephyrError, ValueError):
     def __init__(self, message, param):
         super().__init__(message)
         self.param = param
+
+
+class MissingDependencyError(ZephyrError, ImportError):
+    """A feature needs an optional dependency that is not installed; the message names the extra."""

@@ -20,6 +20,8 @@ from typing import Mapping
 
 import numpy as np
 
+from .errors import MissingDependencyError
+
 EXTRA = "pip install 'zephyr[structured]'"
 
 # Whitespace the JSON grammars allow between tokens: JSON's own, at most 20 characters in a row, so a
@@ -31,7 +33,7 @@ def _llguidance():
     try:
         import llguidance
     except ImportError:
-        raise ImportError(f"grammars, JSON schemas and tool calls need llguidance: {EXTRA}") from None
+        raise MissingDependencyError(f"grammars, JSON schemas and tool calls need llguidance: {EXTRA}") from None
     return llguidance
 
 

@@ -63,11 +63,13 @@ def parse_tools(tools) -> tuple:
     if tools is None:
         return ()
     if not isinstance(tools, (list, tuple)):
-        raise ValueError(f"tools must be a list of {{'type': 'function', 'function': {{...}}}}, got {type(tools).__name__}")
+        raise ValueError(f"tools must be a list of {{'type': 'function', 'function': {{...}}}}, "
+                         f"got {type(tools).__name__}")
     parsed = []
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"
-        if not isinstance(tool, Mapping) or tool.get("type") != "function" or not isinstance(tool.get("function"), Mapping):
+        if not isinstance(tool, Mapping) or tool.get("type") != "function" or \
+                not isinstance(tool.get("function"), Mapping):
             raise ValueError(f"{where} must be {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}")
         function = tool["function"]
         name = function.get("name")
@@ -131,6 +133,7 @@ def conversation(messages, tools, native: bool) -> list:
     the calls itself (arguments as objects, as Hugging Face templates expect them); otherwise the
     tools go into the system message, and calls and tool results into the text."""
     out = []
+    merged_results = False   # the last message gathers tool results, and the next result joins it
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content'")
@@ -144,17 +147,19 @@ def conversation(messages, tools, native: bool) -> list:
             out.append(message)
         elif message.get("role") == "tool":
             response = f"<tool_response>\n{message['content'] or ''}\n</tool_response>"
-            if out and out[-1].get("tool_results"):
+            if merged_results:
                 out[-1]["content"] += "\n" + response
             else:
-                out.append({"role": "user", "content": response, "tool_results": True})
+                out.append({"role": "user", "content": response})
+            merged_results = True
+            continue
         else:
             if calls:
                 written = "\n".join(f"{OPEN}\n{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}"
                                     f"\n{CLOSE}" for _, name, arguments in calls)
                 message["content"] = f"{message['content']}\n{written}" if message["content"] else written
             out.append(message)
-    out = [{k: v for k, v in m.items() if k != "tool_results"} for m in out]
+        merged_results = False
     if tools and not native:
         if out and out[0].get("role") == "system":
             out[0] = dict(out[0], content=f"{out[0]['content'] or ''}\n\n{tool_prompt(tools)}".lstrip())

@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from .. import __version__
-from ..errors import ContextOverflowError, InvalidRequestError
+from ..errors import ContextOverflowError, InvalidRequestError, MissingDependencyError
 from . import generation
 from .generation import Started
 from .runner import ModelRunner, QueueFullError
@@ -48,6 +48,8 @@ def api_error(exc: Exception) -> APIError:
         return APIError(400, str(exc), code="context_length_exceeded")
     if isinstance(exc, InvalidRequestError):
         return APIError(400, str(exc), param=exc.param)
+    if isinstance(exc, MissingDependencyError):   # the request asks for a feature this install lacks
+        return APIError(400, str(exc), code="unsupported_feature")
     if isinstance(exc, QueueFullError):
         return APIError(503, str(exc), type="server_error", code="server_overloaded")
     if isinstance(exc, (ValueError, TypeError)):
