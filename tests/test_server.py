@@ -291,7 +291,8 @@ def test_structured_requests_without_llguidance_are_400s_naming_the_extra(tiny_u
         raise MissingDependencyError("grammars, JSON schemas and tool calls need llguidance: "
                                      "pip install 'zephyr[structured]'")
     monkeypatch.setattr(grammar, "_llguidance", missing)
-    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "response_format": {"type": "json_object"}}
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            "response_format": {"type": "json_object"}}
     response = httpx.post(tiny_url + "/v1/chat/completions", json=body, timeout=TIMEOUT)
     assert response.status_code == 400 and "zephyr[structured]" in response.json()["error"]["message"]
     del body["response_format"]
