@@ -37,7 +37,7 @@ def field(param):
 
 
 class _Completion:
-    object_name = ""
+    id_prefix = chunk_object = ""   # set by each kind
 
     def __init__(self, llm, model, include_usage):
         self.ident = f"{self.id_prefix}-{uuid.uuid4().hex}"
