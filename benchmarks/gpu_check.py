@@ -153,6 +153,7 @@ def check_ops(report, make_backend):
     from zephyr import quants
     from zephyr.backend import Weight
     from zephyr.quants import GGMLType, SUPPORTED_TYPES, TYPE_INFO
+    from zephyr.testing.blocks import random_blocks
     from zephyr_backends.reference.backend import ReferenceBackend
     gpu, ref = make_backend(), ReferenceBackend()
 
@@ -161,7 +162,7 @@ def check_ops(report, make_backend):
         return gpu.to_host(getattr(gpu, op)(*args, **kwargs))
 
     def make(type, shape, seed):
-        return Weight("w", type, shape, quants.random_blocks(type, shape, np.random.default_rng(seed)))
+        return Weight("w", type, shape, random_blocks(type, shape, np.random.default_rng(seed)))
 
     def verdict(check, errors):
         worst = max(errors, key=lambda e: e[1])

@@ -591,3 +591,11 @@ def test_text_with_a_lone_surrogate_is_a_tokenizer_error(mistral, smollm2):
     for tokenizer in (mistral, smollm2):
         with pytest.raises(TokenizerError, match=r"not valid Unicode: surrogates not allowed at character 2"):
             tokenizer.encode("ab\ud800c")
+
+
+def test_encode_continuation_puts_no_space_or_bos_in_front(mistral, smollm2):
+    for tokenizer in (mistral, smollm2):
+        for text in ("a", "{\"key\": 1}", " leading space", "\ntwo\nlines"):
+            ids = tokenizer.encode_continuation(text)
+            assert b"".join(tokenizer.token_bytes()[i] for i in ids) == text.encode()
+            assert tokenizer.bos_id not in ids

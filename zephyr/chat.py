@@ -35,6 +35,7 @@ class ChatFormat:
     name: str
     build: Builder
     stop: tuple[str, ...] = ()
+    source: str | None = None   # the Jinja template, for formats made from one
 
     def render(self, messages: Sequence[Mapping], add_generation_prompt: bool = True, **extra) -> str:
         """The prompt for ``messages``; with ``add_generation_prompt`` it ends where the assistant's
@@ -258,7 +259,7 @@ def chat_format_from_template(source: str, *, name: str = "custom", origin: str 
     template = _JinjaBuild(source, origin or f"chat template {name!r}", bos_token, eos_token)
     if stop is None:
         stop = (eos_token,) if eos_token else ()
-    return ChatFormat(name, template, tuple(stop))
+    return ChatFormat(name, template, tuple(stop), source)
 
 
 # ---- choosing a format for a model -------------------------------------------------------------

@@ -200,7 +200,7 @@ class Tokenizer:
         self._vocab = vocab
         self._encoder = encoder                  # the Hugging Face tokenizer (encoding only)
         self._encode_lock = threading.Lock()     # guards the encoder's special-token switch
-        self._text_bytes, self._special_bytes = vocab.token_bytes()
+        self._text_bytes, self._special_bytes = map(tuple, vocab.token_bytes())
         self.eog_ids = vocab.eog_ids             # frozenset of the ids that end generation
         # special=False / True -> the function dropping the whitespace that tokens with the lstrip and
         # rstrip attributes swallow where they are matched, or None
@@ -292,6 +292,34 @@ class Tokenizer:
             ids.append(vocab.eos_id)
         return ids
 
+    def encode_continuation(self, text: str) -> list:
+        """Token ids of `text` as it would be tokenized after other text: no BOS or EOS, and no space
+        put in front (a llama vocabulary's "▁" prefix). For tokenizing pieces of a generation."""
+        sentinel = self._continuation_sentinel()
+        ids = self.encode(sentinel + text, add_bos=False)
+        if self._vocab.add_eos and ids and ids[-1] == self._vocab.eos_id:
+            ids.pop()
+        if sentinel:
+            prefix = self.encode(sentinel, add_bos=False)[:-1 if self._vocab.add_eos else None]
+            if ids[:len(prefix)] != prefix:
+                raise TokenizerError(f"cannot tokenize {text[:40]!r} as a continuation")
+            ids = ids[len(prefix):]
+        return ids
+
+    def _continuation_sentinel(self) -> str:
+        """A control character tokenized alone and merging with nothing, put before a continuation so
+        that the "▁" a llama vocabulary puts in front of the text attaches to it ("" when none is put)."""
+        if not (self._vocab.model == "llama" and self._vocab.add_space_prefix):
+            return ""
+        for code in range(1, 32):
+            byte = bytes([code])
+            if any(t[:1] == byte and t != byte or t[:2] == b" " + byte for t in self._text_bytes):
+                continue
+            if self.decode(self.encode(chr(code), add_bos=False)) == chr(code):
+                return chr(code)
+        raise TokenizerError("this vocabulary has no control character that stands alone, so pieces of text "
+                             "cannot be tokenized without the space it puts in front")
+
     def decode(self, ids, special=False) -> str:
         """The text of `ids`; control tokens render as "" unless special. Invalid UTF-8 becomes U+FFFD."""
         table = self._special_bytes if special else self._text_bytes
@@ -308,6 +336,10 @@ class Tokenizer:
         if self._vocab.strip_first_space:
             data = _without_prefix_space(data)
         return data.decode("utf-8", errors="replace")
+
+    def token_bytes(self, special=False) -> tuple:
+        """id -> the bytes that token stands for, for every id; control tokens are b"" unless special."""
+        return self._special_bytes if special else self._text_bytes
 
     def stream_decoder(self, special=False):
         """A `StreamDecoder` whose pushes add up to `decode` of all the ids pushed."""
