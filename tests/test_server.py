@@ -269,7 +269,8 @@ def test_bad_structured_requests_are_400s_naming_the_field(client, extra, param)
 # -- errors in OpenAI's shape ------------------------------------------------------------------------
 @pytest.mark.parametrize("body, status, param", [
     ({"messages": []}, 400, "messages"),
-    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 17}, 400, "n"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, 400, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "tools"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),

@@ -164,8 +164,8 @@ def test_logprobs_and_logit_bias(llm):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda llm: llm.create_chat_completion(ask("hi"), n=2), "n=2"),
-    (lambda llm: llm.create_completion("hi", n=3), "n=3"),
+    (lambda llm: llm.create_chat_completion(ask("hi"), n=0), "n must be an integer from 1 to 16, got 0"),
+    (lambda llm: llm.create_completion("hi", n=17), "n must be an integer from 1 to 16, got 17"),
     (lambda llm: llm.create_chat_completion(ask("hi"), logprobs=True, top_logprobs=21), "top_logprobs must be"),
     (lambda llm: llm.create_chat_completion(ask("hi"), top_logprobs=2), "top_logprobs needs logprobs"),
     (lambda llm: llm.create_completion("hi", logprobs=6), "logprobs must be an integer from 0 to 5"),

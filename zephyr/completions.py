@@ -3,16 +3,19 @@
 
 A `ChatCompletion` or `TextCompletion` is one request: made from the request's fields, it checks
 them, renders and tokenizes the prompt and merges the settings once (`prompt_tokens`, `settings`,
-`stops`). Whoever runs the model feeds it the generation's `Step`s and gets OpenAI's response
-shapes back: `chunks(step)` when streaming (after `opening()`), or `add(step)` then `response()`.
+`stops`), and makes the `n` generations that answer it (`generations()`). Whoever runs the model
+feeds it each answer's `Step`s and gets OpenAI's response shapes back: `chunks(step, choice)` when
+streaming (after `opening()`), or `add(step, choice)` then `response()`. One answer runs on the
+model's single sequence; several are generated together by a `Scheduler` (`requests()`).
 """
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from .errors import InvalidRequestError
-from .generation import MAX_TOP_LOGPROBS
+from .generation import MAX_TOP_LOGPROBS, Generation
 from .grammar import grammar_from
 from .tools import CallParser, call_grammar, conversation, parse_tool_choice, parse_tools, template_handles_tools
 
@@ -20,9 +23,16 @@ from .tools import CallParser, call_grammar, conversation, parse_tool_choice, pa
 MAX_COMPLETION_LOGPROBS = 5
 
 
-def check_n(n):
-    if n is not None and n != 1:
-        raise InvalidRequestError(f"n={n}: only one choice per request is supported (n=1)", "n")
+# The most answers one request may ask for (OpenAI's limit is 128; each takes a KV cache sequence).
+MAX_CHOICES = 16
+
+
+def check_n(n) -> int:
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise InvalidRequestError(f"n must be an integer from 1 to {MAX_CHOICES}, got {n!r}", "n")
+    return n
 
 
 @contextmanager
@@ -39,63 +49,118 @@ def field(param):
 class _Completion:
     id_prefix = chunk_object = ""   # set by each kind
 
-    def __init__(self, llm, model, include_usage, fingerprint):
+    def __init__(self, llm, model, include_usage, fingerprint, n):
         self.ident = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model or Path(llm.model_path).name
         self.fingerprint = fingerprint   # system_fingerprint: the process answering (the server's host:pid)
         self.include_usage = include_usage
-        self.finish_reason = None
-        self.completion_tokens = 0
-        self._logprobs = []     # released but not yet sent with a chunk
+        self.n = check_n(n)
+
+    def generations(self, tokenizer) -> list:
+        """The n generations answering this request; with a seed, answer i draws from seed + i."""
+        seed = self.settings.seed
+        return [Generation(tokenizer, self.settings if seed < 0 else replace(self.settings, seed=seed + i),
+                           self.prompt_tokens, self.stops) for i in range(self.n)]
+
+    def requests(self, llm, on_event) -> list:
+        """Scheduler requests generating the n answers, reporting to on_event(event) with the answer's
+        index as `event.choice`: one request sharing the prompt when the model has a sequence for each
+        answer, else one per answer, which then reuse the prompt from the cache in turn."""
+        from .scheduler import Event, Request
+        generations = self.generations(llm.tokenizer)
+        if self.n <= llm.model.n_seqs:
+            return [Request(self.prompt_tokens, generations, on_event)]
+
+        def numbered(first):
+            return lambda event: on_event(Event(event.choice if event.choice is None else first, event.step,
+                                                event.error))
+        return [Request(self.prompt_tokens, [g], numbered(i)) for i, g in enumerate(generations)]
 
     def run(self, llm, stream: bool):
-        """Generate on `llm` (one sequence): the response, or an iterator of chunks with `stream`."""
-        steps = llm.steps(self.prompt_tokens, self.settings, self.stops)
+        """Generate on `llm`: the response, or an iterator of chunks with `stream`."""
+        events = self._steps(llm) if self.n == 1 else self._scheduled(llm)
         if stream:
-            return self._chunks(steps)
-        for step in steps:
-            self.add(step)
+            return self._chunks(events)
+        for choice, step in events:
+            self.add(step, choice)
         return self.response()
 
-    def _chunks(self, steps):
+    def _steps(self, llm):
+        for step in llm.steps(self.prompt_tokens, self.settings, self.stops):
+            yield 0, step
+
+    def _scheduled(self, llm):
+        """(choice, step) of the n answers, generated together on a scheduler in this thread."""
+        from .scheduler import Scheduler
+        events, ends = [], []
+        requests = self.requests(llm, lambda event: (events if event.choice is not None else ends).append(event))
+        for _ in Scheduler(llm).drive(requests):
+            while events:
+                event = events.pop(0)
+                yield event.choice, event.step
+            for end in ends:
+                if end.error is not None:
+                    raise end.error
+        for event in events:
+            yield event.choice, event.step
+
+    def _chunks(self, events):
         yield from self.opening()
-        for step in steps:
-            yield from self.chunks(step)
+        for choice, step in events:
+            yield from self.chunks(step, choice)
 
     def opening(self) -> list:
         """The chunks that open a stream, before any step."""
         return []
 
-    def add(self, step):
-        """Take a step of a response that is not streamed."""
-        self.chunks(step)
+    def add(self, step, choice=0):
+        """Take a step of answer `choice` of a response that is not streamed."""
+        self.chunks(step, choice)
+
+    @property
+    def finish_reason(self):
+        """The last answer's finish reason, None while any answer runs."""
+        reasons = [c.finish_reason for c in self.choices]
+        return None if None in reasons else reasons[-1]
 
     def usage(self) -> dict:
-        prompt = len(self.prompt_tokens)
-        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
-                "total_tokens": prompt + self.completion_tokens}
+        prompt, generated = len(self.prompt_tokens), sum(c.completion_tokens for c in self.choices)
+        return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
-    def _count(self, step):
+    def _count(self, step, choice):
+        answer = self.choices[choice]
         if step.token is not None:
-            self.completion_tokens += 1
+            answer.completion_tokens += 1
         if step.finish_reason:
-            self.finish_reason = step.finish_reason
+            answer.finish_reason = step.finish_reason
         if self.settings.logprobs is not None:
-            self._logprobs.extend(step.logprobs)
+            answer.pending_logprobs.extend(step.logprobs)
+        return answer
 
-    def _chunk(self, choice) -> dict:
+    def _chunk(self, index, choice) -> dict:
         body = {"id": self.ident, "object": self.chunk_object, "created": self.created, "model": self.model,
-                "system_fingerprint": self.fingerprint, "choices": [dict(index=0, **choice)]}
+                "system_fingerprint": self.fingerprint, "choices": [dict(index=index, **choice)]}
         if self.include_usage:
             body["usage"] = None
         return body
 
-    def _closing(self, choice) -> list:
-        chunks = [self._chunk(choice)]
-        if self.include_usage:   # OpenAI's final usage chunk: no choices
+    def _closing(self, index, choice) -> list:
+        chunks = [self._chunk(index, choice)]
+        if self.include_usage and self.finish_reason is not None:   # OpenAI's final usage chunk: no choices
             chunks.append(dict(chunks[0], choices=[], usage=self.usage()))
         return chunks
+
+
+class _Answer:
+    """What one answer (choice) has produced so far."""
+
+    def __init__(self, calls=None):
+        self.finish_reason = None
+        self.completion_tokens = 0
+        self.pending_logprobs = []   # released but not yet sent with a chunk
+        self.calls = calls           # a CallParser where tools are offered
+        self.text, self.tool_calls, self.logprobs = "", [], []
 
 
 class ChatCompletion(_Completion):
@@ -106,8 +171,7 @@ class ChatCompletion(_Completion):
                  include_usage=False, fingerprint=None):
         """`sampling`: GenerationSettings fields (`grammar` as GBNF text too); the other arguments are
         OpenAI's request fields."""
-        super().__init__(llm, model, include_usage, fingerprint)
-        check_n(n)
+        super().__init__(llm, model, include_usage, fingerprint, n)
         with field("top_logprobs"):
             if top_logprobs is not None and not logprobs:
                 raise ValueError("top_logprobs needs logprobs=true")
@@ -139,55 +203,71 @@ class ChatCompletion(_Completion):
                 grammar = call_grammar(offered, choice, parallel_tool_calls is not False)
         self.settings = _settings(llm, sampling, grammar, (top_logprobs or 0) if logprobs else None)
         self.stops = formatter.stop
-        self._calls = CallParser(offered) if offered else None
-        self.content, self.tool_calls, self.logprobs = "", [], []
+        self.choices = [_Answer(CallParser(offered) if offered else None) for _ in range(self.n)]
+
+    @property
+    def content(self) -> str:
+        """The first answer's text (the whole reply when n = 1)."""
+        return self.choices[0].text
+
+    @property
+    def tool_calls(self) -> list:
+        return self.choices[0].tool_calls
 
     def opening(self) -> list:
-        return [self._chunk({"delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})]
+        return [self._chunk(i, {"delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                "finish_reason": None}) for i in range(self.n)]
 
-    def chunks(self, step) -> list:
-        """The chunks one step becomes (and the step taken into the whole response)."""
-        self._count(step)
+    def chunks(self, step, choice=0) -> list:
+        """The chunks one step of answer `choice` becomes (and the step taken into the whole response)."""
+        answer = self._count(step, choice)
         content, calls = step.text, []
-        if self._calls is not None:
-            content, calls = self._calls.push(step.text)
+        if answer.calls is not None:
+            content, calls = answer.calls.push(step.text)
             if step.finish_reason:
-                content += self._calls.flush()
+                content += answer.calls.flush()
         chunks = []
         if content:
-            chunks.append(self._chunk({"delta": {"content": content}, "logprobs": self._take_logprobs(),
-                                       "finish_reason": None}))
-            self.content += content
+            chunks.append(self._chunk(choice, {"delta": {"content": content}, "logprobs": self._take_logprobs(answer),
+                                               "finish_reason": None}))
+            answer.text += content
         for call in calls:
-            delta = {"tool_calls": [dict(index=len(self.tool_calls), **call.as_openai())]}
-            chunks.append(self._chunk({"delta": delta, "logprobs": None, "finish_reason": None}))
-            self.tool_calls.append(call)
+            delta = {"tool_calls": [dict(index=len(answer.tool_calls), **call.as_openai())]}
+            chunks.append(self._chunk(choice, {"delta": delta, "logprobs": None, "finish_reason": None}))
+            answer.tool_calls.append(call)
         if step.finish_reason:
-            chunks += self._closing({"delta": {}, "logprobs": self._take_logprobs(),
-                                     "finish_reason": self.reason()})
+            chunks += self._closing(choice, {"delta": {}, "logprobs": self._take_logprobs(answer),
+                                             "finish_reason": _reason(answer)})
         return chunks
 
     def reason(self) -> str:
-        return "tool_calls" if self.tool_calls and self.finish_reason == "stop" else self.finish_reason
+        return _reason(self.choices[0])
 
     def response(self) -> dict:
-        message = {"role": "assistant", "content": self.content}
-        if self.tool_calls:
-            message["content"] = self.content if self.content.strip() else None
-            message["tool_calls"] = [call.as_openai() for call in self.tool_calls]
-        logprobs = {"content": self.logprobs} if self.settings.logprobs is not None else None
         return {"id": self.ident, "object": "chat.completion", "created": self.created, "model": self.model,
                 "system_fingerprint": self.fingerprint,
-                "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": self.reason()}],
+                "choices": [self._choice(i, answer) for i, answer in enumerate(self.choices)],
                 "usage": self.usage()}
 
-    def _take_logprobs(self):
-        if self.settings.logprobs is None or not self._logprobs:
+    def _choice(self, index, answer) -> dict:
+        message = {"role": "assistant", "content": answer.text}
+        if answer.tool_calls:
+            message["content"] = answer.text if answer.text.strip() else None
+            message["tool_calls"] = [call.as_openai() for call in answer.tool_calls]
+        logprobs = {"content": answer.logprobs} if self.settings.logprobs is not None else None
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": _reason(answer)}
+
+    def _take_logprobs(self, answer):
+        if self.settings.logprobs is None or not answer.pending_logprobs:
             return None
-        entries = [_chat_logprob(entry) for entry in self._logprobs]
-        self._logprobs = []
-        self.logprobs += entries
+        entries = [_chat_logprob(entry) for entry in answer.pending_logprobs]
+        answer.pending_logprobs = []
+        answer.logprobs += entries
         return {"content": entries}
+
+
+def _reason(answer) -> str:
+    return "tool_calls" if answer.tool_calls and answer.finish_reason == "stop" else answer.finish_reason
 
 
 def _grammar(sampling, response_format):
@@ -218,8 +298,7 @@ class TextCompletion(_Completion):
                  include_usage=False, fingerprint=None):
         """`prompt`: text or token ids; `sampling`: GenerationSettings fields (`grammar` as GBNF text
         too); `logprobs`: how many alternatives to report per token (0-5), None for none."""
-        super().__init__(llm, model, include_usage, fingerprint)
-        check_n(n)
+        super().__init__(llm, model, include_usage, fingerprint, n)
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or
                                      not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS):
             raise InvalidRequestError(f"logprobs must be an integer from 0 to {MAX_COMPLETION_LOGPROBS}, "
@@ -236,33 +315,42 @@ class TextCompletion(_Completion):
         llm.check_prompt(self.prompt_tokens)
         self.settings = _settings(llm, sampling, _grammar(sampling, response_format), logprobs)
         self.stops = ()
-        self.text, self.logprobs = "", {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        self.choices = [_Answer() for _ in range(self.n)]
+        for answer in self.choices:
+            answer.logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
-    def chunks(self, step) -> list:
-        self._count(step)
+    @property
+    def text(self) -> str:
+        """The first answer's text (the whole completion when n = 1)."""
+        return self.choices[0].text
+
+    def chunks(self, step, choice=0) -> list:
+        answer = self._count(step, choice)
         chunks = []
         if step.text:
-            chunks.append(self._chunk({"text": step.text, "logprobs": self._take_logprobs(), "finish_reason": None}))
-            self.text += step.text
+            chunks.append(self._chunk(choice, {"text": step.text, "logprobs": self._take_logprobs(answer),
+                                               "finish_reason": None}))
+            answer.text += step.text
         if step.finish_reason:
-            chunks += self._closing({"text": "", "logprobs": self._take_logprobs(),
-                                     "finish_reason": step.finish_reason})
+            chunks += self._closing(choice, {"text": "", "logprobs": self._take_logprobs(answer),
+                                             "finish_reason": step.finish_reason})
         return chunks
 
     def response(self) -> dict:
-        logprobs = self.logprobs if self.settings.logprobs is not None else None
         return {"id": self.ident, "object": "text_completion", "created": self.created, "model": self.model,
                 "system_fingerprint": self.fingerprint,
-                "choices": [{"index": 0, "text": self.text, "logprobs": logprobs, "finish_reason": self.finish_reason}],
+                "choices": [{"index": i, "text": answer.text,
+                             "logprobs": answer.logprobs if self.settings.logprobs is not None else None,
+                             "finish_reason": answer.finish_reason} for i, answer in enumerate(self.choices)],
                 "usage": self.usage()}
 
-    def _take_logprobs(self):
-        if self.settings.logprobs is None or not self._logprobs:
+    def _take_logprobs(self, answer):
+        if self.settings.logprobs is None or not answer.pending_logprobs:
             return None
-        offset = (self.logprobs["text_offset"][-1] + len(self.logprobs["tokens"][-1])) if self.logprobs["tokens"] \
-            else 0
+        sent = answer.logprobs
+        offset = (sent["text_offset"][-1] + len(sent["tokens"][-1])) if sent["tokens"] else 0
         part = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for entry in self._logprobs:
+        for entry in answer.pending_logprobs:
             part["tokens"].append(entry.text)
             part["token_logprobs"].append(entry.logprob)
             top = {text: logprob for _, text, _, logprob in entry.top}
@@ -270,7 +358,7 @@ class TextCompletion(_Completion):
             part["top_logprobs"].append(top)
             part["text_offset"].append(offset)
             offset += len(entry.text)
-        self._logprobs = []
+        answer.pending_logprobs = []
         for key, values in part.items():
-            self.logprobs[key] += values
+            sent[key] += values
         return part

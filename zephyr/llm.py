@@ -219,6 +219,25 @@ class LLM:
             return (chunk for chunk, _ in pieces)
         return "".join(chunk for chunk, _ in pieces)
 
+    def generate_batch(self, prompts, **settings) -> list:
+        """Complete many prompts at once: their texts, in order. Settings as for __call__. Up to
+        `sequences` prompts (a Config field: the KV cache's sequences) are generated together, one
+        forward pass for all per token; more wait for a free sequence, reusing what it holds."""
+        from .generation import Generation
+        from .scheduler import Request, Scheduler
+        settings = self.settings(**settings)
+        texts, requests = [], []
+        for i, prompt in enumerate(prompts):
+            tokens = self.tokenize_prompt(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+            self.check_prompt(tokens)
+            texts.append([])
+            requests.append(Request(tokens, [Generation(self.tokenizer, settings, tokens)],
+                                    lambda event, out=texts[-1]: out.append(event.step.text) if event.step else None))
+        for request in Scheduler(self).run(requests):
+            if request.error is not None:
+                raise request.error
+        return ["".join(parts) for parts in texts]
+
     def completion_stream(self, prompt_tokens, settings: GenerationSettings = None, *, extra_stops=(),
                           on_token=None, **overrides):
         """Generate after the token ids `prompt_tokens`, as (text, finish_reason or None) pairs; the

@@ -1,17 +1,16 @@
-"""From a validated request to a running generation (on the model's worker thread).
+"""From a validated request to what the scheduler runs (on a preparing thread, runner.py).
 
 The request becomes the shared `zephyr.completions` object (prompt, settings merged once, response
-shapes) with the OpenAI server's defaults; the model's steps then stream back to the event loop,
+shapes) with the OpenAI server's defaults; its answers' steps then stream back to the event loop,
 which turns them into chunks or the whole response through that same object.
 """
 import base64
 from dataclasses import dataclass
-from typing import Iterator, Union
+from typing import Union
 
 import numpy as np
 
 from ..completions import ChatCompletion, TextCompletion
-from ..generation import Step
 
 # Defaults for sampling fields a request leaves out: OpenAI's temperature and top_p, llama.cpp
 # server's top_k and min_p, and no repetition penalty (OpenAI has none).
@@ -26,9 +25,6 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16
 class Started:
     """The prompt is tokenized and fits, the fields are valid: generation is about to begin."""
     completion: Union[ChatCompletion, TextCompletion]
-
-
-Event = Union[Started, Step]
 
 
 def sampling_settings(request, default_max_tokens) -> dict:
@@ -54,22 +50,23 @@ def completion(llm, kind: str, request, model: str, fingerprint: str = None):
                           model=model, include_usage=request.include_usage, fingerprint=fingerprint)
 
 
-def run(llm, kind: str, request, model: str, fingerprint: str) -> Iterator[Event]:
-    """Generate for `request` (on the worker thread): Started, then the generation's Steps.
-    Closing the iterator stops the generation and frees the model."""
+def prepare(llm, kind: str, request, model: str, fingerprint: str):
+    """(Started, completion) for `request`: its prompt rendered and tokenized, its fields checked."""
     job = completion(llm, kind, request, model, fingerprint)
-    yield Started(job)
-    yield from llm.steps(job.prompt_tokens, job.settings, job.stops)
+    return Started(job), job
 
 
-def embed(llm, request, model: str) -> dict:
-    """The embeddings response for `request` (on the worker thread)."""
-    data, used = [], 0
-    for index, item in enumerate(request.inputs()):
-        tokens = llm.tokenize_prompt(item) if isinstance(item, str) else list(item)
-        used += len(tokens)
-        vector = llm.embed(tokens)
+def embedding_inputs(llm, request) -> list:
+    """The token ids of each input of an embeddings request."""
+    return [llm.tokenize_prompt(item) if isinstance(item, str) else list(item) for item in request.inputs()]
+
+
+def embedding_response(request, inputs, vectors, model: str) -> dict:
+    """The embeddings response: one vector per input (base64 little-endian float32 on request)."""
+    data = []
+    for index, vector in enumerate(vectors):
         if request.encoding_format == "base64":
             vector = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
         data.append({"object": "embedding", "index": index, "embedding": vector})
+    used = sum(len(tokens) for tokens in inputs)
     return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": used, "total_tokens": used}}

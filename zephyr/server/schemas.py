@@ -45,13 +45,6 @@ class _Sampling(_Request):
             raise ValueError("at most 4 stop sequences are allowed")
         return stop
 
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n):
-        if n is not None and n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
-
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
