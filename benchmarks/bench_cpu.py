@@ -148,12 +148,15 @@ class LlamaCppEngine:
         import llama_cpp
         self.llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=N_CTX,
                                    n_batch=512, verbose=False)
+        self.n_vocab = self.llm.n_vocab()
 
     def eval(self, tokens):
         self.llm.eval(tokens)
 
     def last_logits(self):
-        return self.llm.scores[self.llm.n_tokens - 1]
+        # Llama.eval keeps no logits in Llama.scores unless logits_all: read the last token's from the context
+        import llama_cpp
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.n_vocab,))
 
     def reset(self):
         self.llm.reset()
