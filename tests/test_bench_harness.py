@@ -1,11 +1,12 @@
 """The pure helpers of benchmarks/bench_cpu.py (no timing, no engines): roofline bytes, KV size, prompt
-lists, rows, targets, the host line, Markdown."""
+lists, rows, targets, kernel-rate fits, the host line, Markdown."""
 import importlib.util
 from pathlib import Path
 
 import pytest
 
 from zephyr import gguf
+from zephyr.quants import SUPPORTED_TYPES, GGMLType
 from zephyr.testing.synthetic import PRESETS, llama_tensors, write_llama_model
 
 BENCH_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_cpu.py"
@@ -88,6 +89,11 @@ def test_bad_prompt_lists_are_refused(bench, capsys, text, message):
     with pytest.raises(SystemExit):
         bench.parse_args(["--prompt-tokens", text])
     assert "--prompt-tokens" in capsys.readouterr().err
+
+
+def test_kernel_rates_write_their_own_section(bench):
+    assert bench.parse_args(["--kernel-rates"]).section == bench.KERNEL_RATES_SECTION
+    assert bench.parse_args(["--kernel-rates", "--section", "rates-intel"]).section == "rates-intel"
 
 
 # -- targets ------------------------------------------------------------------------------------
@@ -176,6 +182,58 @@ def test_target_lines_name_each_length(bench):
     assert lines[3] == ("- Zephyr-7B Q4_K_M, 4000 tokens: decode >= 1.15x llama.cpp, "
                         "decode >= 85 % of its decode after 64 tokens")
     assert lines[4] == "- Zephyr-7B Q4_K_M, 100 tokens: no speed target"
+
+
+# -- kernel rates ---------------------------------------------------------------------------------
+def test_kernel_types_are_the_7b_files_and_computable(bench):
+    assert {GGMLType[name] for name in bench.KERNEL_TYPES} <= SUPPORTED_TYPES
+    assert bench.KERNEL_ROW_VALUES == (PRESETS["zephyr-7b"].d_model, PRESETS["zephyr-7b"].d_ffn)
+
+
+def test_kernel_matrices_stay_within_the_l2_budget(bench):
+    q4_0 = bench.kernel_matrix_rows(2304, 256 << 10)           # Q4_0 rows of 4096: whole groups of 16 rows
+    assert q4_0 == [16, 48, 80, 112] and q4_0[-1] * 2304 <= 256 << 10
+    f16 = bench.kernel_matrix_rows(28672, 256 << 10)           # F16 rows of 14336: only 9 fit
+    assert f16 == [2, 4, 6, 9]
+    with pytest.raises(ValueError, match="only 2 rows"):
+        bench.kernel_matrix_rows(28672, 64 << 10)
+
+
+def test_fit_separates_the_rate_from_the_cost_of_a_call(bench):
+    sizes = [64e3, 128e3, 192e3, 256e3]
+    rate, overhead = bench.fit_rate(sizes, [5e-6 + s / 40e9 for s in sizes])
+    assert rate == pytest.approx(40e9) and overhead == pytest.approx(5e-6)
+    assert bench.fit_rate(sizes, [9e-6, 8e-6, 7e-6, 6e-6])[0] is None
+
+
+def test_every_call_is_timed_in_every_round(bench):
+    counts = [0, 0]
+
+    def call(i):
+        counts[i] += 1
+    seconds = bench.fastest_per_call([lambda: call(0), lambda: call(1)], round_s=1e-4, rounds=3)
+    assert len(seconds) == 2 and all(0 < s < 1 for s in seconds)
+    assert min(counts) >= 2 + 3 * 2           # calibration, then per round one untimed call and at least one timed
+
+
+def test_kernel_rows_and_verdicts(bench):
+    memory = {1: 16e9, 2: 30e9}
+    rates = [bench.KernelRate("Q4_K", 4096, 1, "row-major", 48e9, 4e-6, 258048),
+             bench.KernelRate("Q4_K", 4096, 2, "row-major", 66e9, 6e-6, 258048),
+             bench.KernelRate("Q4_K", 14336, 1, "row-major", 40e9, 5e-6, 258048),
+             bench.KernelRate("Q4_K", 14336, 2, "row-major", 55e9, 7e-6, 258048),
+             bench.KernelRate("Q8_0", 4096, 1, "row-major", 60e9, 4e-6, 261120),
+             bench.KernelRate("Q8_0", 4096, 2, "row-major", None, 6e-6, 261120)]
+    rows = bench.kernel_rows(rates, memory)
+    assert bench.kernel_columns([1, 2]) == ["type", "row values", "layout", "largest matrix KB", "GB/s, 1 thread",
+                                            "x memory, 1", "GB/s, 2 threads", "x memory, 2",
+                                            "fixed us per call (1, 2 threads)"]
+    assert rows[0] == ["Q4_K", "4096", "row-major", "252", "48.0", "3.00", "66.0", "2.20", "4.0, 6.0"]
+    assert rows[2][6:8] == ["noisy", "-"]
+    assert bench.kernel_verdicts(rates, memory) == [
+        "- Q4_K: FAIL (lowest 1.83x < 2x: rows of 14336, 2 threads, 55.0 GB/s against 30.0)",
+        "- Q8_0: n/a (a fit without a positive slope: rerun on a quieter machine)"]
+    assert bench.kernel_verdicts(rates[:2], memory)[0].startswith("- Q4_K: PASS (lowest 2.20x >= 2x")
 
 
 # -- the host -----------------------------------------------------------------------------------
