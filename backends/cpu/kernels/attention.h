@@ -163,21 +163,23 @@ static inline float zd_att_exp(float x) {
  * (ZD_ATT_LOOPS below): small functions of their own, so the compiler keeps their ZD_ATT_LANES
  * accumulators in registers. */
 
-/* lanes[0..LANES) = q . kt[:, 0..LANES): scores of LANES keys from a transposed key tile. */
-ZD_INLINE void zd_att_scores_body(const float *ZD_RESTRICT q, const float *ZD_RESTRICT kt, int64_t hd,
-                                  float *ZD_RESTRICT out) {
+/* out[0..LANES) = base * scale + sum_t c[t] * rows[t * stride ..]: a weighted sum of n rows, LANES
+ * wide, kept in registers; base NULL is zero. With c a query and rows a transposed key tile, the
+ * scores of LANES keys; with c the softmax weights and rows the value tile, LANES dims of an output. */
+ZD_INLINE void zd_att_lanes_body(float *ZD_RESTRICT out, const float *base, float scale, const float *ZD_RESTRICT c,
+                                 const float *ZD_RESTRICT rows, int64_t stride, int64_t n) {
     float lanes[ZD_ATT_LANES];
-    for (int j = 0; j < ZD_ATT_LANES; j++)
-        lanes[j] = 0.0f;
-    for (int64_t d = 0; d < hd; d++) {
-        const float qd = q[d];
-        const float *ZD_RESTRICT kd = kt + d * ZD_ATT_KEYS;
+    for (int i = 0; i < ZD_ATT_LANES; i++)
+        lanes[i] = base ? base[i] * scale : 0.0f;
+    for (int64_t t = 0; t < n; t++) {
+        const float ct = c[t];
+        const float *ZD_RESTRICT row = rows + t * stride;
 #pragma omp simd
-        for (int j = 0; j < ZD_ATT_LANES; j++)
-            lanes[j] = fmaf(qd, kd[j], lanes[j]);
+        for (int i = 0; i < ZD_ATT_LANES; i++)
+            lanes[i] = fmaf(ct, row[i], lanes[i]);
     }
-    for (int j = 0; j < ZD_ATT_LANES; j++)
-        out[j] = lanes[j];
+    for (int i = 0; i < ZD_ATT_LANES; i++)
+        out[i] = lanes[i];
 }
 
 /* scores[r * KEYS + j] = q_r . k_j for the `rows` queries (hdp apart) and keys j0 <= j < j1 of a
@@ -199,23 +201,6 @@ ZD_INLINE void zd_att_dots_body(const float *ZD_RESTRICT q, int64_t rows, const 
                 dot += lanes[i];
             scores[r * ZD_ATT_KEYS + j] = dot;
         }
-}
-
-/* a[0..LANES) = a * correction + sum_j p[j] * v[j * stride ...]: LANES dims of one row's output. */
-ZD_INLINE void zd_att_accumulate_body(float *ZD_RESTRICT a, float correction, const float *ZD_RESTRICT p,
-                                      const float *ZD_RESTRICT v, int64_t stride, int64_t j0, int64_t j1) {
-    float lanes[ZD_ATT_LANES];
-    for (int i = 0; i < ZD_ATT_LANES; i++)
-        lanes[i] = a[i] * correction;
-    for (int64_t j = j0; j < j1; j++) {
-        const float pj = p[j];
-        const float *ZD_RESTRICT vj = v + j * stride;
-#pragma omp simd
-        for (int i = 0; i < ZD_ATT_LANES; i++)
-            lanes[i] = fmaf(pj, vj[i], lanes[i]);
-    }
-    for (int i = 0; i < ZD_ATT_LANES; i++)
-        a[i] = lanes[i];
 }
 
 /* n cache rows (hd values of `type`, `stride` bytes apart) as float rows hdp apart. `f16`
@@ -262,32 +247,28 @@ ZD_TARGET_AVX2 static void zd_att_f16_f16c(const uint8_t *row, float *out, int64
 
 /* A path's inner loops, bound together for zd_att_run_item. */
 typedef struct {
-    void (*scores)(const float *, const float *, int64_t, float *);
+    void (*lanes)(float *, const float *, float, const float *, const float *, int64_t, int64_t);
     void (*dots)(const float *, int64_t, const float *, int64_t, int64_t, int64_t, float *);
-    void (*accumulate)(float *, float, const float *, const float *, int64_t, int64_t, int64_t);
     void (*decode)(int, const uint8_t *, int64_t, int64_t, int64_t, float *, int64_t);
 } zd_att_loops;
 
 #define ZD_ATT_LOOPS(path, target, f16)                                                                        \
-    target __attribute__((noinline)) static void zd_att_scores_##path(const float *q, const float *kt,         \
-                                                                       int64_t hd, float *out) {               \
-        zd_att_scores_body(q, kt, hd, out);                                                                    \
+    target __attribute__((noinline)) static void zd_att_lanes_##path(float *out, const float *base, float scale, \
+                                                                      const float *c, const float *rows,        \
+                                                                      int64_t stride, int64_t n) {              \
+        zd_att_lanes_body(out, base, scale, c, rows, stride, n);                                               \
     }                                                                                                          \
     target __attribute__((noinline)) static void zd_att_dots_##path(const float *q, int64_t rows, const float *k, \
                                                                      int64_t j0, int64_t j1, int64_t hdp,      \
                                                                      float *scores) {                          \
         zd_att_dots_body(q, rows, k, j0, j1, hdp, scores);                                                     \
     }                                                                                                          \
-    target __attribute__((noinline)) static void zd_att_accumulate_##path(                                     \
-        float *a, float correction, const float *p, const float *v, int64_t stride, int64_t j0, int64_t j1) {  \
-        zd_att_accumulate_body(a, correction, p, v, stride, j0, j1);                                           \
-    }                                                                                                          \
     target static void zd_att_decode_##path(int type, const uint8_t *rows, int64_t stride, int64_t n,         \
                                             int64_t hd, float *out, int64_t hdp) {                             \
         zd_att_decode_body(type, rows, stride, n, hd, out, hdp, f16);                                          \
     }                                                                                                          \
-    static const zd_att_loops zd_att_loops_##path = {zd_att_scores_##path, zd_att_dots_##path,                 \
-                                                     zd_att_accumulate_##path, zd_att_decode_##path};
+    static const zd_att_loops zd_att_loops_##path = {zd_att_lanes_##path, zd_att_dots_##path,                   \
+                                                     zd_att_decode_##path};
 
 ZD_ATT_LOOPS(scalar, , zd_att_f16_scalar)
 #if ZD_X86
@@ -342,9 +323,9 @@ static void zd_att_run_item(const zd_att_job *job, const zd_att_item *it, float 
                 continue;   /* every key of the tile is hidden from this row */
             const int64_t j0 = zd_max64(0, lo - kb), j1 = zd_min64(kn, pos - kb + 1);
             float *ZD_RESTRICT score = scores + r * ZD_ATT_KEYS;
-            if (transpose)
+            if (transpose)   /* ZD_ATT_LANES keys at a time */
                 for (int64_t jb = 0; jb < j1; jb += ZD_ATT_LANES)
-                    L->scores(qb + r * hdp, kt + jb, hd, score + jb);
+                    L->lanes(score + jb, NULL, 0.0f, qb + r * hdp, kt + jb, ZD_ATT_KEYS, hd);
             float top = score[j0];
             for (int64_t j = j0 + 1; j < j1; j++)
                 top = score[j] > top ? score[j] : top;
@@ -358,8 +339,8 @@ static void zd_att_run_item(const zd_att_job *job, const zd_att_item *it, float 
             }
             l[r] = l[r] * correction + total;
             m[r] = m_new;
-            for (int64_t c0 = 0; c0 < hdp; c0 += ZD_ATT_LANES)
-                L->accumulate(acc + r * hdp + c0, correction, p, vt + c0, hdp, j0, j1);
+            for (int64_t c0 = 0; c0 < hdp; c0 += ZD_ATT_LANES)   /* ZD_ATT_LANES dims at a time */
+                L->lanes(acc + r * hdp + c0, acc + r * hdp + c0, correction, p + j0, vt + j0 * hdp + c0, hdp, j1 - j0);
         }
     }
 
