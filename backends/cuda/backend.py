@@ -124,9 +124,9 @@ class CudaKVCache(KVCache):
     def read_sequence(self, seq, length):
         seq, length = self.check_sequence(seq, length)
         with self._stream:
-            host = self.data[:, :, seq, :length].get(stream=self._stream)
+            host = self._cp.ascontiguousarray(self.data[:, :, seq, :length]).get(stream=self._stream)
         self._stream.synchronize()
-        return np.ascontiguousarray(host).view(np.uint8)   # [n_layers, 2, length, h_kv, row_bytes]
+        return host.view(np.uint8)   # [n_layers, 2, length, h_kv, row_bytes]
 
     def write_sequence(self, seq, data):
         seq, _ = self.check_sequence(seq, 0)
