@@ -705,6 +705,14 @@ def test_f16_cache_is_close_to_f32(make_cuda, tmp_path):
     assert 0 < max(relative_error(a, b) for a, b in zip(f16_logits, f32_logits)) < 1e-2
 
 
+def test_a_cache_larger_than_the_free_device_memory_is_refused(make_cuda, tiny_model, monkeypatch):
+    from zephyr.memory import InsufficientMemoryError
+    backend = make_cuda()
+    monkeypatch.setattr(backend.gpu, "memory_available", lambda: 100 << 10)   # the device's; the cache takes 128 KiB
+    with pytest.raises(InsufficientMemoryError, match=r"KV cache on cuda \(2 x 64 positions, F16\)"):
+        _placed_model(tiny_model, backend, -1, n_seqs=2)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("gpu_layers", [-1, 1])
 def test_gpu_generation_matches_the_cpu_backend(tiny_model, gpu_layers):
