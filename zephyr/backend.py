@@ -318,6 +318,16 @@ class KVCache(ABC):
     def write_sequence(self, seq: int, data: np.ndarray):
         """Inverse of read_sequence: those bytes back into sequence `seq`."""
 
+    def check_saved(self, data) -> np.ndarray:
+        """`data` as a uint8 array, if it has the form read_sequence gives: [n_layers, 2, h_kv, length,
+        row_bytes] for length <= n_ctx (the layout every built-in cache uses), else a BackendError."""
+        data, s = np.asarray(data), self.shape
+        if (data.dtype != np.uint8 or data.ndim != 5 or data.shape[:3] != (s.n_layers, 2, s.n_kv_heads)
+                or data.shape[3] > s.n_ctx or data.shape[4] != s.row_bytes):
+            raise BackendError(f"write_sequence takes what read_sequence of this cache returned, got "
+                               f"{data.dtype} {list(data.shape)}")
+        return data
+
     def check_sequence(self, seq, length) -> tuple:
         """(seq, length) as ints, if they name stored positions 0..length-1 of a sequence."""
         seq, length = as_index(seq, "sequence"), as_index(length, "length")
@@ -364,12 +374,7 @@ class HostKVCache(KVCache):
 
     def write_sequence(self, seq, data):
         seq, _ = self.check_sequence(seq, 0)
-        data = np.asarray(data)
-        s = self.shape
-        if (data.dtype != np.uint8 or data.ndim != 5 or data.shape[:3] != (s.n_layers, 2, s.n_kv_heads)
-                or data.shape[3] > s.n_ctx or data.shape[4] != s.row_bytes):
-            raise BackendError(f"write_sequence takes what read_sequence of this cache returned, got "
-                               f"{data.dtype} {list(data.shape)}")
+        data = self.check_saved(data)
         self.data[:, :, seq, :, :data.shape[3]] = data
 
 

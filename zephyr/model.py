@@ -67,9 +67,11 @@ class LlamaModel:
             owned = [i for i, b in enumerate(placement.layers) if b is backend]
             if owned:
                 shape = CacheShape(len(owned), n_seqs, n_ctx, c.n_kv_heads, c.head_dim, kv_cache_type)
+                smaller = GGMLType.Q8_0 in backend.kv_cache_types and kv_cache_type != GGMLType.Q8_0
                 memory.require(shape.nbytes, f"the KV cache on {backend.name} ({n_seqs} x {n_ctx} positions, "
                                f"{kv_cache_type.name})", "load the model with a smaller context_length, fewer "
-                               "sequences, or kv_cache_type='q8_0'", available=backend.memory_available())
+                               "sequences" + (", or kv_cache_type='q8_0'" if smaller else ""),
+                               available=backend.memory_available())
                 self.caches[id(backend)] = backend.new_kv_cache(shape)
         counters = {}
         for backend in placement.layers:

@@ -93,8 +93,8 @@ class DeviceWeight:
 
 class CudaKVCache(KVCache):
     """Keys and values of every layer on the device: `data` [n_layers, 2 (keys, values), n_seqs,
-    n_ctx, h_kv, hd] of float16 or float32, the bytes a HostKVCache of the same shape holds, so
-    read_sequence's bytes move between backends.
+    h_kv, n_ctx, hd] of float16 or float32 (head-major: the keys one kv head reads lie in one run),
+    the bytes a HostKVCache of the same shape holds, so read_sequence's bytes move between backends.
 
     `splits`: how many shares of the visible keys a decode query is spread over (flash-decoding):
     enough warps to keep a large GPU busy with one token's attention (64 splits x 8 kv heads of a
@@ -106,42 +106,38 @@ class CudaKVCache(KVCache):
         self._cp, self._stream = gpu.cp, gpu.stream
         dtype = gpu.cp.float16 if shape.type == GGMLType.F16 else gpu.cp.float32
         with self._stream:
-            self.data = self._cp.zeros((shape.n_layers, 2, shape.n_seqs, shape.n_ctx, shape.n_kv_heads,
+            self.data = self._cp.zeros((shape.n_layers, 2, shape.n_seqs, shape.n_kv_heads, shape.n_ctx,
                                         shape.head_dim), dtype=dtype)
         self.splits = max(1, min(64, shape.n_ctx // 16))
         self.kernel_type = shape.type.name.lower()   # names the attention_* and rope_store_* kernels
 
     def layer(self, layer: int) -> tuple:
-        """The keys and values of one layer: [n_seqs, n_ctx, h_kv, hd] each (contiguous)."""
+        """The keys and values of one layer: [n_seqs, h_kv, n_ctx, hd] each (contiguous)."""
         return self.data[layer, 0], self.data[layer, 1]
 
     def copy_sequence(self, src, dst, length):
         src, length = self.check_sequence(src, length)
         dst, _ = self.check_sequence(dst, length)
         with self._stream:
-            self.data[:, :, dst, :length] = self.data[:, :, src, :length]
+            self.data[:, :, dst, :, :length] = self.data[:, :, src, :, :length]
 
     def read_sequence(self, seq, length):
         seq, length = self.check_sequence(seq, length)
         with self._stream:
-            host = self._cp.ascontiguousarray(self.data[:, :, seq, :length]).get(stream=self._stream)
+            host = self._cp.ascontiguousarray(self.data[:, :, seq, :, :length]).get(stream=self._stream)
         self._stream.synchronize()
-        return host.view(np.uint8)   # [n_layers, 2, length, h_kv, row_bytes]
+        return host.view(np.uint8)   # [n_layers, 2, h_kv, length, row_bytes]
 
     def write_sequence(self, seq, data):
         seq, _ = self.check_sequence(seq, 0)
-        data, s = np.asarray(data), self.shape
-        if (data.dtype != np.uint8 or data.ndim != 5 or data.shape[:2] != (s.n_layers, 2)
-                or data.shape[2] > s.n_ctx or data.shape[3:] != (s.n_kv_heads, s.row_bytes)):
-            raise BackendError(f"write_sequence takes what read_sequence of this cache returned, got "
-                               f"{data.dtype} {list(data.shape)}")
-        if not data.shape[2]:
+        data = self.check_saved(data)
+        if not data.shape[3]:
             return
         values = np.ascontiguousarray(data).view(self.data.dtype)
         with self._stream:
             staged = self._cp.empty(values.shape, dtype=self.data.dtype)
             staged.set(values, stream=self._stream)
-            self.data[:, :, seq, :values.shape[2]] = staged
+            self.data[:, :, seq, :, :values.shape[3]] = staged
 
 
 class _Scratch:

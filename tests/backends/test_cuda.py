@@ -469,7 +469,7 @@ def test_attention_at_a_long_context(cuda, reference, window):
     prefill takes minutes on the emulator): decode splits and 32-key steps meet their seams."""
     rng = np.random.default_rng(10)
     cache, ref_cache = caches((cuda, reference), GGMLType.F16, n_layers=1, n_seqs=2, n_ctx=1100)
-    history = rng.standard_normal((1, 2, 1037, KV_HEADS, HEAD_DIM)).astype(np.float16).view(np.uint8)
+    history = rng.standard_normal((1, 2, KV_HEADS, 1037, HEAD_DIM)).astype(np.float16).view(np.uint8)
     for c in (cache, ref_cache):
         c.write_sequence(1, history)
     for batch in (Batch.of(1037, 1, seq=1), Batch.of(1038, 3, seq=1), Batch.of(1041, 9, seq=1)):

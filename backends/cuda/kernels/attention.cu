@@ -1,4 +1,4 @@
-// Causal grouped-query attention over one layer's KV cache: cache_k, cache_v [n_seqs, n_ctx, h_kv, hd],
+// Causal grouped-query attention over one layer's KV cache: cache_k, cache_v [n_seqs, h_kv, n_ctx, hd],
 // of float (attention_f32) or of half bits (attention_f16, read into f32: every sum is f32).
 //
 // One warp takes one query token against one share ("split") of its visible keys, for the query
@@ -41,7 +41,7 @@ __device__ __forceinline__ void attend(const float *__restrict__ q, const T *__r
     const int lo = window > 0 ? max(0, p - window + 1) : 0;
     const int chunk = (p + 1 - lo + splits - 1) / splits;
     const int k0 = lo + split * chunk, k1 = min(p + 1, k0 + chunk);
-    const i64 rows = (i64)seq[t] * n_ctx;   // the sequence's first row
+    const i64 rows = ((i64)seq[t] * n_kv + kv) * n_ctx;   // the first row of this sequence's kv head
 
     float(*qs)[MAX_HD] = q_shared[warp];
     for (int g = 0; g < group; g++) {
@@ -66,7 +66,7 @@ __device__ __forceinline__ void attend(const float *__restrict__ q, const T *__r
 #pragma unroll
         for (int g = 0; g < MAX_GROUP; g++) s[g] = 0.0f;
         if (valid) {
-            const T *krow = cache_k + ((rows + key) * n_kv + kv) * hd;
+            const T *krow = cache_k + (rows + key) * hd;
             for (int d = 0; d < hd; d += 4) {
                 const float4 kk = load4(krow + d);
 #pragma unroll
@@ -94,7 +94,7 @@ __device__ __forceinline__ void attend(const float *__restrict__ q, const T *__r
         }
         const int count = min(32, k1 - base);
         for (int j = 0; j < count; j++) {
-            const T *vrow = cache_v + ((rows + base + j) * n_kv + kv) * hd;
+            const T *vrow = cache_v + (rows + base + j) * hd;
             float v[MAX_HD / 32];
 #pragma unroll
             for (int i = 0; i < MAX_HD / 32; i++) v[i] = lane + 32 * i < hd ? load1(vrow + lane + 32 * i) : 0.0f;

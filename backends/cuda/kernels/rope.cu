@@ -36,7 +36,7 @@ rope(const float *x, float *y, int heads, int hd, int n_rot, float base, int neo
 
 // The attention inputs of one layer: rotates q [n, h * hd] in place, and writes rotated k and
 // unchanged v ([n, h_kv * hd] each) into row pos[t] of sequence seq[t] of the cache
-// (cache_k, cache_v: [n_seqs, n_ctx, h_kv, hd] of this layer). Grid (n, h + h_kv), 64 threads.
+// (cache_k, cache_v: [n_seqs, h_kv, n_ctx, hd] of this layer). Grid (n, h + h_kv), 64 threads.
 // With h = 0 and n_rot = 0 it only stores k and v (the attention op's store).
 template <class T>
 __device__ __forceinline__ void rope_and_store(float *q, const float *k, const float *v, T *cache_k, T *cache_v,
@@ -49,7 +49,7 @@ __device__ __forceinline__ void rope_and_store(float *q, const float *k, const f
         return;
     }
     const int kv = head - n_heads;
-    const i64 src = ((i64)t * n_kv + kv) * hd, dst = (((i64)seq[t] * n_ctx + p) * n_kv + kv) * hd;
+    const i64 src = ((i64)t * n_kv + kv) * hd, dst = (((i64)seq[t] * n_kv + kv) * n_ctx + p) * hd;
     rotate_head(k + src, cache_k + dst, p, hd, n_rot, base, neox);
     for (int i = threadIdx.x; i < hd; i += blockDim.x) store1(cache_v + dst + i, v[src + i]);
 }
