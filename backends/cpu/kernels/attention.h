@@ -186,21 +186,35 @@ ZD_INLINE void zd_att_lanes_body(float *ZD_RESTRICT out, const float *base, floa
  * tile (hdp apart): a decode token's few rows, where transposing the tile would cost more. */
 ZD_INLINE void zd_att_dots_body(const float *ZD_RESTRICT q, int64_t rows, const float *ZD_RESTRICT k, int64_t j0,
                                 int64_t j1, int64_t hdp, float *ZD_RESTRICT scores) {
-    for (int64_t j = j0; j < j1; j++)
-        for (int64_t r = 0; r < rows; r++) {
-            const float *ZD_RESTRICT qr = q + r * hdp, *ZD_RESTRICT kj = k + j * hdp;
-            float lanes[ZD_ATT_LANES];   /* independent sums: no chain of dependent adds */
-            for (int i = 0; i < ZD_ATT_LANES; i++)
-                lanes[i] = 0.0f;
-            for (int64_t d = 0; d < hdp; d += ZD_ATT_LANES)
-#pragma omp simd
-                for (int i = 0; i < ZD_ATT_LANES; i++)
-                    lanes[i] = fmaf(qr[d + i], kj[d + i], lanes[i]);
-            float dot = 0.0f;
-            for (int i = 0; i < ZD_ATT_LANES; i++)
-                dot += lanes[i];
-            scores[r * ZD_ATT_KEYS + j] = dot;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *ZD_RESTRICT qr = q + r * hdp;
+        float *ZD_RESTRICT out = scores + r * ZD_ATT_KEYS;
+        int64_t j = j0;
+        for (; j + 4 <= j1; j += 4) {   /* four keys at once: four independent sums */
+            const float *ZD_RESTRICT k0 = k + j * hdp, *ZD_RESTRICT k1 = k0 + hdp, *ZD_RESTRICT k2 = k1 + hdp,
+                        *ZD_RESTRICT k3 = k2 + hdp;
+            float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+:s0, s1, s2, s3)
+            for (int64_t d = 0; d < hdp; d++) {
+                s0 = fmaf(qr[d], k0[d], s0);
+                s1 = fmaf(qr[d], k1[d], s1);
+                s2 = fmaf(qr[d], k2[d], s2);
+                s3 = fmaf(qr[d], k3[d], s3);
+            }
+            out[j] = s0;
+            out[j + 1] = s1;
+            out[j + 2] = s2;
+            out[j + 3] = s3;
         }
+        for (; j < j1; j++) {
+            const float *ZD_RESTRICT kj = k + j * hdp;
+            float dot = 0.0f;
+#pragma omp simd reduction(+:dot)
+            for (int64_t d = 0; d < hdp; d++)
+                dot = fmaf(qr[d], kj[d], dot);
+            out[j] = dot;
+        }
+    }
 }
 
 /* n cache rows (hd values of `type`, `stride` bytes apart) as float rows hdp apart. `f16`
