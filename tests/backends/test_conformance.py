@@ -214,7 +214,7 @@ def test_decoder_layer(backend, reference, make_weight, type):
     """The block a backend runs (fused or not) against the default composition on the reference."""
     weights = block_weights(make_weight, type)
     p = LayerParams(HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM // 2, 10000.0, True, 1e-5, 5)
-    loaded = {b: LayerWeights(**{f: b.load_weight(getattr(weights, f)) for f in weights.__dataclass_fields__})
+    loaded = {b: LayerWeights(**{f: b.load_weight(w) for f, w in weights.present().items()})
               for b in (backend, reference)}
     cache, ref_cache = caches(backend, reference, GGMLType.F32, n_seqs=2)
     rng = np.random.default_rng(13)

@@ -45,7 +45,7 @@ def layer_weights(types, seed=0):
 
 
 def load(backend, weights):
-    return LayerWeights(*[backend.load_weight(getattr(weights, name)) for name in weights.__dataclass_fields__])
+    return LayerWeights(**{name: backend.load_weight(w) for name, w in weights.present().items()})
 
 
 def params(neox=False, window=0, rope_dims=HEAD_DIM):
