@@ -106,6 +106,9 @@ class LayerWeights:
               "up_bias": "w_up", "down_bias": "w_down"}
     NORMS = ("q_norm", "k_norm", "post_attn_norm", "post_ffn_norm")
     VECTORS = ("attn_norm", "ffn_norm", *BIASES, *NORMS, "rope_freqs")
+    # The feature of the op that takes each optional vector (post-norms go to rms_norm, a core op).
+    FEATURE_OF = {**{name: "bias" for name in BIASES}, "q_norm": "qk_norm", "k_norm": "qk_norm",
+                  "post_attn_norm": None, "post_ffn_norm": None, "rope_freqs": "rope_scaling"}
 
     def present(self) -> dict:
         """The fields that hold a weight, by name."""
@@ -708,6 +711,12 @@ def load_optional_weight(backend: Backend, feature, weight: Weight):
     the backend's handle when it runs that feature natively, else the Weight itself, for the
     host default of the op."""
     return backend.load_weight(weight) if feature is None or feature in backend.features else weight
+
+
+def load_layer_weights(backend: Backend, weights: LayerWeights) -> LayerWeights:
+    """A block of zephyr.backend.Weights as the runtime hands it to `backend` (see load_optional_weight)."""
+    return LayerWeights(**{name: load_optional_weight(backend, LayerWeights.FEATURE_OF.get(name), weight)
+                           for name, weight in weights.present().items()})
 
 
 def host_vector(w, length, what) -> np.ndarray:

@@ -21,10 +21,9 @@ from .quants import TYPE_INFO, GGMLType
 # Batches whose activations need less than this are not worth a look at the free memory.
 WORKING_MEMORY_CHECK_BYTES = 64 << 20
 
-# Optional vectors of a block, their tensor names (blk.N.<name>.weight or .bias) and the feature
-# whose op takes them (None: rms_norm, which every backend has).
-NORM_TENSORS = {"q_norm": ("attn_q_norm", "qk_norm"), "k_norm": ("attn_k_norm", "qk_norm"),
-                "post_attn_norm": ("post_attention_norm", None), "post_ffn_norm": ("post_ffw_norm", None)}
+# Optional vectors of a block by their tensor names (blk.N.<name>.weight or .bias).
+NORM_TENSORS = {"q_norm": "attn_q_norm", "k_norm": "attn_k_norm", "post_attn_norm": "post_attention_norm",
+                "post_ffn_norm": "post_ffw_norm"}
 BIAS_TENSORS = {"o_bias": "attn_output", "gate_bias": "ffn_gate", "up_bias": "ffn_up", "down_bias": "ffn_down"}
 
 
@@ -55,8 +54,8 @@ class LlamaModel:
         self.params = [c.layer_params(i) for i in range(c.n_layers)]
         self.blocks, self.run_block = [], []
         for i, backend in enumerate(placement.layers):
-            block = LayerWeights(**{name: tensors.load(backend, weight, feature)
-                                    for name, (weight, feature) in block_tensors[i].items()})
+            block = LayerWeights(**{name: tensors.load(backend, weight, LayerWeights.FEATURE_OF.get(name))
+                                    for name, weight in block_tensors[i].items()})
             self.blocks.append(block)
             self.run_block.append(choose_decoder_layer(backend, block, self.params[i]))
             if progress:
@@ -152,9 +151,8 @@ class LlamaModel:
 
 
 def _block_tensors(tensors, c: ModelConfig, i: int, rope_freqs) -> dict:
-    """Block i's tensors as {LayerWeights field: (Weight, feature of the op that takes it)}, named
-    as llama.cpp names them: fused tensors split into row views (no copy), optional ones where the
-    file has them."""
+    """Block i's tensors as {LayerWeights field: Weight}, named as llama.cpp names them: fused
+    tensors split into row views (no copy), optional ones where the file has them."""
     family, p = c.family, f"blk.{i}."
     d, f, qd, kvd = c.d_model, c.d_ffn, c.q_dim, c.kv_dim
     core = {"attn_norm": tensors.get(p + "attn_norm.weight", (d,)), "ffn_norm": tensors.get(p + "ffn_norm.weight", (d,))}
@@ -179,16 +177,14 @@ def _block_tensors(tensors, c: ModelConfig, i: int, rope_freqs) -> dict:
     for name, tensor in BIAS_TENSORS.items():
         if tensor in family.biases:
             biases[name] = tensors.optional(f"{p}{tensor}.bias", (lengths[name],))
-    out = {name: (weight, None) for name, weight in core.items()}
-    out.update((name, (bias, "bias")) for name, bias in biases.items() if bias is not None)
+    out = {**core, **{name: bias for name, bias in biases.items() if bias is not None}}
     wanted = {"q_norm": family.qk_norm, "k_norm": family.qk_norm, "post_attn_norm": family.post_norms,
               "post_ffn_norm": family.post_norms}
-    for name, (tensor, feature) in NORM_TENSORS.items():
+    for name, tensor in NORM_TENSORS.items():
         if wanted[name]:
-            size = c.head_dim if feature == "qk_norm" else d
-            out[name] = (tensors.get(f"{p}{tensor}.weight", (size,)), feature)
+            out[name] = tensors.get(f"{p}{tensor}.weight", (c.head_dim if name in ("q_norm", "k_norm") else d,))
     if rope_freqs is not None:
-        out["rope_freqs"] = (rope_freqs, "rope_scaling")
+        out["rope_freqs"] = rope_freqs
     return out
 
 

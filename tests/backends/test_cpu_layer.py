@@ -4,14 +4,15 @@ The default composes the ops; composed from the reference backend's ops it is th
 composed from the CPU backend's own ops it is what the fused layer must equal bit for bit
 (both use the same kernels in the same order).
 """
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from zephyr.testing.blocks import random_blocks
 from zephyr import quants
-from dataclasses import replace
-
 from zephyr.backend import Backend, Batch, CacheShape, LayerParams, LayerWeights, RopeScaling, Weight
+from zephyr.testing.layers import FAMILY_FEATURES, with_family_features
 from zephyr.errors import BackendError
 from zephyr.quants import GGMLType as T
 from zephyr_backends.cpu import _ops
@@ -44,40 +45,6 @@ def layer_weights(types, seed=0):
     return LayerWeights(norm(), matrix(q, HEADS * HEAD_DIM, D), matrix(k, KV_HEADS * HEAD_DIM, D),
                         matrix(v, KV_HEADS * HEAD_DIM, D), matrix(o, D, HEADS * HEAD_DIM), norm(),
                         matrix(gate, F, D), matrix(up, F, D), matrix(down, D, F))
-
-
-# Each family's block features, as (optional vectors, param changes): the fused layer takes every
-# one natively and must still equal the ops composed.
-YARN = RopeScaling(freq_scale=0.25, ext_factor=1.0, attn_factor=1.0, n_ctx_orig=32)
-FAMILY_FLAGS = {
-    "qwen2": (("q_bias", "k_bias", "v_bias"), dict(rope_neox=True, rope_scaling=YARN)),
-    "qwen3": (("q_norm", "k_norm"), dict(rope_neox=True)),
-    "gemma2": (("post_attn_norm", "post_ffn_norm"),
-               dict(rope_neox=True, activation="gelu", attn_softcap=2.0, attn_scale=0.1, sliding_window=5)),
-    "gemma3": (("q_norm", "k_norm", "post_attn_norm", "post_ffn_norm"),
-               dict(rope_neox=True, activation="gelu", rope_scaling=RopeScaling(freq_scale=0.125))),
-    "llama3": (("rope_freqs",), dict(rope_scaling=RopeScaling(attn_factor=1.2))),
-    "llama-biases": (("o_bias", "gate_bias", "up_bias", "down_bias"), dict()),
-}
-
-
-def with_flags(weights, family, seed=5):
-    """`weights` and params() with `family`'s optional vectors (random) and params."""
-    names, changes = FAMILY_FLAGS[family]
-    rng = np.random.default_rng(seed)
-    lengths = dict(q_bias=HEADS * HEAD_DIM, k_bias=KV_HEADS * HEAD_DIM, v_bias=KV_HEADS * HEAD_DIM, o_bias=D,
-                   gate_bias=F, up_bias=F, down_bias=D, q_norm=HEAD_DIM, k_norm=HEAD_DIM, post_attn_norm=D,
-                   post_ffn_norm=D, rope_freqs=HEAD_DIM // 2)
-    vectors = {}
-    for name in names:
-        if name == "rope_freqs":
-            values = rng.uniform(1.0, 8.0, lengths[name])
-        elif name.endswith("_bias"):
-            values = 0.5 * rng.standard_normal(lengths[name])
-        else:
-            values = 1 + 0.3 * rng.standard_normal(lengths[name])
-        vectors[name] = Weight(name, T.F32, (lengths[name],), values.astype(np.float32).view(np.uint8))
-    return replace(weights, **vectors), replace(params(), **changes)
 
 
 def load(backend, weights):
@@ -142,13 +109,13 @@ def test_fused_layer_matches_the_default(isa, layout, neox, window, rope_dims):
     assert_fused_matches(layer_weights(LAYOUTS[layout]), params(neox, window, rope_dims))
 
 
-@pytest.mark.parametrize("family", FAMILY_FLAGS)
+@pytest.mark.parametrize("family", FAMILY_FEATURES)
 @pytest.mark.parametrize("layout", ["F32", "Q4_K_M"])
 def test_fused_layer_matches_the_default_with_each_familys_features(isa, layout, family):
     """Equal to the CPU ops composed, bit for bit. Against the reference: float weights and an f32
     cache round nothing, so float64 meets float32 within 1e-5; with 8-bit activations (Q4_K_M) one
     value crossing a rounding boundary moves the output by up to ~1/127 of a block's scale."""
-    weights, p = with_flags(layer_weights([T.F32] * 7 if layout == "F32" else LAYOUTS[layout]), family)
+    weights, p = with_family_features(layer_weights([T.F32] * 7 if layout == "F32" else LAYOUTS[layout]), params(), family)
     assert_fused_matches(weights, p, type=T.F32, tolerance=1e-5 if layout == "F32" else 5e-3)
 
 
@@ -157,8 +124,8 @@ def test_every_feature_changes_the_block():
     cpu = CPUBackend(threads=2)
     plain = layer_weights(LAYOUTS["Q4_1"])
     want = run_batches(fused, cpu, load(cpu, plain), params(), cache(cpu))
-    for family in FAMILY_FLAGS:
-        weights, p = with_flags(plain, family)
+    for family in FAMILY_FEATURES:
+        weights, p = with_family_features(plain, params(), family)
         got = run_batches(fused, cpu, load(cpu, weights), p, cache(cpu))
         error = max(float(np.max(np.abs(g - w)) / np.max(np.abs(w))) for g, w in zip(got, want))
         assert error > 0.05, f"{family}: the features changed the output by only {error:.3g}"
@@ -239,7 +206,7 @@ def test_bad_arguments_raise(cpu, good, change, message):
 
 
 def test_mismatched_optional_vectors_raise(cpu):
-    weights, p = with_flags(layer_weights(LAYOUTS["Q4_1"]), "qwen3")
+    weights, p = with_family_features(layer_weights(LAYOUTS["Q4_1"]), params(), "qwen3")
     short = replace(weights, q_norm=Weight("q_norm", T.F32, (HEAD_DIM // 2,), np.ones(HEAD_DIM // 2, np.float32).view(np.uint8)))
     with pytest.raises(BackendError, match="q_norm has 16 values, but the layer's shapes need 32"):
         cpu.decoder_layer(f32(1, D), load(cpu, short), p, cache(cpu, n_layers=1, n_ctx=8), 0, Batch.of(0, 1))

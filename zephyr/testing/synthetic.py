@@ -59,12 +59,12 @@ PRESETS = {
 # One small model of each family, every quirk switched on where a short prompt shows it: windows
 # of a few positions, soft-caps low enough to bite, RoPE scaled from a short original context.
 FAMILY_PRESETS = {
-    "llama3": ModelShape(2, 256, 4, 2, 512, 384, rope_base=500000.0, rope_scaling=("", 0.0, 64), rope_freqs=True),
+    "llama3": ModelShape(2, 256, 4, 2, 512, 384, rope_base=500000.0, rope_scaling=("", 0.0, 32), rope_freqs=True),
     "qwen2": ModelShape(2, 256, 4, 2, 512, 384, rope_base=1e6, rms_eps=1e-6, architecture="qwen2", biases=True,
                         tied_embeddings=True, rope_scaling=("yarn", 4.0, 32)),
     "qwen3": ModelShape(2, 256, 4, 2, 512, 384, rope_base=1e6, rms_eps=1e-6, architecture="qwen3", key_length=128),
     "gemma2": ModelShape(2, 256, 4, 2, 512, 384, rms_eps=1e-6, architecture="gemma2", key_length=128,
-                         sliding_window=6, attn_softcap=2.0, final_softcap=5.0, tied_embeddings=True),
+                         sliding_window=6, attn_softcap=1.0, final_softcap=5.0, tied_embeddings=True),
     "gemma3": ModelShape(6, 256, 4, 2, 512, 384, rope_base=1e6, rms_eps=1e-6, architecture="gemma3",
                          key_length=128, sliding_window=4, tied_embeddings=True, rope_scaling=("linear", 8.0, 0)),
     "phi3": ModelShape(2, 256, 4, 4, 512, 384, architecture="phi3", rope_scaling=("", 0.0, 64),
