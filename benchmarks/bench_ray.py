@@ -44,11 +44,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(model, threads, replicas, log: Path):
-    """`zephyr serve` (on `replicas` Ray Serve replicas, or plain when None) until the block ends; yields its URL."""
+def serving(model, threads, replicas, log: Path, options=()):
+    """`zephyr serve` (on `replicas` Ray Serve replicas, or plain when None; more command-line `options`)
+    until the block ends; yields its URL."""
     port = free_port()
     command = [sys.executable, "-m", "zephyr.cli", "serve", model, "--threads", str(threads), "--port", str(port),
-               "--log-level", "warning"] + (["--ray-replicas", str(replicas)] if replicas else [])
+               "--log-level", "warning", *options] + (["--ray-replicas", str(replicas)] if replicas else [])
     environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with open(log, "w") as out:
         process = subprocess.Popen(command, env=environment, stdout=out, stderr=subprocess.STDOUT)

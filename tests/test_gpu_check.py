@@ -21,6 +21,7 @@ def gpu_check(monkeypatch):
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "ATTENTION_SHAPES", module.ATTENTION_SHAPES[:1])
     monkeypatch.setattr(module, "TINY_DECODE_STEPS", 2)
+    monkeypatch.setattr(module, "SEQUENCE_STEPS", 2)
     monkeypatch.setattr(module, "TINY_VOCAB", 1024)
     return module
 
@@ -40,8 +41,12 @@ def test_correctness_stages_pass_on_the_emulator(gpu_check, tmp_path, monkeypatc
     status = rows(text)
     for check in ("cuda backend available", "compile all kernel files",
                   "matmul, decode path (8-bit activations as the reference)", "matmul, prompt path (f16 cuBLAS)",
-                  "embed", "rms_norm, rope, swiglu, add", "attention (prompt, flash-decoding splits, windows, GQA)",
-                  "tiny model vs reference (decode path, graphs)", "CUDA-graph decode == eager decode (bitwise)"):
+                  "embed", "rms_norm, rope, swiglu, add",
+                  "attention (prompt, flash-decoding splits, windows, GQA, sequences, f16 and f32 caches)",
+                  "tiny model vs reference (decode path, graphs)", "CUDA-graph decode == eager decode (bitwise)",
+                  "4 sequences decoding in one batch == each decoding alone",
+                  "CUDA-graph decode == eager decode across 4 sequences (bitwise)",
+                  "f16 KV cache vs f32 KV cache (tiny model of f16 weights)"):
         assert status.pop(check) == "PASS", check
     assert set(status.values()) <= {"INFO"}   # nothing timed, nothing else checked on the emulator
 

@@ -123,7 +123,7 @@ def test_a_prompt_that_fills_the_context_leaves_no_room_and_is_refused(llm, forw
 @pytest.fixture
 def never_ending(llm, monkeypatch):
     """The model never produces an end-of-generation token."""
-    monkeypatch.setattr(llm, "is_eos_token", lambda token: False)
+    monkeypatch.setattr(llm.tokenizer, "is_eog", lambda token: False)
     return llm
 
 

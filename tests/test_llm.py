@@ -96,7 +96,7 @@ def test_chat_streams_and_matches_completion(llm):
     chunks = list(llm.chat(QUESTION, stream=True, temperature=0, max_new_tokens=40))
     assert "Paris" in "".join(chunks)
     stream = list(llm.create_chat_completion(messages=QUESTION, temperature=0, max_tokens=40, stream=True))
-    assert stream[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert stream[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert stream[-1]["choices"][0]["finish_reason"] == "stop"
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in stream)
     assert text == "".join(chunks)

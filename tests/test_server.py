@@ -162,21 +162,147 @@ def test_a_wrong_api_key_is_refused(demo_url):
     assert "<title>zephyr chat</title>" in httpx.get(demo_url + "/", timeout=TIMEOUT).text
 
 
+# -- structured output, tools, logprobs, logit_bias ------------------------------------------------
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 16}, "minItems": 1, "maxItems": 3}},
+    "required": ["name", "age", "hobbies"]}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                   "required": ["city"]}}}
+WEATHER_QUESTION = [{"role": "user", "content": "What's the weather in Paris?"}]
+
+
+def test_json_schema_with_the_openai_client(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    response_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    messages = [{"role": "user", "content": "Describe a person as JSON."}]
+    whole = client.chat.completions.create(model="demo", messages=messages, temperature=0, max_tokens=150,
+                                           response_format=response_format)
+    assert whole.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(whole.choices[0].message.content), PERSON)
+    chunks = client.chat.completions.create(model="demo", messages=messages, temperature=0, max_tokens=150,
+                                            response_format=response_format, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+
+
+def test_the_openai_clients_parse_helper_with_a_pydantic_model(client):
+    pytest.importorskip("llguidance")
+    from pydantic import BaseModel
+
+    class Capital(BaseModel):
+        country: str
+        city: str
+
+    parsed = client.chat.completions.parse(model="demo", temperature=0, max_tokens=60, response_format=Capital,
+                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert isinstance(parsed.choices[0].message.parsed, Capital)
+
+
+def test_tool_calls_with_the_openai_client_streamed_and_assembled(client):
+    pytest.importorskip("llguidance")
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    whole = client.chat.completions.create(model="demo", messages=WEATHER_QUESTION, temperature=0, max_tokens=60,
+                                           tools=[WEATHER], tool_choice=choice)
+    assert whole.choices[0].finish_reason == "tool_calls"
+    [call] = whole.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and "city" in json.loads(call.function.arguments)
+    with client.chat.completions.stream(model="demo", messages=WEATHER_QUESTION, temperature=0, max_tokens=60,
+                                        tools=[WEATHER], tool_choice=choice) as stream:
+        final = stream.get_final_completion()
+    [streamed] = final.choices[0].message.tool_calls
+    assert (streamed.function.name, streamed.function.arguments) == (call.function.name, call.function.arguments)
+    assert final.choices[0].finish_reason == "tool_calls"
+    # the call and its result go back into the conversation
+    history = WEATHER_QUESTION + [whole.choices[0].message.model_dump(exclude_none=True),
+                                  {"role": "tool", "tool_call_id": call.id, "content": "sunny, 24 C"}]
+    answer = client.chat.completions.create(model="demo", messages=history, temperature=0, max_tokens=20,
+                                            tools=[WEATHER])
+    assert answer.choices[0].message.content
+
+
+def test_logprobs_logit_bias_and_penalties_with_the_openai_client(client):
+    whole = client.chat.completions.create(model="demo", messages=QUESTION, temperature=0, max_tokens=6,
+                                           logprobs=True, top_logprobs=2)
+    content = whole.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == whole.choices[0].message.content
+    assert all(len(t.top_logprobs) == 2 and t.bytes and t.logprob <= 0 for t in content)
+    first = content[0]
+    banned = client.chat.completions.create(model="demo", messages=QUESTION, temperature=0, max_tokens=6,
+                                            logit_bias={str(first_id(client, first.token)): -100})
+    assert not banned.choices[0].message.content.startswith(first.token)
+    completion = client.completions.create(model="demo", prompt="The capital of France is", temperature=0,
+                                           max_tokens=3, logprobs=2)
+    assert "".join(completion.choices[0].logprobs.tokens) == completion.choices[0].text
+    plain, penalised = (client.completions.create(model="demo", prompt="la la la la la la la la", temperature=0,
+                                                  max_tokens=12, frequency_penalty=p, presence_penalty=p)
+                        for p in (0.0, 2.0))
+    assert penalised.choices[0].text != plain.choices[0].text
+
+
+def first_id(client, token_text):
+    """The id of a token, through the completions endpoint's token prompts (the server has no tokenize route)."""
+    from zephyr import Tokenizer
+    from zephyr.demo import demo_model_path
+    return Tokenizer.from_gguf(demo_model_path()).encode_continuation(token_text)[0]
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
+     "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "string", "format": "shoe-size"}}}}}}, "response_format"),
+    ({"grammar": 'root ::= "a" | b'}, "grammar"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+])
+def test_bad_structured_requests_are_400s_naming_the_field(client, extra, param):
+    pytest.importorskip("llguidance")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="demo", messages=QUESTION, max_tokens=4, extra_body=extra)
+    assert refused.value.param == param and refused.value.status_code == 400
+    assert client.chat.completions.create(model="demo", messages=QUESTION, max_tokens=2).choices   # still serving
+
+
 # -- errors in OpenAI's shape ------------------------------------------------------------------------
 @pytest.mark.parametrize("body, status, param", [
     ({"messages": []}, 400, "messages"),
-    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 17}, 400, "n"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, 400, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "tools"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 2.5}, 400, "frequency_penalty"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"99999999": 5}}, 400, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 500}}, 400, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "hi"}], "functions": [{"name": "f"}]}, 400, "functions"),
 ])
 def test_bad_chat_requests_get_openai_errors(tiny_url, body, status, param):
     response = httpx.post(tiny_url + "/v1/chat/completions", json=body, timeout=TIMEOUT)
     assert response.status_code == status
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param and param in error["message"]
+
+
+def test_structured_requests_without_llguidance_are_400s_naming_the_extra(tiny_url, monkeypatch):
+    from zephyr import grammar
+    from zephyr.errors import MissingDependencyError
+
+    def missing():
+        raise MissingDependencyError("grammars, JSON schemas and tool calls need llguidance: "
+                                     "pip install 'zephyr[structured]'")
+    monkeypatch.setattr(grammar, "_llguidance", missing)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            "response_format": {"type": "json_object"}}
+    response = httpx.post(tiny_url + "/v1/chat/completions", json=body, timeout=TIMEOUT)
+    assert response.status_code == 400 and "zephyr[structured]" in response.json()["error"]["message"]
+    del body["response_format"]
+    assert httpx.post(tiny_url + "/v1/chat/completions", json=body, timeout=TIMEOUT).status_code == 200
 
 
 def test_other_errors_get_openai_errors(tiny_url):

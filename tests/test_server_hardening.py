@@ -151,7 +151,7 @@ def test_extreme_but_valid_values_are_served(url, small_llm, extreme):
 
 
 def test_huge_max_tokens_stops_at_the_context(url, small_llm, monkeypatch):
-    monkeypatch.setattr(small_llm, "is_eos_token", lambda token: False)
+    monkeypatch.setattr(small_llm.tokenizer, "is_eog", lambda token: False)
     reply = post(url, "/v1/chat/completions", json={"messages": HI, "max_tokens": 10**12, "temperature": 0}).json()
     assert reply["choices"][0]["finish_reason"] == "length"
     assert reply["usage"]["total_tokens"] == small_llm.context_length + 1   # the last token is sampled, not evaluated

@@ -4,11 +4,16 @@
   sentencepiece and with llama.cpp's recorded ids (tests/data/mistral_reference_ids.json).
 - gpt2 kind: the real SmolLM2 GGUF against llama.cpp's recorded ids (and live when llama-cpp-python
   is installed), and one probe vocabulary per pre-tokenizer kind against recorded ids.
-The recordings come from tests/data/make_reference_ids.py, which says how to regenerate them.
+- Gemma 3 270M's real 262144-token llama vocabulary against llama.cpp's recorded ids (and live).
+- both kinds: the reachable part of llama.cpp's own test vocabularies (Falcon, MPT, DeepSeek, Command-R,
+  Qwen2, Llama 3, Phi-3, ...) against llama.cpp's recorded ids, and live when it is installed.
+The recordings come from tests/data/make_reference_ids.py and make_llama_cpp_vocabs.py, which say how
+to regenerate them.
 """
 import functools
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -23,7 +28,8 @@ TEXTS = json.loads((DATA / "tokenizer_texts.json").read_text(encoding="utf-8"))[
 
 # Texts whose round trip is lossy by design.
 LLAMA_LOSSY = {"▁ literal metaspace ▁▁"}              # "▁" is how the vocabulary writes a space
-SMOLLM2_LOSSY = {"a\x04b \x13\x14 control characters"}  # bytes 0x04, 0x13, 0x14 have no token: dropped
+# bytes 0x04, 0x13, 0x14 and 0x1D have no token: dropped
+SMOLLM2_LOSSY = {"a\x04b \x13\x14 control characters", "ascii separators \x0b\x0c\x1c\x1d\x1e\x1f end"}
 
 
 def _load(name):
@@ -213,6 +219,56 @@ def test_smollm2_eog_matches_llama_cpp(smollm2, live_llama_cpp):
     assert smollm2.eog_ids == {i for i in range(smollm2.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, i)}
 
 
+# --- Gemma 3 270M: a 262144-token llama vocabulary without the space prefix -------------------------
+
+@pytest.fixture(scope="module")
+def gemma3(gemma3_270m_path):
+    return Tokenizer.from_gguf(gemma3_270m_path)
+
+
+@pytest.fixture(scope="module")
+def live_gemma3_llama_cpp(gemma3_270m_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    return llama_cpp.Llama(str(gemma3_270m_path), vocab_only=True, verbose=False)
+
+
+GEMMA3_TURNS = "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n"
+
+
+def test_gemma3_matches_llama_cpp_recording(gemma3):
+    for entry in _by_text(_load("gemma3_reference_ids.json")):
+        text = entry["text"]
+        assert gemma3.encode(text) == entry["ids"], text
+        assert gemma3.encode(text, special=True) == entry["ids_special"], text
+        assert gemma3.decode(entry["ids"]) == entry["decoded"], text
+        assert gemma3.decode(entry["ids_special"], special=True) == entry["decoded_special"], text
+
+
+def test_gemma3_matches_live_llama_cpp(gemma3, live_gemma3_llama_cpp):
+    import llama_cpp
+
+    for text in TEXTS + [GEMMA3_TURNS]:
+        for special in (False, True):
+            assert gemma3.encode(text, special=special) == live_gemma3_llama_cpp.tokenize(
+                text.encode(), add_bos=True, special=special), (text, special)
+    vocab = llama_cpp.llama_model_get_vocab(live_gemma3_llama_cpp.model)
+    assert gemma3.eog_ids == {i for i in range(gemma3.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, i)}
+
+
+def test_gemma3_tokenizes_as_expected(gemma3):
+    assert (gemma3.model, gemma3.vocab_size, gemma3.bos_id, gemma3.eos_id) == ("llama", 262144, 2, 1)
+    assert gemma3.add_bos and gemma3.encode("Hello") == [2, gemma3.token_to_id("Hello")]   # no "▁" in front
+    assert gemma3.encode(" Hello", add_bos=False) == [gemma3.token_to_id("▁Hello")]
+    start, end = gemma3.token_to_id("<start_of_turn>"), gemma3.token_to_id("<end_of_turn>")
+    ids = gemma3.encode(GEMMA3_TURNS, special=True)
+    assert ids[:3] == [2, start, gemma3.token_to_id("user")] and ids.count(end) == 1 and ids.count(start) == 2
+    assert start not in gemma3.encode(GEMMA3_TURNS)                      # as text, not parsed
+    assert gemma3.decode(ids) == "user\nWhat is 2+2?\nmodel\n"
+    assert gemma3.decode(ids, special=True) == "<bos>" + GEMMA3_TURNS
+    assert gemma3.eog_ids == {1, end, gemma3.token_to_id("</s>")}       # <eos>, <end_of_turn>, and </s> by text
+    assert gemma3.encode("    x", add_bos=False)[0] == gemma3.token_to_id("    ")   # runs of spaces are pieces
+
+
 def test_from_gguf_accepts_open_file(smollm2_path, smollm2):
     with gguf.read(smollm2_path) as f:
         assert Tokenizer.from_gguf(f).encode("Hello world") == smollm2.encode("Hello world")
@@ -221,11 +277,21 @@ def test_from_gguf_accepts_open_file(smollm2_path, smollm2):
 def test_every_pre_tokenizer_matches_llama_cpp_recording():
     reference = _load("pretokenizer_reference_ids.json")
     assert reference["texts"] == TEXTS, "texts changed: rerun tests/data/make_reference_ids.py"
-    assert set(reference["ids"]) == set(SUPPORTED_PRE_TOKENIZERS)
-    for pre, expected in reference["ids"].items():
-        tok = Tokenizer.from_metadata(_probe_metadata(pre))
-        for text, ids in zip(TEXTS, expected):
-            assert tok.encode(text) == ids, (pre, text)
+    names = [name for group in reference["groups"] for name in group["names"]]
+    assert sorted(names) == sorted(SUPPORTED_PRE_TOKENIZERS)
+    for group in reference["groups"]:
+        for pre in group["names"]:
+            tok = Tokenizer.from_metadata(_probe_metadata(pre))
+            for text, ids in zip(TEXTS, group["ids"]):
+                assert tok.encode(text) == ids, (pre, text)
+
+
+def test_docs_list_every_pre_tokenizer():
+    docs = (Path(__file__).parent.parent / "docs" / "tokenizer.md").read_text(encoding="utf-8")
+    table = docs[docs.index("| `tokenizer.ggml.pre` |"):docs.index("The regexes are llama.cpp's")]
+    first_cells = [row.split("|")[1] for row in table.splitlines()[2:] if row.startswith("|")]
+    assert sorted(name for cell in first_cells for name in re.findall(r"`([^`]+)`", cell)) == sorted(
+        SUPPORTED_PRE_TOKENIZERS)
 
 
 def test_missing_pre_tokenizer_means_default():
@@ -254,6 +320,123 @@ def test_end_of_generation_text_forces_control_type():
     tok = Tokenizer.from_metadata(meta)
     assert tok.is_eog(2) and tok.is_special(2)
     assert tok.decode([2]) == "" and tok.decode([2], special=True) == "<|im_end|>"
+
+
+# --- llama.cpp's own test vocabularies ------------------------------------------------------------------
+# The part of each of llama.cpp's models/ggml-vocab-*.gguf that its test texts reach, with llama.cpp's
+# ids (tests/data/make_llama_cpp_vocabs.py says how they were cut and checked).
+
+LLAMA_CPP_VOCABS = sorted(p.stem for p in (DATA / "llama_cpp_vocabs").glob("*.json"))
+
+
+@functools.lru_cache(maxsize=None)
+def _vocab_script():
+    spec = importlib.util.spec_from_file_location("make_llama_cpp_vocabs", DATA / "make_llama_cpp_vocabs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def _llama_cpp_vocab(name):
+    return _load(f"llama_cpp_vocabs/{name}.json")
+
+
+def _llama_cpp_vocab_metadata(name, **overrides):
+    meta = _vocab_script().expand(_llama_cpp_vocab(name)["vocab"])
+    meta.update(overrides)
+    return meta
+
+
+@pytest.mark.parametrize("name", LLAMA_CPP_VOCABS)
+def test_llama_cpp_vocabulary_matches_llama_cpp_recording(name):
+    record = _llama_cpp_vocab(name)
+    tok = Tokenizer.from_metadata(_llama_cpp_vocab_metadata(name))
+    for text, ids, ids_special in zip(record["texts"], record["ids"], record["ids_special"]):
+        assert tok.encode(text, add_bos=False) == ids, text
+        assert tok.encode(text, add_bos=False, special=True) == ids_special, text
+    assert tok.encode("Hello") == record["hello_with_bos"]
+    assert tok.eog_ids == set(record["eog"])
+
+
+@pytest.mark.parametrize("name", LLAMA_CPP_VOCABS)
+def test_llama_cpp_vocabulary_matches_live_llama_cpp(name, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from zephyr.gguf import GGUFValueType
+    from zephyr.testing.gguf_writer import Typed, write_gguf
+
+    meta = _llama_cpp_vocab_metadata(name)
+    types = Typed(GGUFValueType.INT32, meta["tokenizer.ggml.token_type"])   # the item type llama.cpp requires
+    write_gguf(tmp_path / "vocab.gguf", {**meta, "tokenizer.ggml.token_type": types}, [])
+    llm = llama_cpp.Llama(str(tmp_path / "vocab.gguf"), vocab_only=True, verbose=False)
+    tok = Tokenizer.from_metadata(meta)
+    for text in _llama_cpp_vocab(name)["texts"]:   # the part is only the whole vocabulary for these
+        for special in (False, True):
+            assert tok.encode(text, add_bos=False, special=special) == llm.tokenize(
+                text.encode(), add_bos=False, special=special), (text, special)
+
+
+def test_phi3_special_tokens_swallow_ascii_whitespace_after_them():
+    tok = Tokenizer.from_metadata(_llama_cpp_vocab_metadata("phi-3"))
+    end, user = tok.token_to_id("<|end|>"), tok.token_to_id("<|user|>")
+    hi = tok.encode("Hi", add_bos=False)
+    assert tok.encode("<|user|>\n \tHi<|end|>\n", add_bos=False, special=True) == [user, *hi, end]
+    # ... not Unicode spaces, and not when the token is text
+    assert tok.encode("<|end|>\u3000", add_bos=False, special=True)[1:] == tok.encode("\u3000", add_bos=False)
+    assert tok.encode("<|end|>\n", add_bos=False) == tok.encode("<|end|>", add_bos=False) + tok.encode("\n", add_bos=False)[1:]
+    # <s>, <unk> and <|endoftext|> keep the whitespace; so does every token of a vocabulary not named Phi-3
+    assert tok.encode("<s>\n", add_bos=False, special=True) == [1, tok.token_to_id("▁"), tok.token_to_id("<0x0A>")]
+    plain = Tokenizer.from_metadata(_llama_cpp_vocab_metadata("phi-3", **{"general.name": "other"}))
+    assert plain.encode("<|end|>\n", add_bos=False, special=True)[1:] == plain.encode("\n", add_bos=False)
+    assert tok.max_token_chars is None and plain.max_token_chars is not None
+
+
+def test_qwen2_aliases_tokenize_alike():
+    texts = _llama_cpp_vocab("qwen2")["texts"]
+    qwen2 = Tokenizer.from_metadata(_llama_cpp_vocab_metadata("qwen2"))
+    for alias in ("deepseek-r1-qwen", "grok-2"):
+        tok = Tokenizer.from_metadata(_llama_cpp_vocab_metadata("qwen2", **{"tokenizer.ggml.pre": alias}))
+        assert tok.pre == alias
+        assert [tok.encode(t) for t in texts] == [qwen2.encode(t) for t in texts]
+
+
+def test_fill_in_the_middle_texts_are_control_tokens():
+    meta = _probe_metadata("gpt-2")
+    meta["tokenizer.ggml.tokens"] = meta["tokenizer.ggml.tokens"] + ["<|fim_prefix|>", "<|fim_pad|>"]
+    meta["tokenizer.ggml.token_type"] = meta["tokenizer.ggml.token_type"] + [1, 1]
+    tok = Tokenizer.from_metadata(meta)
+    prefix, pad = tok.token_to_id("<|fim_prefix|>"), tok.token_to_id("<|fim_pad|>")
+    assert tok.is_special(prefix) and not tok.is_eog(prefix)
+    assert tok.is_special(pad) and tok.is_eog(pad)
+    assert tok.encode("<|fim_prefix|>", special=True) == [prefix] and prefix not in tok.encode("<|fim_prefix|>")
+
+
+@pytest.mark.parametrize("extra, end_is_eog, end_kind", [
+    ((), True, 3),
+    (("<|return|>", "<|call|>"), False, 4),   # gpt-oss: <|end|> closes a message, not the turn
+    (("<|calls|>", "<|flush|>"), False, 4),   # Solar Open
+    (("<|return|>",), True, 3),
+])
+def test_end_token_of_gpt_oss_style_vocabularies(extra, end_is_eog, end_kind):
+    meta = _probe_metadata("gpt-2")
+    added = ["<|end|>", *extra, "<|channel|>"]
+    meta["tokenizer.ggml.tokens"] = meta["tokenizer.ggml.tokens"] + added
+    meta["tokenizer.ggml.token_type"] = meta["tokenizer.ggml.token_type"] + [3] * len(added)
+    tok = Tokenizer.from_metadata(meta)
+    end, channel = tok.token_to_id("<|end|>"), tok.token_to_id("<|channel|>")
+    assert tok.is_eog(end) == end_is_eog
+    assert (tok.decode([end]) == "<|end|>") == (end_kind == 4)   # a user-defined token always renders
+    assert tok.decode([channel]) == "<|channel|>"
+
+
+def test_closing_s_is_a_normal_token_next_to_tool_response():
+    meta = _probe_metadata("gpt-2")
+    meta["tokenizer.ggml.tokens"] = meta["tokenizer.ggml.tokens"] + ["</s>", "<|tool_response>"]
+    meta["tokenizer.ggml.token_type"] = meta["tokenizer.ggml.token_type"] + [3, 3]
+    tok = Tokenizer.from_metadata(meta)
+    closing = tok.token_to_id("</s>")
+    assert not tok.is_eog(closing) and not tok.is_special(closing)
+    assert tok.is_eog(tok.token_to_id("<|tool_response>"))
 
 
 # --- streaming ----------------------------------------------------------------------------------------
@@ -408,3 +591,11 @@ def test_text_with_a_lone_surrogate_is_a_tokenizer_error(mistral, smollm2):
     for tokenizer in (mistral, smollm2):
         with pytest.raises(TokenizerError, match=r"not valid Unicode: surrogates not allowed at character 2"):
             tokenizer.encode("ab\ud800c")
+
+
+def test_encode_continuation_puts_no_space_or_bos_in_front(mistral, smollm2):
+    for tokenizer in (mistral, smollm2):
+        for text in ("a", "{\"key\": 1}", " leading space", "\ntwo\nlines"):
+            ids = tokenizer.encode_continuation(text)
+            assert b"".join(tokenizer.token_bytes()[i] for i in ids) == text.encode()
+            assert tokenizer.bos_id not in ids

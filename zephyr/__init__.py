@@ -7,7 +7,9 @@
 from .config import Config, ModelConfig
 from .demo import demo_model_path
 from .errors import (BackendError, ChatTemplateError, ContextOverflowError, DemoModelError, GGUFError,
-                     TokenizerError, ZephyrError)
+                     InvalidRequestError, TokenizerError, ZephyrError)
+from .generation import Generation, GenerationSettings
+from .grammar import Grammar
 from .llm import LLM, AutoModelForCausalLM
 from .memory import InsufficientMemoryError
 from .tokenizer import Tokenizer
@@ -15,5 +17,6 @@ from .tokenizer import Tokenizer
 __version__ = "0.1.0"
 
 __all__ = ["AutoModelForCausalLM", "LLM", "Config", "ModelConfig", "Tokenizer", "demo_model_path",
+           "Generation", "GenerationSettings", "Grammar", "InvalidRequestError",
            "ZephyrError", "GGUFError", "TokenizerError", "ChatTemplateError", "BackendError",
            "ContextOverflowError", "DemoModelError", "InsufficientMemoryError"]

@@ -430,6 +430,16 @@ class KVCache(ABC):
     def write_sequence(self, seq: int, data: np.ndarray):
         """Inverse of read_sequence: those bytes back into sequence `seq`."""
 
+    def check_saved(self, data) -> np.ndarray:
+        """`data` as a uint8 array, if it has the form read_sequence gives: [n_layers, 2, h_kv, length,
+        row_bytes] for length <= n_ctx (the layout every built-in cache uses), else a BackendError."""
+        data, s = np.asarray(data), self.shape
+        if (data.dtype != np.uint8 or data.ndim != 5 or data.shape[:3] != (s.n_layers, 2, s.n_kv_heads)
+                or data.shape[3] > s.n_ctx or data.shape[4] != s.row_bytes):
+            raise BackendError(f"write_sequence takes what read_sequence of this cache returned, got "
+                               f"{data.dtype} {list(data.shape)}")
+        return data
+
     def check_sequence(self, seq, length) -> tuple:
         """(seq, length) as ints, if they name stored positions 0..length-1 of a sequence."""
         seq, length = as_index(seq, "sequence"), as_index(length, "length")
@@ -440,13 +450,14 @@ class KVCache(ABC):
 
 
 class HostKVCache(KVCache):
-    """A KV cache in host memory: `data` is uint8 [n_layers, 2 (keys, values), S, T, h_kv, row_bytes],
-    a row of each head in the cache type's bytes (F32, F16, or Q8_0 blocks as GGUF stores them)."""
+    """A KV cache in host memory: `data` is uint8 [n_layers, 2 (keys, values), S, h_kv, T, row_bytes],
+    a head's row at each position in the cache type's bytes (F32, F16, or Q8_0 blocks as GGUF stores
+    them). Head-major: the keys one kv head attends over lie in one run of memory."""
 
     def __init__(self, shape: CacheShape):
         self.shape = shape
         # np.zeros maps fresh pages lazily: positions never written cost no memory.
-        self.data = np.zeros((shape.n_layers, 2, shape.n_seqs, shape.n_ctx, shape.n_kv_heads, shape.row_bytes),
+        self.data = np.zeros((shape.n_layers, 2, shape.n_seqs, shape.n_kv_heads, shape.n_ctx, shape.row_bytes),
                              np.uint8)
 
     def store(self, layer: int, batch: Batch, k: np.ndarray, v: np.ndarray):
@@ -454,32 +465,29 @@ class HostKVCache(KVCache):
         n, s = len(batch), self.shape
         for which, x in ((0, k), (1, v)):
             rows = encode_rows(np.asarray(x, np.float32).reshape(n * s.n_kv_heads, s.head_dim), s.type)
-            self.data[layer, which, batch.seqs, batch.positions] = rows.reshape(n, s.n_kv_heads, s.row_bytes)
+            heads = np.arange(s.n_kv_heads)
+            self.data[layer, which, batch.seqs[:, None], heads, batch.positions[:, None]] = \
+                rows.reshape(n, s.n_kv_heads, s.row_bytes)
 
     def rows(self, layer: int, which: int, seq: int, end: int) -> np.ndarray:
         """Keys (which=0) or values (1) of positions 0..end-1 of `seq`, decoded: float32 [end, h_kv, hd]."""
         s = self.shape
-        raw = self.data[layer, which, seq, :end].reshape(-1)
+        raw = np.ascontiguousarray(self.data[layer, which, seq, :, :end].transpose(1, 0, 2)).reshape(-1)
         return dequantize(raw, s.type, (end * s.n_kv_heads, s.head_dim)).reshape(end, s.n_kv_heads, s.head_dim)
 
     def copy_sequence(self, src, dst, length):
         src, length = self.check_sequence(src, length)
         dst, _ = self.check_sequence(dst, length)
-        self.data[:, :, dst, :length] = self.data[:, :, src, :length]
+        self.data[:, :, dst, :, :length] = self.data[:, :, src, :, :length]
 
     def read_sequence(self, seq, length):
         seq, length = self.check_sequence(seq, length)
-        return self.data[:, :, seq, :length].copy()
+        return self.data[:, :, seq, :, :length].copy()
 
     def write_sequence(self, seq, data):
         seq, _ = self.check_sequence(seq, 0)
-        data = np.asarray(data)
-        s = self.shape
-        if (data.dtype != np.uint8 or data.ndim != 5 or data.shape[:2] != (s.n_layers, 2)
-                or data.shape[2] > s.n_ctx or data.shape[3:] != (s.n_kv_heads, s.row_bytes)):
-            raise BackendError(f"write_sequence takes what read_sequence of this cache returned, got "
-                               f"{data.dtype} {list(data.shape)}")
-        self.data[:, :, seq, :data.shape[2]] = data
+        data = self.check_saved(data)
+        self.data[:, :, seq, :, :data.shape[3]] = data
 
 
 def encode_rows(x: np.ndarray, type: GGMLType) -> np.ndarray:

@@ -1,6 +1,7 @@
 """The `zephyr` command: generate, chat, serve, info, backends.
 
-MODEL is a .gguf path, a directory, a Hugging Face repo id (with --model-file), or `demo`.
+MODEL is a .gguf path, a directory, a Hugging Face repo id (with --model-file), or a named model
+(`demo`, `gemma3-270m`).
 """
 import argparse
 import os
@@ -32,7 +33,8 @@ def _parser(parser_class=argparse.ArgumentParser):
 
     def model_command(name, help, run):
         p = sub.add_parser(name, help=help)
-        p.add_argument("model", help="a .gguf file, a directory, a Hugging Face repo id, or 'demo'")
+        p.add_argument("model", help="a .gguf file, a directory, a Hugging Face repo id, or a named model "
+                                     "('demo', 'gemma3-270m')")
         p.add_argument("--model-file", help="which .gguf file of a directory or repo")
         p.set_defaults(run=run)
         return p
@@ -66,6 +68,11 @@ def _parser(parser_class=argparse.ArgumentParser):
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: $ZEPHYR_API_KEY)")
     s.add_argument("--model-alias", help="the model id /v1/models reports (default: the file name)")
+    s.add_argument("--parallel", type=int, default=4, metavar="N",
+                   help="requests generated at once, each in its own KV cache sequence of --context-length "
+                        "(default 4; the cache takes N times the memory of one)")
+    s.add_argument("--cache-ram", type=float, default=0.0, metavar="GB",
+                   help="RAM for conversation prefixes the sequences lose, restored when they come back (default 0)")
     s.add_argument("--max-queue", type=int, default=64, help="requests that may run or wait at once; more get 503")
     s.add_argument("--cors-origin", action="append", default=[], help="allow web pages from ORIGIN (repeatable)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -81,9 +88,6 @@ def _parser(parser_class=argparse.ArgumentParser):
 
 
 def _model_path(args):
-    if args.model == "demo":
-        from .demo import demo_model_path
-        return demo_model_path()
     from .sources import resolve_model_file
     return resolve_model_file(args.model, model_file=args.model_file)
 
@@ -104,9 +108,12 @@ def server_spec(args):
     """What `zephyr serve`'s options ask each server process to load and serve: the one place they
     become model and app options, for this process and for every Ray Serve replica alike."""
     from .server import ServerSpec
-    return ServerSpec(args.model, _load_options(args), dict(
+    if args.parallel < 1 or args.cache_ram < 0:
+        raise ValueError(f"--parallel must be at least 1 and --cache-ram not negative, got {args.parallel} and "
+                         f"{args.cache_ram:g}")
+    return ServerSpec(args.model, dict(_load_options(args), sequences=args.parallel), dict(
         model_name=args.model_alias, api_key=args.api_key or os.environ.get("ZEPHYR_API_KEY"),
-        max_queue=args.max_queue, cors_origins=tuple(args.cors_origin)))
+        max_queue=args.max_queue, cache_ram_bytes=int(args.cache_ram * 2**30), cors_origins=tuple(args.cors_origin)))
 
 
 def serve_options(argv: list) -> argparse.Namespace:

@@ -243,6 +243,15 @@ class Config:
     kv_cache_type: str = "f16"
     sequences: int = 1
 
+    def __post_init__(self):
+        # ctransformers' switches for how weights are held, accepted for its users' code; zephyr has one way.
+        if self.mmap is not True:
+            raise ValueError(f"mmap={self.mmap!r} is not supported: zephyr always memory-maps the GGUF file (the CPU "
+                             f"backends read most weights in place); leave mmap out")
+        if self.mlock is not False:
+            raise ValueError(f"mlock={self.mlock!r} is not supported: zephyr does not lock the weights in RAM; "
+                             f"leave mlock out")
+
     @classmethod
     def field_names(cls):
         return [f.name for f in fields(cls)]
@@ -257,5 +266,3 @@ class Config:
         return Config(**values)
 
 
-GENERATION_SETTINGS = ("top_k", "top_p", "temperature", "repetition_penalty", "last_n_tokens", "seed",
-                       "max_new_tokens", "stop", "stream", "reset", "batch_size", "threads")

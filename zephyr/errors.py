@@ -38,3 +38,15 @@ class ContextOverflowError(ZephyrError, ValueError):
 
 class DemoModelError(ZephyrError, RuntimeError):
     """The demo model could not be fetched or verified."""
+
+
+class InvalidRequestError(ZephyrError, ValueError):
+    """A field of an OpenAI-style request has a value zephyr cannot use; `param` names the field."""
+
+    def __init__(self, message, param):
+        super().__init__(message)
+        self.param = param
+
+
+class MissingDependencyError(ZephyrError, ImportError):
+    """A feature needs an optional dependency that is not installed; the message names the extra."""

@@ -5,8 +5,6 @@ Flow: model source -> GGUF file -> ModelConfig + Tokenizer -> placement on backe
 (`self.tokens`) and the logits of the last one.
 """
 import threading
-import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +12,15 @@ import numpy as np
 from . import gguf
 from .chat import resolve_chat_format
 from .backend import KV_CACHE_TYPES, Batch
-from .config import DEFAULT_MAX_CONTEXT, GENERATION_SETTINGS, Config, ModelConfig
+from .completions import ChatCompletion, TextCompletion
+from .config import DEFAULT_MAX_CONTEXT, Config, ModelConfig
 from .errors import ContextOverflowError, ZephyrError
+from .generation import Generation, GenerationSettings
+from .grammar import grammar_from
 from .model import LlamaModel
 from .placement import plan_placement
-from .sampling import SamplingParams, new_rng, sample
+from .sampling import new_rng, sample
 from .sources import load_progress
-from .stopping import StopStringFilter
 from .tokenizer import Tokenizer
 
 # model_type values ctransformers users pass for files zephyr runs, by GGUF architecture.
@@ -144,9 +144,9 @@ class LLM:
         """Draw the next token from the current logits."""
         if self._logits is None:
             raise ZephyrError("nothing has been evaluated yet: call eval(tokens) before sample()")
-        params = self._sampling_params(top_k, top_p, temperature, repetition_penalty, last_n_tokens, min_p)
-        rng = rng or new_rng(self.config.seed if seed is None else seed)
-        return sample(self._logits, params, self.tokens, rng)
+        settings = self.settings(top_k=top_k, top_p=top_p, temperature=temperature, min_p=min_p, seed=seed,
+                                 repetition_penalty=repetition_penalty, last_n_tokens=last_n_tokens)
+        return sample(self._logits, settings.sampling(self.vocab_size), self.tokens, rng or new_rng(settings.seed))
 
     def prepare_inputs_for_generation(self, tokens, *, reset=None):
         """The part of `tokens` still to evaluate; with reset, keep the cached prefix they share."""
@@ -168,125 +168,150 @@ class LLM:
             return tokens[max(shared, 0):]
 
     def generate(self, tokens, *, top_k=None, top_p=None, temperature=None, repetition_penalty=None,
-                 last_n_tokens=None, seed=None, batch_size=None, threads=None, reset=None, min_p=0.0):
-        """Yield generated token ids after `tokens` until an end-of-generation token (not yielded)."""
-        params = self._sampling_params(top_k, top_p, temperature, repetition_penalty, last_n_tokens, min_p)
-        rng = new_rng(self.config.seed if seed is None else seed)
+                 last_n_tokens=None, seed=None, batch_size=None, threads=None, reset=None, min_p=0.0,
+                 presence_penalty=None, frequency_penalty=None, logit_bias=None, grammar=None):
+        """Yield generated token ids after `tokens` until an end-of-generation token (not yielded), the
+        end of `grammar` (GBNF text or a zephyr.Grammar), or a full context."""
+        settings = self.settings(top_k=top_k, top_p=top_p, temperature=temperature, min_p=min_p, seed=seed,
+                                 repetition_penalty=repetition_penalty, last_n_tokens=last_n_tokens,
+                                 presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                 logit_bias=logit_bias, grammar=grammar, batch_size=batch_size, threads=threads,
+                                 reset=reset, max_new_tokens=-1, stop=())
+        for step in self.steps(tokens, settings):
+            if step.token is not None:
+                yield step.token
+
+    def steps(self, prompt_tokens, settings: GenerationSettings, extra_stops=()):
+        """Generate after the token ids `prompt_tokens`: one `Generation` driven on this model, yielding
+        its `Step`s (token, text released, log-probabilities), the last with the finish reason."""
         with self._lock:
-            self.eval(self.prepare_inputs_for_generation(tokens, reset=reset), batch_size=batch_size, threads=threads)
+            pending = self.prepare_inputs_for_generation(prompt_tokens, reset=settings.reset)
+            generation = Generation(self.tokenizer, settings, self.tokens + pending, extra_stops)
+            self.eval(pending, batch_size=settings.batch_size, threads=settings.threads)
             while True:
-                token = sample(self._logits, params, self.tokens, rng)
-                if self.is_eos_token(token):
-                    return
+                step = generation.step(self._logits)
                 epoch = self._epoch
-                yield token
+                yield step
+                if generation.finished:
+                    return
                 if self._epoch != epoch:
                     raise ZephyrError("another call used the model while this generation was paused (in the same "
                                       "thread), so its context is gone; finish or close one stream before the next")
                 if len(self.tokens) >= self.context_length:
-                    return   # the context is full: generation ends (finish reason "length")
-                self.eval([token], threads=threads)
+                    yield generation.finish("length")   # the context is full
+                    return
+                self.eval([step.token], threads=settings.threads)
 
     # -- text in, text out --------------------------------------------------------------------
-    def __call__(self, prompt: str, **kwargs):
-        """Complete `prompt`; a string, or a generator of text chunks with stream=True."""
-        pieces = self.completion_stream(self.tokenize_prompt(prompt), **kwargs)
-        streaming = kwargs.get("stream")
-        if self.config.stream if streaming is None else streaming:
+    def settings(self, **overrides) -> GenerationSettings:
+        """One call's settings, merged once: this model's Config, with the `overrides` that are not
+        None. `grammar` may be GBNF text and `response_format` an OpenAI response format."""
+        if "grammar" in overrides or "response_format" in overrides:
+            overrides["grammar"] = grammar_from(overrides.get("grammar"), overrides.pop("response_format", None))
+        return GenerationSettings.merge(self.config, overrides)
+
+    def __call__(self, prompt: str, **settings):
+        """Complete `prompt`; a string, or a generator of text chunks with stream=True. Settings are
+        GenerationSettings fields (Config's generation fields, min_p, penalties, logit_bias, grammar)."""
+        settings = self.settings(**settings)
+        pieces = self.completion_stream(self.tokenize_prompt(prompt), settings)
+        if settings.stream:
             return (chunk for chunk, _ in pieces)
         return "".join(chunk for chunk, _ in pieces)
 
-    def completion_stream(self, prompt_tokens, *, extra_stops=(), on_token=None, min_p=0.0, **settings):
-        """Generate after the token ids `prompt_tokens`, as (text, finish_reason or None) pairs; the
-        last pair carries the finish reason, "stop" or "length". `settings` are the generation
-        settings of __call__ (unset ones come from the config); `extra_stops` add stop strings
-        (a chat format's); on_token(id), if given, is called for every generated token (the server
-        counts usage with it). What __call__, chat and the server build on."""
-        return self._text_stream(prompt_tokens, dict(self._settings(settings), min_p=min_p), extra_stops, on_token)
+    def generate_batch(self, prompts, **settings) -> list:
+        """Complete many prompts at once: their texts, in order. Settings as for __call__. Up to
+        `sequences` prompts (a Config field: the KV cache's sequences) are generated together, one
+        forward pass for all per token; more wait for a free sequence, reusing what it holds."""
+        from .generation import Generation
+        from .scheduler import Request, Scheduler
+        settings = self.settings(**settings)
+        texts, requests = [], []
+        for i, prompt in enumerate(prompts):
+            tokens = self.tokenize_prompt(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+            self.check_prompt(tokens)
+            texts.append([])
+            requests.append(Request(tokens, [Generation(self.tokenizer, settings, tokens)],
+                                    lambda event, out=texts[-1]: out.append(event.step.text) if event.step else None))
+        for request in Scheduler(self).run(requests):
+            if request.error is not None:
+                raise request.error
+        return ["".join(parts) for parts in texts]
 
-    def _text_stream(self, prompt_tokens, settings, extra_stops=(), on_token=None):
-        stop = settings["stop"]
-        stops = ([stop] if isinstance(stop, str) else list(stop or [])) + list(extra_stops)
+    def completion_stream(self, prompt_tokens, settings: GenerationSettings = None, *, extra_stops=(),
+                          on_token=None, **overrides):
+        """Generate after the token ids `prompt_tokens`, as (text, finish_reason or None) pairs; the
+        last pair carries the finish reason, "stop" or "length". `settings` (else `overrides` merged
+        with the config) say how; `extra_stops` add stop strings (a chat format's); on_token(id), if
+        given, is called for every generated token."""
+        settings = settings or self.settings(**overrides)
+        self.check_prompt(prompt_tokens)
+        for step in self.steps(prompt_tokens, settings, extra_stops):
+            if on_token and step.token is not None:
+                on_token(step.token)
+            if step.text or step.finish_reason:
+                yield step.text, step.finish_reason
+
+    def check_prompt(self, prompt_tokens):
+        """ContextOverflowError unless `prompt_tokens` leave room for at least one generated token."""
         if len(prompt_tokens) >= self.context_length:
             raise ContextOverflowError(f"the prompt has {len(prompt_tokens)} tokens; the context length is "
                                        f"{self.context_length}: shorten it or load with a larger context_length")
-        decoder = self.tokenizer.stream_decoder()
-        text_filter = StopStringFilter(stops)
-        finish = "stop"
-        generation = self.generate(prompt_tokens, **{k: settings[k] for k in (
-            "top_k", "top_p", "temperature", "repetition_penalty", "last_n_tokens", "seed", "batch_size",
-            "threads", "reset")}, min_p=settings["min_p"])
-        try:
-            count = 0
-            for token in generation:
-                count += 1
-                if on_token:
-                    on_token(token)
-                chunk = text_filter.push(decoder.push(token))
-                if chunk:
-                    yield chunk, None
-                if text_filter.stopped:
-                    break
-                if count >= settings["max_new_tokens"]:
-                    finish = "length"
-                    break
-            else:
-                if len(self.tokens) >= self.context_length:
-                    finish = "length"
-            if not text_filter.stopped:
-                tail = text_filter.push(decoder.flush()) + text_filter.flush()
-                if tail:
-                    yield tail, None
-        finally:
-            generation.close()
-        yield "", finish
+
+    def create_completion(self, prompt, *, max_tokens=16, temperature=0.8, top_p=0.95, top_k=40, min_p=0.05,
+                          repeat_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None,
+                          stop=None, seed=None, grammar=None, response_format=None, logprobs=None, n=None,
+                          stream=False, model=None):
+        """OpenAI-shaped text completion of `prompt` (text or token ids): a dict, or an iterator of chunk
+        dicts with stream=True; llama-cpp-python's defaults."""
+        completion = TextCompletion(self, prompt, dict(
+            max_new_tokens=max_tokens or -1, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+            repetition_penalty=repeat_penalty, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+            logit_bias=logit_bias, stop=stop, seed=seed, grammar=grammar), response_format=response_format,
+            logprobs=logprobs, n=n, model=model)
+        return completion.run(self, stream)
 
     # -- chat ---------------------------------------------------------------------------------
     def chat_format(self, chat_format=None):
         return resolve_chat_format(self._file.metadata, chat_format or self._chat_format)
 
-    def chat_prompt(self, messages, chat_format=None):
+    def chat_prompt(self, messages, chat_format=None, **template_variables):
         """The token ids of `messages` rendered by the chat format, ending where the reply begins,
-        and that format (its stop strings end the reply)."""
+        and that format (its stop strings end the reply). `template_variables` (such as `tools`) go
+        to the template."""
         formatter = self.chat_format(chat_format)
-        text = formatter.render(messages, add_generation_prompt=True)
-        # The template may emit the BOS text itself; never add a second BOS.
+        return self.tokenize_chat(formatter.render(messages, add_generation_prompt=True, **template_variables)), \
+            formatter
+
+    def tokenize_chat(self, text):
+        """Token ids of a rendered chat prompt: special tokens parsed, and no second BOS when the
+        template wrote one."""
         bos_text = self.tokenizer.id_to_token(self.bos_token_id) if self.bos_token_id is not None else None
         add_bos = False if bos_text and text.startswith(bos_text) else None
-        return self.tokenize_prompt(text, add_bos_token=add_bos, special=True), formatter
+        return self.tokenize_prompt(text, add_bos_token=add_bos, special=True)
 
-    def chat(self, messages, stream=False, chat_format=None, **kwargs):
-        """Reply to a conversation (list of {"role", "content"}): a string, or chunks with stream=True."""
+    def chat(self, messages, stream=False, chat_format=None, **settings):
+        """Reply to a conversation (list of {"role", "content"}): a string, or chunks with stream=True.
+        Settings as for __call__, plus `response_format` (OpenAI's, for JSON output)."""
         tokens, formatter = self.chat_prompt(messages, chat_format)
-        chunks = (c for c, _ in self.completion_stream(tokens, extra_stops=formatter.stop, **kwargs))
+        chunks = (c for c, _ in self.completion_stream(tokens, self.settings(**settings), extra_stops=formatter.stop))
         return chunks if stream else "".join(chunks)
 
     def create_chat_completion(self, messages, *, temperature=0.2, top_p=0.95, top_k=40, min_p=0.05,
                                max_tokens=None, stop=None, stream=False, seed=None, repeat_penalty=1.0,
-                               chat_format=None, model=None, **unused_openai_fields):
+                               presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None, grammar=None,
+                               response_format=None, tools=None, tool_choice=None, parallel_tool_calls=None,
+                               logprobs=None, top_logprobs=None, n=None, chat_format=None, model=None):
         """OpenAI-shaped chat completion (a dict, or an iterator of chunk dicts with stream=True),
-        with llama-cpp-python's defaults."""
-        tokens, formatter = self.chat_prompt(messages, chat_format)
-        generated = []
-        pieces = self.completion_stream(tokens, extra_stops=formatter.stop, on_token=generated.append, min_p=min_p,
-                                        temperature=temperature, top_p=top_p, top_k=top_k, stop=stop,
-                                        repetition_penalty=repeat_penalty, seed=seed,
-                                        max_new_tokens=max_tokens if max_tokens else self.context_length)
-        ident, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model or Path(self.model_path).name
-        if stream:
-            return _chat_chunks(pieces, ident, created, name)
-        text, finish = "", None
-        for chunk, reason in pieces:
-            text += chunk
-            finish = reason or finish
-        completion_tokens = len(generated)
-        return {
-            "id": ident, "object": "chat.completion", "created": created, "model": name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": finish}],
-            "usage": {"prompt_tokens": len(tokens), "completion_tokens": completion_tokens,
-                      "total_tokens": len(tokens) + completion_tokens},
-        }
+        with llama-cpp-python's defaults: JSON output through `response_format`, GBNF through
+        `grammar`, function calling through `tools` and `tool_choice`, and log-probabilities."""
+        completion = ChatCompletion(self, messages, dict(
+            max_new_tokens=max_tokens or -1, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+            repetition_penalty=repeat_penalty, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+            logit_bias=logit_bias, stop=stop, seed=seed, grammar=grammar), response_format=response_format,
+            tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls, logprobs=logprobs,
+            top_logprobs=top_logprobs, n=n, chat_format=chat_format, model=model)
+        return completion.run(self, stream)
 
     # -- embeddings ---------------------------------------------------------------------------
     def embed(self, input, *, batch_size=None, threads=None) -> list:
@@ -327,44 +352,12 @@ class LLM:
         return f"<zephyr.LLM {Path(self.model_path).name} ctx={self.model.n_ctx if self.model else 'closed'}>"
 
     # -- helpers ------------------------------------------------------------------------------
-    def _settings(self, kwargs) -> dict:
-        unknown = set(kwargs) - set(GENERATION_SETTINGS)
-        if unknown:
-            raise TypeError(f"unknown generation setting(s) {', '.join(sorted(unknown))}; "
-                            f"valid: {', '.join(GENERATION_SETTINGS)}")
-        settings = {name: getattr(self.config, name) for name in GENERATION_SETTINGS}
-        settings.update({k: v for k, v in kwargs.items() if v is not None})
-        if settings["max_new_tokens"] is None or settings["max_new_tokens"] < 0:
-            settings["max_new_tokens"] = self.context_length
-        return settings
-
-    def _sampling_params(self, top_k, top_p, temperature, repetition_penalty, last_n_tokens, min_p):
-        c = self.config
-        pick = lambda value, default: default if value is None else value  # noqa: E731
-        return SamplingParams(temperature=pick(temperature, c.temperature), top_k=pick(top_k, c.top_k),
-                              top_p=pick(top_p, c.top_p), min_p=min_p or 0.0,
-                              repetition_penalty=pick(repetition_penalty, c.repetition_penalty),
-                              last_n_tokens=pick(last_n_tokens, c.last_n_tokens))
-
     def _set_threads(self, threads):
         """A per-call thread count, for the backends that take one."""
         if threads and threads > 0:
             for backend in self.placement.backends:
                 if "threads" in backend.options:
                     backend.threads = threads
-
-
-def _chat_chunks(pieces, ident, created, name):
-    def chunk(delta, finish=None):
-        return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": name,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-
-    yield chunk({"role": "assistant"})
-    for text, finish in pieces:
-        if text:
-            yield chunk({"content": text})
-        if finish:
-            yield chunk({}, finish)
 
 
 def _check_model_type(model_type, architecture, path):

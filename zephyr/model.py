@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from . import host_ops, memory
-from .backend import (Batch, CacheShape, HostKVCache, LayerWeights, Weight, choose_decoder_layer,
+from .backend import (KV_CACHE_TYPES, Batch, CacheShape, HostKVCache, LayerWeights, Weight, choose_decoder_layer,
                       load_optional_weight, needs_host_cache)
 from .config import ModelConfig
 from .errors import ContextOverflowError, GGUFError, ZephyrError
@@ -89,9 +89,11 @@ class LlamaModel:
                 continue
             shape = CacheShape(len(owned), n_seqs, n_ctx, c.n_kv_heads, c.head_dim, kv_cache_type)
             where = "host memory (attention on the host)" if owner is None else owner.name
+            kinds = KV_CACHE_TYPES.values() if owner is None else owner.kv_cache_types
+            smaller = GGMLType.Q8_0 in kinds and kv_cache_type != GGMLType.Q8_0
             memory.require(shape.nbytes, f"the KV cache on {where} ({n_seqs} x {n_ctx} positions, "
                            f"{kv_cache_type.name})", "load the model with a smaller context_length, fewer "
-                           "sequences, or kv_cache_type='q8_0'",
+                           "sequences" + (", or kv_cache_type='q8_0'" if smaller else ""),
                            available=memory.available_memory() if owner is None else owner.memory_available())
             cache = HostKVCache(shape) if owner is None else owner.new_kv_cache(shape)
             self.caches["host" if owner is None else id(owner)] = cache
@@ -119,6 +121,21 @@ class LlamaModel:
         """The final-normed hidden states of `tokens` (placed by `batch`): float32 [n, d]."""
         x, backend = self._blocks(tokens, batch)
         return backend.to_host(backend.rms_norm(x, self.output_norm, self.config.rms_eps))
+
+    # -- sequences: whole prefixes moved between the caches' sequence slots ------------------
+    def copy_sequence(self, src: int, dst: int, length: int):
+        """Positions 0..length-1 of sequence `src` into `dst`, in every backend's cache."""
+        for cache in self.caches.values():
+            cache.copy_sequence(src, dst, length)
+
+    def read_sequence(self, seq: int, length: int) -> list:
+        """Positions 0..length-1 of sequence `seq`: one host array per backend's cache."""
+        return [cache.read_sequence(seq, length) for cache in self.caches.values()]
+
+    def write_sequence(self, seq: int, saved: list):
+        """What read_sequence returned, back into sequence `seq`."""
+        for cache, data in zip(self.caches.values(), saved):
+            cache.write_sequence(seq, data)
 
     def _blocks(self, tokens, batch):
         """Embed and run every block: (x [n, d], the backend holding it)."""

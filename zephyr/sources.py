@@ -1,5 +1,5 @@
-"""Where a model comes from: a GGUF file, a directory holding some, a Hugging Face repo id, or `demo`;
-and the progress bars shown while a model is fetched and loaded."""
+"""Where a model comes from: a GGUF file, a directory holding some, a Hugging Face repo id, or a named
+model (`demo`, `gemma3-270m`); and the progress bars shown while a model is fetched and loaded."""
 import inspect
 import logging
 import re
@@ -7,6 +7,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from .demo import NAMED_MODELS, named_model_path
 from .errors import ZephyrError
 
 log = logging.getLogger(__name__)
@@ -30,13 +31,12 @@ def resolve_model_file(source, *, model_file=None, local_files_only=False, revis
         return path
     if path.is_dir():
         return _pick_in_directory(path, model_file)
-    if str(source) == "demo":
-        from .demo import demo_model_path
-        return demo_model_path()
+    if str(source) in NAMED_MODELS:
+        return named_model_path(str(source))
     if str(source).count("/") == 1 and not str(source).startswith((".", "/", "~")):
         return _from_hub(str(source), model_file, local_files_only, revision, progress)
     raise ModelNotFoundError(f"{source}: no such file or directory (and not a 'owner/name' Hugging Face repo id, "
-                             f"nor 'demo')")
+                             f"nor a named model: {', '.join(NAMED_MODELS)})")
 
 
 def _pick_in_directory(directory: Path, model_file):

@@ -32,11 +32,15 @@ class StopStringFilter:
         return out
 
     def _held_suffix(self) -> int:
-        """Length of the longest end of `pending` that is the start of some stop string."""
-        longest = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(self.pending)), longest, -1):
-                if self.pending.endswith(stop[:n]):
-                    longest = n
-                    break
-        return longest
+        return partial_match_length(self.pending, self.stops)
+
+
+def partial_match_length(text: str, patterns) -> int:
+    """Length of the longest end of `text` that is the start (but not the whole) of some pattern."""
+    longest = 0
+    for pattern in patterns:
+        for n in range(min(len(pattern) - 1, len(text)), longest, -1):
+            if text.endswith(pattern[:n]):
+                longest = n
+                break
+    return longest

@@ -5,9 +5,9 @@ Two vocabulary kinds (`tokenizer.ggml.model`):
 - "llama": SentencePiece BPE (Llama, Mistral, Zephyr). Spaces are written "▁" and one "▁" is put in
   front of the text; pieces merge by score (the pair whose concatenation scores highest merges
   first); characters with no piece fall back to the `<0xNN>` byte tokens.
-- "gpt2": byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM). A regex pre-tokenizer, chosen by
-  `tokenizer.ggml.pre`, splits the text into words; each byte becomes one printable character;
-  words merge by the ranked merge list.
+- "gpt2": byte-level BPE (GPT-2, Llama 3, Qwen2, DeepSeek, Falcon, Command-R, SmolLM, ...). A regex
+  pre-tokenizer, chosen by `tokenizer.ggml.pre` as llama.cpp chooses it, splits the text into words;
+  each byte becomes one printable character; words merge by the ranked merge list.
 
 Encoding runs on Hugging Face `tokenizers`, built in memory from the metadata. Decoding does not
 need it: every id maps to the bytes it stands for, so decoding is a table look-up and a UTF-8
@@ -15,9 +15,13 @@ decode, and streaming is the same with an incremental UTF-8 decoder.
 
 Rendering follows llama.cpp: control tokens (BOS, EOS, <|im_end|>, ...) are parsed in text and
 rendered in output only with `special=True` (so are unknown tokens); user-defined tokens always are.
+So do the token types and attributes llama.cpp decides by token text or model name: end-of-generation
+and fill-in-the-middle texts are control tokens, and Phi-3's special tokens swallow the ASCII
+whitespace after them.
 """
 import codecs
 import operator
+import re
 import threading
 
 from tokenizers import AddedToken, Regex
@@ -35,33 +39,101 @@ SPACE_MARK = "\u2581"    # "▁", SentencePiece's visible space
 # length, and a hostile file may hold megabyte-long pieces; real vocabularies stay under 32.
 MAX_MERGED_PIECE_CHARS = 256
 
-# End of generation, as llama.cpp decides it: the eos/eot/eom ids, tokens with one of these texts, and
-# the fill-in-the-middle pad / repository / file-separator tokens (by metadata id or by text). All of
-# them are treated as control tokens, whatever type the file gives them.
+# Token texts llama.cpp recognises whatever the file says, treating each as a control token. End of
+# generation: the eos/eot/eom ids and tokens with one of these texts ...
 EOG_TOKEN_TEXTS = frozenset({
-    "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
-    "<|end_of_text|>", "<EOT>", "_<EOT>", "<end_of_utterance>", "<|return|>", "<|call|>",
-    "<\uff5cend\u2581of\u2581sentence\uff5c>",
+    "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
+    "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<end_of_utterance>", "<|return|>", "<|call|>", "<|calls|>", "<|flush|>",
+    "</s>", "<eos>", "<turn|>", "<|tool_response>", "[e~[", "<\uff5cend\u2581of\u2581sentence\uff5c>",
 })
-FIM_EOG_TOKEN_TEXTS = {
-    "fim_pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>"),
+# ... and the fill-in-the-middle tokens, by metadata id or else by text (the first of these found);
+# the pad, repository and file-separator ones end generation too.
+FIM_TOKEN_TEXTS = {
+    "fim_pre": ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<\uff5cfim\u2581begin\uff5c>", "<PRE>",
+                "\u2581<PRE>", "<|code_prefix|>", "<|prefix|>"),
+    "fim_suf": ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<\uff5cfim\u2581hole\uff5c>", "<SUF>",
+                "\u2581<SUF>", "<|code_suffix|>", "<|suffix|>"),
+    "fim_mid": ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<\uff5cfim\u2581end\uff5c>", "<MID>",
+                "\u2581<MID>", "<|code_middle|>", "<|middle|>"),
+    "fim_pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
     "fim_rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
     "fim_sep": ("<|file_sep|>",),
 }
+FIM_EOG = ("fim_pad", "fim_rep", "fim_sep")
+# gpt-oss's message-structure tokens: always parsed and rendered, as user-defined tokens.
+USER_DEFINED_TOKEN_TEXTS = ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>")
 
-# Pre-tokenizer regexes (split patterns; the text between matches is kept as words too).
+# Pre-tokenizer regexes, as llama.cpp runs them (src/llama-vocab.cpp). Each list is applied in order,
+# every pattern splitting the words of the one before; the text between matches stays a word too.
+# llama.cpp's regex engine sees only the category of a character outside ASCII, so where a Hugging
+# Face original splits letters by case (\p{Lu}, \p{Ll}, ...) llama.cpp does not: `_letters_by_category`
+# writes those classes as \p{L}. Its contractions are spelled out ('[sS]) rather than (?i:'s), which
+# would also fold letters such as U+017F into ASCII. Its `$` is the end of the word: \z here.
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# Tekken as llama.cpp runs it: letters split at a lower→upper case change; combining marks are not letters.
+_LLAMA3 = _CONTRACTIONS + (r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                           r"|\s+(?!\S)|\s+")
+_QWEN2 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN35 = _CONTRACTIONS + (r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                           r"|\s+(?!\S)|\s+")
+_JAIS2 = _CONTRACTIONS + (r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                          r"|\s{512}(?!\S)|\s{256}(?!\S)|\s{128}(?!\S)|\s{64}(?!\S)|\s{32}(?!\S)|\s{16}(?!\S)"
+                          r"|\s{8}(?!\S)|\s{4}(?!\S)|\s{1,2}(?!\S)|\s{1}")
+_MINICPM5 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_SEED_CODER = _CONTRACTIONS + (r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+"
+                               r"|\s+(?!\S)|\s+")
+_UFAKZEKA = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_BAILINGMOE = (r"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+")
+_EXAONE_MOE = _CONTRACTIONS + (r"|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+|\p{N}"
+                               r"| ?[^\s\p{L}\p{N}]+[\r\n/]?|\s*[\r\n]|\s+(?!\S)|\s+")
+# Letters split at a lower -> upper case change, in llama.cpp's form (ASCII case only, see above).
 _TEKKEN = (r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+"
            r"|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*"
            r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# llama.cpp's "default": four passes, each splitting the words of the one before.
-_DEFAULT = (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]")
-_DIGITS_THEN_GPT2 = (r"\p{N}", _GPT2)
+_GPT4O = (r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+" + _CONTRACTIONS + "?"
+          r"|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*" + _CONTRACTIONS + "?"
+          r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GRANITE_EMBED = (r"[^\r\n\p{L}\p{N}]?((?=[\p{L}\p{M}])([^a-z]))*((?=[\p{L}\p{M}])([^A-Z]))+" + _CONTRACTIONS + "?"
+                  r"|[^\r\n\p{L}\p{N}]?((?=[\p{L}\p{M}])([^a-z]))+((?=[\p{L}\p{M}])([^A-Z]))*" + _CONTRACTIONS + "?"
+                  r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_CASED_WORDS = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+" + _CONTRACTIONS + "?"
+                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*" + _CONTRACTIONS + "?")
+_YOUTU = _CASED_WORDS + r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_TINY_AYA = _CASED_WORDS + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# Punctuation glued to a following ASCII word, letters with their marks (DeepSeek V3 and its relatives).
+_PUNCT_WORDS = (r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+                r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPARK_WORDS = (r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+                r"| ?[\p{P}\p{S}]+|[\r\n]|\s+(?!\S)|\s+")
+# Runs of digits in groups of three counted from the right: 1234567 -> 1 234 567.
+_DIGITS_BY_THOUSANDS = r"\p{N}{1,3}(?=(?:\p{N}{3})*(?!\p{N}))"
+_HAN_KANA = r"[\x{4E00}-\x{9FA5}\x{3040}-\x{309F}\x{30A0}-\x{30FF}]+"
+# Patterns without \p{..} classes see, in llama.cpp, a text whose non-ASCII spaces became \v, so a
+# range holding a space (U+3000 in \x{800}-\x{4E00} and \x{3000}-\x{3002}) never matches it: "&&\S".
+_CJK_HANGUL = r"[\x{4E00}-\x{9FA5}\x{800}-\x{4E00}\x{AC00}-\x{D7FF}&&\S]+"
+_DEEPSEEK_LETTERS = (
+    r"\s?[A-Za-z\x{B5}\x{C0}-\x{D6}\x{D8}-\x{F6}\x{F8}-\x{1BA}\x{1BC}-\x{1BF}\x{1C4}-\x{293}\x{295}-\x{2AF}"
+    r"\x{370}-\x{373}\x{376}\x{377}\x{37B}-\x{37D}\x{37F}\x{386}\x{388}-\x{38A}\x{38C}\x{38E}-\x{3A1}"
+    r"\x{3A3}-\x{3F5}\x{3F7}-\x{481}\x{48A}-\x{52F}\x{531}-\x{556}\x{10A0}-\x{10C5}\x{13A0}-\x{13F5}"
+    r"\x{13F8}-\x{13FD}\x{1C90}-\x{1CBA}\x{1CBD}-\x{1CBF}\x{1D00}-\x{1D2B}\x{1D6B}-\x{1D77}\x{1D79}-\x{1D9A}"
+    r"\x{1E00}-\x{1F15}\x{1F18}-\x{1F1D}\x{1F20}-\x{1F45}\x{1F48}-\x{1F4D}\x{1F50}-\x{1F57}\x{1F59}\x{1F5B}"
+    r"\x{1F5D}\x{1F5F}-\x{1F7D}\x{1F80}-\x{1FB4}\x{1FB6}-\x{1FBC}\x{1FBE}\x{1FC2}-\x{1FC4}\x{1FC6}-\x{1FCC}"
+    r"\x{1FD0}-\x{1FD3}\x{1FD6}-\x{1FDB}\x{1FE0}-\x{1FEC}\x{1FF2}-\x{1FF4}\x{1FF6}-\x{1FFC}\x{2102}\x{2107}"
+    r"\x{210A}-\x{2113}\x{2115}\x{2119}-\x{211D}\x{2124}\x{2126}\x{2128}\x{212A}-\x{212D}\x{212F}-\x{2134}"
+    r"\x{2139}\x{213C}-\x{213F}\x{2145}-\x{2149}\x{214E}\x{2183}\x{2184}\x{2C00}-\x{2C7B}\x{2C7E}-\x{2CE4}"
+    r"\x{2CEB}-\x{2CEE}\x{2CF2}\x{2CF3}\x{A640}-\x{A66D}\x{A680}-\x{A69B}\x{A722}-\x{A76F}\x{A771}-\x{A787}"
+    r"\x{A78B}-\x{A78E}\x{AB70}-\x{ABBF}\x{FB00}-\x{FB06}\x{FB13}-\x{FB17}\x{FF21}-\x{FF3A}\x{FF41}-\x{FF5A}"
+    r"\x{10400}-\x{1044F}\x{104B0}-\x{104D3}\x{104D8}-\x{104FB}\x{10C80}-\x{10CB2}\x{10CC0}-\x{10CF2}"
+    r"\x{118A0}-\x{118DF}\x{1E900}-\x{1E943}]+")
+_DEEPSEEK_PUNCT = r"\s?[!-/:-~\x{FF01}-\x{FF0F}\x{FF1A}-\x{FF5E}\x{2018}-\x{201F}\x{3000}-\x{3002}&&\S]+"
+_AFMOE_SCRIPTS = (r"[\x{4E00}-\x{9FFF}\x{3400}-\x{4DBF}\x{8C48}-\x{FAFF}\x{3040}-\x{309F}\x{30A0}-\x{30FF}"
+                  r"\x{FF65}-\x{FF9F}\x{2F00}-\x{2FDF}\x{E40}-\x{E7F}\x{E80}-\x{EFF}\x{1780}-\x{17FF}\x{1000}-\x{109F}"
+                  r"\x{AA60}-\x{AA7F}\x{A9E0}-\x{A9FF}\x{AC00}-\x{D7AF}\x{1100}-\x{11FF}]+")
+_YOUTU_SCRIPTS = (r"[\x{AC00}-\x{D7A3}\x{3131}-\x{318E}]+|[\x{FF01}\x{2026}\x{201C}\x{201D}\x{2018}\x{2019}\x{2014}"
+                  r"\x{FF1A}\x{FF1B}\x{FF0C}\x{3001}-\x{303F}\x{FE30}-\x{FE4F}]+|[\x{3105}-\x{312F}]+|" + _HAN_KANA)
+_PORO = r" ?[^(\s|.,!?\x{2026}\x{3002}\x{FF0C}\x{3001}\x{964}\x{6D4}\x{60C})]+"
+_LINES = r"[^\n]+|[\n]+"
 
 
 class _PreTokenizer:
@@ -71,19 +143,52 @@ class _PreTokenizer:
         self.add_bos = add_bos                # llama.cpp's default when add_bos_token is absent
 
 
-_PRE_TOKENIZERS = {
-    "default": _PreTokenizer(_DEFAULT),
-    "gpt-2": _PreTokenizer((_GPT2,)),
-    "llama3": _PreTokenizer((_LLAMA3,), ignore_merges=True, add_bos=True),
-    "llama-v3": _PreTokenizer((_LLAMA3,), ignore_merges=True, add_bos=True),
-    "llama-bpe": _PreTokenizer((_LLAMA3,), ignore_merges=True, add_bos=True),
-    "smollm": _PreTokenizer(_DIGITS_THEN_GPT2),
-    "starcoder": _PreTokenizer(_DIGITS_THEN_GPT2),
-    "refact": _PreTokenizer(_DIGITS_THEN_GPT2),
-    "codeshell": _PreTokenizer(_DIGITS_THEN_GPT2),
-    "qwen2": _PreTokenizer((_QWEN2,)),
-    "tekken": _PreTokenizer((_TEKKEN,), ignore_merges=True, add_bos=True),
+def _letters_by_category(pattern):
+    return re.sub(r"\\p\{L[ultmo]\}", r"\\p{L}", pattern)
+
+
+def _kind(*patterns, ignore_merges=False, add_bos=False):
+    return _PreTokenizer(tuple(map(_letters_by_category, patterns)), ignore_merges, add_bos)
+
+
+_DIGITS_THEN_GPT2 = _kind(r"\p{N}", _GPT2)
+_LLAMA3_KIND = _kind(_LLAMA3, ignore_merges=True, add_bos=True)
+_PRE_TOKENIZER_KINDS = {
+    ("default",): _kind(r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"),
+    ("gpt-2", "phi-2", "mpt", "olmo", "jais", "trillion", "granite-docling", "exaone4", "gigachat", "a.x-4.0",
+     "mellum", "jina-es", "jina-de", "jina-v2-es", "jina-v2-de", "modern-bert"): _kind(_GPT2),
+    ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+     "jina-v5-nano"): _LLAMA3_KIND,
+    ("dbrx", "smaug-bpe", "chatglm-bpe"): _kind(_LLAMA3),
+    ("glm4", "glm5"): _kind(_LLAMA3, ignore_merges=True),
+    ("jais-2",): _kind(_JAIS2),
+    ("falcon",): _kind(r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"),
+    ("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b", "mellum2"): _DIGITS_THEN_GPT2,
+    ("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan", "solar-open",
+     "grok-2"): _kind(_QWEN2),
+    ("qwen35",): _kind(_QWEN35),
+    ("laguna",): _kind(_LINES, _QWEN2),
+    ("deepseek-llm",): _kind(r"[\r\n]", _DEEPSEEK_LETTERS, _DEEPSEEK_PUNCT, r"\s+\z", _CJK_HANGUL, r"\p{N}+"),
+    ("deepseek-coder",): _kind(r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK_HANGUL, r"\p{N}"),
+    ("deepseek-v3", "hunyuan-dense", "joyai-llm", "hy_v4"): _kind(r"\p{N}{1,3}", _HAN_KANA, _PUNCT_WORDS),
+    ("spark2_5",): _kind(r"\p{N}{1,3}", _HAN_KANA, _SPARK_WORDS, r"\p{N}"),
+    ("afmoe",): _kind(_DIGITS_BY_THOUSANDS, _AFMOE_SCRIPTS, _PUNCT_WORDS),
+    ("youtu",): _kind(_YOUTU_SCRIPTS, _YOUTU, ignore_merges=True),
+    ("tiny_aya", "cohere2moe"): _kind(_DIGITS_BY_THOUSANDS, _TINY_AYA),
+    ("tekken",): _kind(_TEKKEN, ignore_merges=True, add_bos=True),
+    ("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"): _kind(_GPT4O),
+    ("granite-embed-multi-97m",): _kind(_GRANITE_EMBED, ignore_merges=True),
+    ("minicpm5",): _kind(r"\p{N}{1,3}", _MINICPM5, ignore_merges=True),
+    ("seed-coder",): _kind(_SEED_CODER),
+    ("bailingmoe", "bailingmoe2", "llada-moe"): _kind(_BAILINGMOE),
+    ("ufakzeka",): _kind(_UFAKZEKA),
+    ("exaone-moe",): _kind(_EXAONE_MOE),
+    ("poro-chat", "bloom", "gpt3-finnish"): _kind(_PORO),
+    ("viking",): _kind(_PORO, r"\p{N}"),
+    ("chameleon",): _kind(r"<sentinel:[0-9]+>", r"(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z", r"([\t\n]|    |  )",
+                          r"\p{N}", r"[\p{P}!-/:-@\[-`{-~]", _GPT2, add_bos=True),
 }
+_PRE_TOKENIZERS = {name: kind for names, kind in _PRE_TOKENIZER_KINDS.items() for name in names}
 SUPPORTED_PRE_TOKENIZERS = tuple(_PRE_TOKENIZERS)
 SUPPORTED_MODELS = ("llama", "gpt2")
 
@@ -95,13 +200,18 @@ class Tokenizer:
         self._vocab = vocab
         self._encoder = encoder                  # the Hugging Face tokenizer (encoding only)
         self._encode_lock = threading.Lock()     # guards the encoder's special-token switch
-        self._text_bytes, self._special_bytes = vocab.token_bytes()
+        self._text_bytes, self._special_bytes = map(tuple, vocab.token_bytes())
         self.eog_ids = vocab.eog_ids             # frozenset of the ids that end generation
+        # special=False / True -> the function dropping the whitespace that tokens with the lstrip and
+        # rstrip attributes swallow where they are matched, or None
+        self._strip_around = {special: _whitespace_stripper(vocab, special) for special in (False, True)}
         # No token stands for more characters of text than its own text has, so a text of n characters
         # is at least n / max_token_chars tokens. None: no such bound, because a llama vocabulary
-        # without byte tokens fuses a run of unknown characters, however long, into one <unk>.
+        # without byte tokens fuses a run of unknown characters, however long, into one <unk>, and
+        # tokens that swallow whitespace stand for any amount of it.
         fuses_unknown = vocab.model == "llama" and BYTE not in vocab.types
-        self.max_token_chars = None if fuses_unknown else max(map(len, vocab.tokens))
+        swallows = bool(vocab.lstrip_ids or vocab.rstrip_ids)
+        self.max_token_chars = None if fuses_unknown or swallows else max(map(len, vocab.tokens))
 
     @classmethod
     def from_gguf(cls, source):
@@ -165,6 +275,9 @@ class Tokenizer:
         """Token ids of `text`. add_bos None → the file's choice; special → parse control tokens in text."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, not {type(text).__name__}")
+        strip_around = self._strip_around[bool(special)]
+        if strip_around is not None:
+            text = strip_around(text)
         with self._encode_lock:
             self._encoder.encode_special_tokens = not special
             try:
@@ -178,6 +291,34 @@ class Tokenizer:
         if vocab.add_eos and vocab.eos_id is not None:
             ids.append(vocab.eos_id)
         return ids
+
+    def encode_continuation(self, text: str) -> list:
+        """Token ids of `text` as it would be tokenized after other text: no BOS or EOS, and no space
+        put in front (a llama vocabulary's "▁" prefix). For tokenizing pieces of a generation."""
+        sentinel = self._continuation_sentinel()
+        ids = self.encode(sentinel + text, add_bos=False)
+        if self._vocab.add_eos and ids and ids[-1] == self._vocab.eos_id:
+            ids.pop()
+        if sentinel:
+            prefix = self.encode(sentinel, add_bos=False)[:-1 if self._vocab.add_eos else None]
+            if ids[:len(prefix)] != prefix:
+                raise TokenizerError(f"cannot tokenize {text[:40]!r} as a continuation")
+            ids = ids[len(prefix):]
+        return ids
+
+    def _continuation_sentinel(self) -> str:
+        """A control character tokenized alone and merging with nothing, put before a continuation so
+        that the "▁" a llama vocabulary puts in front of the text attaches to it ("" when none is put)."""
+        if not (self._vocab.model == "llama" and self._vocab.add_space_prefix):
+            return ""
+        for code in range(1, 32):
+            byte = bytes([code])
+            if any(t[:1] == byte and t != byte or t[:2] == b" " + byte for t in self._text_bytes):
+                continue
+            if self.decode(self.encode(chr(code), add_bos=False)) == chr(code):
+                return chr(code)
+        raise TokenizerError("this vocabulary has no control character that stands alone, so pieces of text "
+                             "cannot be tokenized without the space it puts in front")
 
     def decode(self, ids, special=False) -> str:
         """The text of `ids`; control tokens render as "" unless special. Invalid UTF-8 becomes U+FFFD."""
@@ -195,6 +336,10 @@ class Tokenizer:
         if self._vocab.strip_first_space:
             data = _without_prefix_space(data)
         return data.decode("utf-8", errors="replace")
+
+    def token_bytes(self, special=False) -> tuple:
+        """id -> the bytes that token stands for, for every id; control tokens are b"" unless special."""
+        return self._special_bytes if special else self._text_bytes
 
     def stream_decoder(self, special=False):
         """A `StreamDecoder` whose pushes add up to `decode` of all the ids pushed."""
@@ -259,7 +404,8 @@ def _without_prefix_space(data: bytes) -> bytes:
 class _Vocab:
     """The `tokenizer.ggml.*` metadata, checked."""
 
-    def __init__(self, model, pre, tokens, types, scores, merges, special_ids, add_bos, add_eos, add_space_prefix):
+    def __init__(self, model, pre, tokens, types, scores, merges, special_ids, add_bos, add_eos, add_space_prefix,
+                 model_name="", architecture=""):
         self.model = model
         self.pre = pre
         self.tokens = tokens
@@ -267,10 +413,8 @@ class _Vocab:
         self.merges = merges
         self.ids = {text: i for i, text in enumerate(tokens)}   # a repeated text maps to its last id
         self.special_ids = special_ids
-        self.eog_ids, eog_by_text = self._end_of_generation_ids()
-        if any(types[i] != CONTROL for i in eog_by_text):
-            types = [CONTROL if i in eog_by_text else kind for i, kind in enumerate(types)]
-        self.types = types
+        self.types = list(types)
+        self.eog_ids = self._override_by_text()
         self.bos_id = special_ids["bos"]
         self.eos_id = special_ids["eos"]
         self.unknown_id = special_ids["unknown"]
@@ -279,6 +423,7 @@ class _Vocab:
         self.add_space_prefix = add_space_prefix
         # The "▁" put in front of the text comes back as a space at the start of the output.
         self.strip_first_space = model == "llama" and add_space_prefix
+        self.rstrip_ids, self.lstrip_ids = self._stripping_tokens(model_name.lower(), architecture)
 
     @classmethod
     def from_metadata(cls, metadata):
@@ -315,7 +460,7 @@ class _Vocab:
                 raise TokenizerError("a gpt2 vocabulary needs tokenizer.ggml.merges, a list of \"a b\" strings")
 
         special_ids = {}
-        for name in ("bos", "eos", "unknown", "padding", "eot", "eom", *FIM_EOG_TOKEN_TEXTS):
+        for name in ("bos", "eos", "unknown", "padding", "eot", "eom", *FIM_TOKEN_TEXTS):
             key = f"{name}_token_id"
             token_id = get(key)
             if token_id is not None and (not isinstance(token_id, int) or not 0 <= token_id < n):
@@ -327,7 +472,9 @@ class _Vocab:
         return cls(model, pre, tokens, types, scores, merges, special_ids,
                    add_bos=bool(get("add_bos_token", default_add_bos)),
                    add_eos=bool(get("add_eos_token", False)),
-                   add_space_prefix=bool(get("add_space_prefix", model == "llama")))
+                   add_space_prefix=bool(get("add_space_prefix", model == "llama")),
+                   model_name=str(metadata.get("general.name") or ""),
+                   architecture=str(metadata.get("general.architecture") or ""))
 
     def token_bytes(self):
         """Two tables, id → the bytes it renders as: as text, and with `special` (control tokens' text)."""
@@ -350,19 +497,55 @@ class _Vocab:
                 text[i] = special[i] = b""
         return text, special
 
-    def _end_of_generation_ids(self):
-        """The end-of-generation ids, and among them those recognised by their text."""
-        by_text = {self.ids[text] for text in EOG_TOKEN_TEXTS if text in self.ids}
-        for name, texts in FIM_EOG_TOKEN_TEXTS.items():
-            found = [self.ids[text] for text in texts if text in self.ids]
-            if self.special_ids[name] is None and found:
-                by_text.add(found[0])
-        if {"<|return|>", "<|call|>"} <= {self.tokens[i] for i in by_text}:
-            # gpt-oss ends a message with <|end|> but the turn with <|return|> or <|call|>
-            by_text.discard(self.ids.get("<|end|>"))
-        ids = by_text | {self.special_ids[name] for name in ("eos", "eot", "eom", *FIM_EOG_TOKEN_TEXTS)}
-        ids.discard(None)
-        return frozenset(ids), by_text
+    def _override_by_text(self):
+        """What llama.cpp decides by token text: the token types it overrides (in self.types), the
+        fill-in-the-middle ids the file did not give (in self.special_ids), and the returned
+        end-of-generation ids."""
+        ids, types = self.ids, self.types
+        by_text = {ids[text] for text in EOG_TOKEN_TEXTS if text in ids}
+        eog = set(by_text)
+        for name, texts in FIM_TOKEN_TEXTS.items():
+            if self.special_ids[name] is None:
+                found = next((ids[text] for text in texts if text in ids), None)
+                if found is not None:
+                    self.special_ids[name] = found
+                    by_text.add(found)
+            if name in FIM_EOG:
+                eog.add(self.special_ids[name])
+        for i in by_text:
+            types[i] = CONTROL
+        for text in USER_DEFINED_TOKEN_TEXTS:
+            if text in ids:
+                types[ids[text]] = USER_DEFINED
+        eog |= {self.special_ids[name] for name in ("eos", "eot", "eom")}
+        eog.discard(None)
+
+        eog_texts = {self.tokens[i] for i in eog}
+        end = ids.get("<|end|>")
+        if end in eog and eog_texts & {"<|call|>", "<|calls|>"} and eog_texts & {"<|return|>", "<|flush|>"}:
+            # gpt-oss (and Solar Open) end a message with <|end|>, the turn with <|return|> or <|call|>
+            eog.discard(end)
+            types[end] = USER_DEFINED
+        closing = ids.get("</s>")
+        if closing in eog and eog_texts & {"<|tool_response>", "<|plamo:eos|>"}:
+            eog.discard(closing)   # a normal token in these vocabularies
+            types[closing] = NORMAL
+        return frozenset(eog)
+
+    def _stripping_tokens(self, model_name, architecture):
+        """Ids of the special tokens that swallow the whitespace after / before them when matched in text.
+        GGUF files do not store this; llama.cpp hard-codes it by model name, and so does this."""
+        ids = self.ids
+        special = {i for i, kind in enumerate(self.types) if kind in (CONTROL, USER_DEFINED, UNKNOWN)}
+        rstrip, lstrip = set(), set()
+        if any(name in (self.pre or "") for name in ("jina-v2-de", "jina-v2-es", "jina-v2-code")) or any(
+                name in architecture for name in ("nomic-bert-moe", "jina-bert-v3")):
+            lstrip = {ids["<mask>"]} if "<mask>" in ids else set()
+        elif "phi-3" in model_name or "phi3" in model_name:
+            rstrip = special - {ids[t] for t in ("<unk>", "<s>", "<|endoftext|>") if t in ids}
+        elif "modern-bert" in model_name:
+            lstrip = {ids["[MASK]"]} if "[MASK]" in ids else set()
+        return frozenset(rstrip), frozenset(lstrip & special)
 
 
 def _list_of(value, key, n, item_types, default=None):
@@ -403,6 +586,25 @@ def _finish(model, vocab, normalizer=None, pre_tokenizer=None):
     if always:
         encoder.add_tokens(always)
     return encoder
+
+
+def _whitespace_stripper(vocab, special):
+    """text -> text without the whitespace that lstrip / rstrip tokens swallow where they are matched
+    (control tokens only with `special`), or None if there are none. llama.cpp strips ASCII whitespace
+    only; Hugging Face's AddedToken(rstrip=True) would also strip U+00A0, U+3000, ..."""
+    kinds = (CONTROL, UNKNOWN, USER_DEFINED) if special else (USER_DEFINED,)
+    matched = [i for i, kind in enumerate(vocab.types) if kind in kinds]
+    if not any(i in vocab.lstrip_ids or i in vocab.rstrip_ids for i in matched):
+        return None
+    texts = sorted({vocab.tokens[i] for i in matched}, key=len, reverse=True)   # leftmost, then longest
+    lstrip = {vocab.tokens[i] for i in vocab.lstrip_ids}
+    rstrip = {vocab.tokens[i] for i in vocab.rstrip_ids}
+    pattern = re.compile(f"([ \t\n\v\f\r]*)({'|'.join(map(re.escape, texts))})([ \t\n\v\f\r]*)")
+
+    def keep(match):
+        before, token, after = match.groups()
+        return ("" if token in lstrip else before) + token + ("" if token in rstrip else after)
+    return lambda text: pattern.sub(keep, text)
 
 
 def _build_llama(vocab):

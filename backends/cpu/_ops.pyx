@@ -312,14 +312,14 @@ def rope(const float[:, ::1] x, const int32_t[::1] positions, int64_t head_dim, 
 
 
 cdef zd_kv_layer _kv_layer(uint8_t[:, :, :, :, ::1] cache, int cache_type, int64_t head_dim) except *:
-    """A layer of a HostKVCache ([2, n_seqs, n_ctx, n_kv, row_bytes] bytes) for the C kernels."""
+    """A layer of a HostKVCache ([2, n_seqs, n_kv, n_ctx, row_bytes] bytes) for the C kernels."""
     _require(cache.shape[0] == 2 and cache.shape[4] == zd_row_bytes(cache_type, head_dim) > 0,
              "cache rows do not hold head_dim values of the cache type")
     cdef zd_kv_layer c
     c.k = &cache[0, 0, 0, 0, 0]
     c.v = &cache[1, 0, 0, 0, 0]
     c.type = cache_type
-    c.n_seqs, c.n_ctx, c.n_kv = cache.shape[1], cache.shape[2], cache.shape[3]
+    c.n_seqs, c.n_kv, c.n_ctx = cache.shape[1], cache.shape[2], cache.shape[3]
     c.hd = head_dim
     c.row_bytes = cache.shape[4]
     return c
@@ -339,7 +339,7 @@ def attention(const float[:, ::1] q, const float[:, ::1] k, const float[:, ::1] 
     """Store k, v at the batch's rows of `cache` (IN/OUT, one layer of a HostKVCache), then causal
     GQA attention for q -> out (attention.h), scores scaled by `scale` and soft-capped where
     softcap > 0. Query head j reads kv head j // (h / h_kv)."""
-    cdef int64_t n = q.shape[0], n_kv = cache.shape[3]
+    cdef int64_t n = q.shape[0], n_kv = cache.shape[2]
     _require(n_heads > 0 and n_kv > 0 and n_heads % n_kv == 0, "bad head counts")
     _require(q.shape[1] % n_heads == 0, "q width mismatch")
     cdef int64_t hd = q.shape[1] // n_heads
@@ -543,14 +543,14 @@ cdef class Layer:
         """`matrices`: {wq, wk, wv, wo, w_gate, w_up, w_down: (flat uint8 data, GGML type)};
         `vectors`: float32 arrays, attn_norm and ffn_norm [d] and any of the optional ones of
         zd_layer_weights (rope_freqs: the frequency factors); rope_scaling as _rope takes it;
-        `cache` one layer of a HostKVCache, [2, n_seqs, n_ctx, n_kv, row_bytes] bytes of type
+        `cache` one layer of a HostKVCache, [2, n_seqs, n_kv, n_ctx, row_bytes] bytes of type
         `cache_type`."""
         cdef int64_t d = vectors["attn_norm"].shape[0], f = _matrix_rows(matrices["w_gate"])
         _require(d > 0 and f > 0 and vectors["ffn_norm"].shape[0] == d, "norm weights must have d > 0 values")
         _require(n_heads > 0 and n_kv_heads > 0 and n_heads % n_kv_heads == 0, "bad head counts")
         _require(head_dim > 0 and 0 <= rope_dims <= head_dim and rope_dims % 2 == 0, "bad head_dim / rope_dims")
         _require(window >= 0, "window must be >= 0")
-        _require(cache.shape[3] == n_kv_heads, "cache shape mismatch")
+        _require(cache.shape[2] == n_kv_heads, "cache shape mismatch")
         cdef int64_t qd = n_heads * head_dim, kvd = n_kv_heads * head_dim
         self.w.wq = _matrix(matrices["wq"], qd, d, "wq")
         self.w.wk = _matrix(matrices["wk"], kvd, d, "wk")

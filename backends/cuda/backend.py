@@ -13,6 +13,10 @@ Two matrix paths:
   multiplied by cuBLAS with f16 activations (f32 accumulation and output); F32 weights stay f32.
   This path rounds x and the weights to f16 instead of rounding x to 8 bits.
 
+The KV cache keeps f16 (the default) or f32 values; attention reads either into f32 sums. Kernels
+find each token's position and sequence in device int32 arrays, so a batch may mix sequences and
+one captured graph serves every batch of its size.
+
 All work runs on one stream per backend instance. Decode steps of consecutive layers are captured
 as one CUDA graph and replayed (graphs.py); `ZEPHYR_CUDA_GRAPHS=0` turns that off.
 """
@@ -21,7 +25,9 @@ import os
 
 import numpy as np
 
-from zephyr.backend import Backend, LayerParams, LayerWeights, Weight, check_activation
+from zephyr.backend import (Backend, Batch, CacheShape, KVCache, LayerParams, LayerWeights, Weight, as_index,
+                            as_positions, check_activation, check_cache_args, check_layer_shapes, check_rope_args,
+                            check_weight)
 from zephyr.errors import BackendError
 from zephyr.quants import GGMLType, SUPPORTED_TYPES, TYPE_INFO
 
@@ -38,9 +44,10 @@ ELEMENTWISE_BLOCKS = 4096      # grid-stride kernels: at most this many blocks o
 _NULL = np.uint64(0)
 
 # The 8-bit activation formats of the kernels (the q_format argument of norm.cu): as
-# zephyr.quants.quantize_q8_0 rounds (blocks of 32) and as quantize_q8_k rounds (blocks of 256).
+# zephyr.quants.quantize_q8_0 rounds (blocks of 32) and as quantize_q8_k rounds (blocks of 256),
+# by the weight type's activation type.
 Q8_0_STYLE, Q8_K_STYLE = 0, 1
-_K_QUANTS = frozenset({GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K})
+_STYLES = {GGMLType.Q8_0: Q8_0_STYLE, GGMLType.Q8_K: Q8_K_STYLE}
 
 
 def _i32(v):
@@ -49,12 +56,6 @@ def _i32(v):
 
 def _f32(v):
     return np.float32(v)
-
-
-def _index(value, name, minimum=0):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise BackendError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 class DeviceWeight:
@@ -70,14 +71,13 @@ class DeviceWeight:
 
     @property
     def quantised(self) -> bool:
-        return self.type not in layout.FLOAT_TYPES
+        """Whether x meets this weight as 8-bit blocks (see activation_format)."""
+        return self.activation_format is not None
 
     @property
     def activation_format(self):
         """How matmul rounds x for this weight on the decode path: Q8_0_STYLE, Q8_K_STYLE or None."""
-        if not self.quantised:
-            return None
-        return Q8_K_STYLE if self.type in _K_QUANTS else Q8_0_STYLE
+        return _STYLES.get(TYPE_INFO[self.type].activation_type)
 
     def kernel_planes(self) -> tuple:
         """The four plane arguments of the quantised kernels (unused ones repeat plane 0)."""
@@ -91,19 +91,53 @@ class DeviceWeight:
         return f"DeviceWeight({self.name!r}, {self.type.name}, {list(self.shape)})"
 
 
-class KVCache:
-    """Keys and values of every layer on the device: k, v float32 [n_layers, n_ctx, h_kv, hd].
+class CudaKVCache(KVCache):
+    """Keys and values of every layer on the device: `data` [n_layers, 2 (keys, values), n_seqs,
+    h_kv, n_ctx, hd] of float16 or float32 (head-major: the keys one kv head reads lie in one run),
+    the bytes a HostKVCache of the same shape holds, so read_sequence's bytes move between backends.
 
     `splits`: how many shares of the visible keys a decode query is spread over (flash-decoding):
     enough warps to keep a large GPU busy with one token's attention (64 splits x 8 kv heads of a
     7B model), a few keys each at short contexts.
     """
 
-    def __init__(self, cp, n_layers, n_ctx, n_kv_heads, head_dim):
-        self.n_layers, self.n_ctx, self.n_kv_heads, self.head_dim = n_layers, n_ctx, n_kv_heads, head_dim
-        self.k = cp.zeros((n_layers, n_ctx, n_kv_heads, head_dim), dtype=cp.float32)
-        self.v = cp.zeros((n_layers, n_ctx, n_kv_heads, head_dim), dtype=cp.float32)
-        self.splits = max(1, min(64, n_ctx // 16))
+    def __init__(self, gpu, shape: CacheShape):
+        self.shape = shape
+        self._cp, self._stream = gpu.cp, gpu.stream
+        dtype = gpu.cp.float16 if shape.type == GGMLType.F16 else gpu.cp.float32
+        with self._stream:
+            self.data = self._cp.zeros((shape.n_layers, 2, shape.n_seqs, shape.n_kv_heads, shape.n_ctx,
+                                        shape.head_dim), dtype=dtype)
+        self.splits = max(1, min(64, shape.n_ctx // 16))
+        self.kernel_type = shape.type.name.lower()   # names the attention_* and rope_store_* kernels
+
+    def layer(self, layer: int) -> tuple:
+        """The keys and values of one layer: [n_seqs, h_kv, n_ctx, hd] each (contiguous)."""
+        return self.data[layer, 0], self.data[layer, 1]
+
+    def copy_sequence(self, src, dst, length):
+        src, length = self.check_sequence(src, length)
+        dst, _ = self.check_sequence(dst, length)
+        with self._stream:
+            self.data[:, :, dst, :, :length] = self.data[:, :, src, :, :length]
+
+    def read_sequence(self, seq, length):
+        seq, length = self.check_sequence(seq, length)
+        with self._stream:
+            host = self._cp.ascontiguousarray(self.data[:, :, seq, :, :length]).get(stream=self._stream)
+        self._stream.synchronize()
+        return host.view(np.uint8)   # [n_layers, 2, h_kv, length, row_bytes]
+
+    def write_sequence(self, seq, data):
+        seq, _ = self.check_sequence(seq, 0)
+        data = self.check_saved(data)
+        if not data.shape[3]:
+            return
+        values = np.ascontiguousarray(data).view(self.data.dtype)
+        with self._stream:
+            staged = self._cp.empty(values.shape, dtype=self.data.dtype)
+            staged.set(values, stream=self._stream)
+            self.data[:, :, seq, :, :values.shape[3]] = staged
 
 
 class _Scratch:
@@ -136,14 +170,14 @@ class CudaBackend(Backend):
     device = "gpu"
     score = 100
     supported_types = SUPPORTED_TYPES
+    kv_cache_types = frozenset({GGMLType.F16, GGMLType.F32})
 
     @classmethod
     def availability(cls):
         return runtime.availability()
 
-    def __init__(self, threads: int = 0, gpu=None):
+    def __init__(self, gpu=None):
         """gpu: what runs the work (default: runtime.CupyGPU(), CuPy on the current device)."""
-        super().__init__(threads)
         if gpu is None:
             usable = runtime.availability()
             if not usable:
@@ -152,39 +186,25 @@ class CudaBackend(Backend):
         self.gpu = gpu
         self.cp, self.stream, self.kernels = gpu.cp, gpu.stream, gpu.kernels
         with self.stream:
-            self._position = self.cp.zeros(1, dtype=self.cp.int32)   # start position read by decode kernels
-        self._position_value = 0
+            # positions (row 0) and sequences (row 1) of the tokens of a decode-path batch, read by its kernels
+            self._batch = self.cp.zeros((2, DECODE_MAX_TOKENS), dtype=self.cp.int32)
+        self._batch_value = Batch.of(0, 0)
         self._scratch = {}
         self.cuda_graphs = os.environ.get("ZEPHYR_CUDA_GRAPHS", "1") != "0"
         self.graphs = DecodeGraphs(self)
 
     # -- memory ---------------------------------------------------------------------------
+    def memory_available(self):
+        """Free device memory (what the model checks a KV cache against before allocating it)."""
+        return self.gpu.memory_available()
+
     def load_weight(self, weight: Weight):
         """Check the weight, upload its bytes once and rearrange them into planes on the device."""
-        if not isinstance(weight, Weight):
-            raise BackendError(f"expected a zephyr.backend.Weight, got {type(weight).__name__}")
-        if weight.type not in self.supported_types:
-            raise BackendError(f"the cuda backend cannot use {weight.name!r}: type "
-                               f"{getattr(weight.type, 'name', weight.type)} is not supported")
-        if len(weight.shape) not in (1, 2) or min(weight.shape) <= 0:
-            raise BackendError(f"{weight.name!r}: shape {weight.shape} is not a vector or matrix")
-        info = TYPE_INFO[weight.type]
-        if weight.cols % info.block_size:
-            raise BackendError(f"{weight.name!r}: {weight.cols} columns is not a whole number of "
-                               f"{weight.type.name} blocks of {info.block_size}")
-        data = weight.data
-        if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
-            raise BackendError(f"{weight.name!r}: data must be a uint8 numpy array")
-        needed = weight.rows * info.row_bytes(weight.cols)
-        if data.size != needed:
-            raise BackendError(f"{weight.name!r}: {data.size} bytes of data, but shape {weight.shape} "
-                               f"of {weight.type.name} takes {needed}")
-        if len(weight.shape) == 1 and weight.type != GGMLType.F32:
-            raise BackendError(f"{weight.name!r}: vectors must be F32, got {weight.type.name}")
+        weight = check_weight(weight, self.name, self.supported_types)
         cp = self.cp
         with self.stream:
-            raw = cp.empty(needed, dtype=cp.uint8)
-            raw.set(np.ascontiguousarray(data).reshape(-1), stream=self.stream)
+            raw = cp.empty(weight.data.size, dtype=cp.uint8)
+            raw.set(np.ascontiguousarray(weight.data), stream=self.stream)
             buffer, planes = layout.pack(cp, raw, weight.type, weight.rows, weight.cols)
         return DeviceWeight(weight.name, weight.type, weight.shape, buffer, planes)
 
@@ -203,15 +223,16 @@ class CudaBackend(Backend):
         self.stream.synchronize()
         return np.asarray(host, dtype=np.float32)
 
-    def new_kv_cache(self, n_layers, n_ctx, n_kv_heads, head_dim):
-        for name, value in (("n_layers", n_layers), ("n_ctx", n_ctx), ("n_kv_heads", n_kv_heads),
-                            ("head_dim", head_dim)):
-            _index(value, name, minimum=1)
-        if head_dim > MAX_HEAD_DIM or head_dim % 4:
+    def new_kv_cache(self, shape: CacheShape) -> CudaKVCache:
+        if not isinstance(shape, CacheShape):
+            raise BackendError(f"new_kv_cache takes a CacheShape, got {type(shape).__name__}")
+        if shape.type not in self.kv_cache_types:
+            raise BackendError(f"the cuda backend cannot keep a {shape.type.name} KV cache "
+                               f"(it keeps {', '.join(sorted(t.name for t in self.kv_cache_types))})")
+        if shape.head_dim > MAX_HEAD_DIM or shape.head_dim % 4:
             raise BackendError(f"the cuda backend needs a head size that is a multiple of 4 and at most "
-                               f"{MAX_HEAD_DIM}, got {head_dim}")
-        with self.stream:
-            return KVCache(self.cp, n_layers, n_ctx, n_kv_heads, head_dim)
+                               f"{MAX_HEAD_DIM}, got {shape.head_dim}")
+        return CudaKVCache(self.gpu, shape)
 
     # -- checks ---------------------------------------------------------------------------
     def _activation(self, x, name, cols=None, rows=None):
@@ -236,19 +257,6 @@ class CudaBackend(Backend):
         if values.shape[0] != d:
             raise BackendError(f"norm weight has {values.shape[0]} values, expected {d}")
         return values
-
-    def _check_cache(self, cache, layer, start_pos, n, n_heads, n_kv_heads):
-        if not isinstance(cache, KVCache):
-            raise BackendError(f"expected a cache from the cuda backend's new_kv_cache, got {type(cache).__name__}")
-        if not 0 <= _index(layer, "layer") < cache.n_layers:
-            raise BackendError(f"layer {layer} is outside the cache's {cache.n_layers} layers")
-        if n_kv_heads != cache.n_kv_heads or n_heads <= 0 or n_heads % n_kv_heads:
-            raise BackendError(f"{n_heads} query heads over {n_kv_heads} kv heads do not fit a cache "
-                               f"of {cache.n_kv_heads} kv heads")
-        start_pos = _index(start_pos, "start_pos")
-        if start_pos + n > cache.n_ctx:
-            raise BackendError(f"positions {start_pos}..{start_pos + n - 1} do not fit a cache of "
-                               f"{cache.n_ctx} positions")
 
     # -- launches ---------------------------------------------------------------------------
     def _launch(self, name, grid, block, *args):
@@ -349,27 +357,47 @@ class CudaBackend(Backend):
             self._quantize(x, xq, xs, w.activation_format)
         self._matvec(w, x, xq, xs, y, resid)
 
-    def _attend(self, q, cache, layer, out, n, n_heads, window, pos, start, part=None):
-        """Attention of q [n, h * hd] over layer `layer` of the cache (keys already stored) -> out."""
+    def _rope_store(self, cache, layer, q, k, v, n, n_heads, n_rot, base, neox, pos, seq):
+        """Rotate q [n, n_heads * hd] in place and k [n, h_kv * hd] into the cache, v beside it:
+        token t at row pos[t] of sequence seq[t] of layer `layer` (pos, seq: device int32 [n])."""
+        s = cache.shape
+        keys, values = cache.layer(layer)
+        self._launch(f"rope_store_{cache.kernel_type}", (n, n_heads + s.n_kv_heads), (64,), q, k, v, keys, values,
+                     _i32(n_heads), _i32(s.n_kv_heads), _i32(s.head_dim), _i32(n_rot), _f32(base), _i32(bool(neox)),
+                     pos, seq, _i32(s.n_ctx))
+
+    def _attend(self, q, cache, layer, out, n, n_heads, window, pos, seq, part=None):
+        """Attention of q [n, h * hd] over layer `layer` of the cache (keys already stored) -> out;
+        token t at row pos[t] of sequence seq[t] (device int32 [n])."""
         cp = self.cp
-        hd, n_kv = cache.head_dim, cache.n_kv_heads
+        s = cache.shape
+        hd, n_kv = s.head_dim, s.n_kv_heads
         splits = cache.splits if n <= DECODE_MAX_TOKENS else 1
         if splits > 1 and part is None:
             part = cp.empty(n * n_heads * splits * (hd + 2), dtype=cp.float32)
         pieces = -(-(n_heads // n_kv) // 8)
         grid = (-(-n * splits // ATTENTION_WARPS), n_kv * pieces)
-        self._launch("attention", grid, (32 * ATTENTION_WARPS,), q, cache.k[layer], cache.v[layer], out,
+        keys, values = cache.layer(layer)
+        self._launch(f"attention_{cache.kernel_type}", grid, (32 * ATTENTION_WARPS,), q, keys, values, out,
                      part if splits > 1 else _NULL, _i32(n), _i32(n_heads), _i32(n_kv), _i32(hd),
-                     _f32(1.0 / math.sqrt(hd)), _i32(window), _NULL if pos is None else pos, _i32(start),
-                     _i32(splits))
+                     _f32(1.0 / math.sqrt(hd)), _i32(window), pos, seq, _i32(s.n_ctx), _i32(splits))
         if splits > 1:
             self._launch("attention_combine", (n * n_heads,), (128,), part, out, _i32(hd), _i32(splits))
 
-    def _set_position(self, start_pos):
-        """Write the decode kernels' start position to the device (stream-ordered)."""
-        if start_pos != self._position_value:
-            self._position.set(np.array([start_pos], dtype=np.int32), stream=self.stream)
-            self._position_value = start_pos
+    def _set_batch(self, batch: Batch):
+        """Write the decode kernels' token positions and sequences to the device (stream-ordered)."""
+        if batch is self._batch_value or batch == self._batch_value:
+            return
+        host = np.zeros((2, DECODE_MAX_TOKENS), dtype=np.int32)
+        host[0, :len(batch)], host[1, :len(batch)] = batch.positions, batch.seqs
+        self._batch.set(host, stream=self.stream)
+        self._batch_value = batch
+
+    def _upload_ints(self, values):
+        """An int32 host array as a new device array (stream-ordered)."""
+        device = self.cp.empty(values.shape, dtype=self.cp.int32)
+        device.set(np.ascontiguousarray(values, dtype=np.int32), stream=self.stream)
+        return device
 
     # -- ops --------------------------------------------------------------------------------
     def matmul(self, x, w):
@@ -404,35 +432,31 @@ class CudaBackend(Backend):
                 self._rms_norm(x, weight, eps, y=y)
         return y
 
-    def rope(self, x, start_pos, head_dim, n_rot, base, neox):
-        x = self._activation(x, "rope input")
+    def rope(self, x, positions, head_dim, n_rot, base, neox):
+        x = self._activation(x, "rope input")                    # [n, heads * head_dim]
         n, width = x.shape
-        if head_dim <= 0 or width % head_dim or n_rot % 2 or not 0 <= n_rot <= head_dim:
-            raise BackendError(f"rope: width {width}, head_dim {head_dim}, n_rot {n_rot}: width must be "
-                               f"a multiple of head_dim and n_rot even and at most head_dim")
-        start_pos = _index(start_pos, "start_pos")
+        check_rope_args(width, head_dim, n_rot)
+        positions = as_positions(positions, n)
         with self.stream:
             y = self.cp.empty_like(x)
             if n:
                 self._launch("rope", (n, width // head_dim), (64,), x, y, _i32(width // head_dim), _i32(head_dim),
-                             _i32(n_rot), _f32(base), _i32(bool(neox)), _NULL, _i32(start_pos))
+                             _i32(n_rot), _f32(base), _i32(bool(neox)), self._upload_ints(positions))
         return y
 
-    def attention(self, cache, layer, q, k, v, start_pos, n_heads, n_kv_heads, window=0):
-        q = self._activation(q, "q")
-        n = q.shape[0]
-        self._check_cache(cache, layer, start_pos, n, n_heads, n_kv_heads)
-        hd = cache.head_dim
-        self._activation(q, "q", cols=n_heads * hd)
-        self._activation(k, "k", cols=n_kv_heads * hd, rows=n)
-        self._activation(v, "v", cols=n_kv_heads * hd, rows=n)
-        window = _index(window, "window")
+    def attention(self, cache, layer, q, k, v, batch, n_heads, n_kv_heads, window=0):
+        check_cache_args(cache, CudaKVCache, layer, batch, n_heads, n_kv_heads)
+        n, hd = len(batch), cache.shape.head_dim
+        q = self._activation(q, "q", cols=n_heads * hd, rows=n)          # [n, h * hd]
+        k = self._activation(k, "k", cols=n_kv_heads * hd, rows=n)       # [n, h_kv * hd]
+        v = self._activation(v, "v", cols=n_kv_heads * hd, rows=n)
+        window = as_index(window, "window")
         with self.stream:
             out = self.cp.empty_like(q)
             if n:
-                cache.k[layer, start_pos:start_pos + n] = k.reshape(n, n_kv_heads, hd)
-                cache.v[layer, start_pos:start_pos + n] = v.reshape(n, n_kv_heads, hd)
-                self._attend(q, cache, layer, out, n, n_heads, window, None, start_pos)
+                pos, seq = self._upload_ints(np.stack([batch.positions, batch.seqs]))
+                self._rope_store(cache, layer, _NULL, k, v, n, 0, 0, 0.0, False, pos, seq)   # no rotation: a store
+                self._attend(q, cache, layer, out, n, n_heads, window, pos, seq)
         return out
 
     def swiglu(self, gate, up):
@@ -457,53 +481,45 @@ class CudaBackend(Backend):
         return y
 
     # -- whole layers -------------------------------------------------------------------------
-    def decoder_layer(self, x, w: LayerWeights, p: LayerParams, cache, layer: int, start_pos: int):
+    def decoder_layer(self, x, w: LayerWeights, p: LayerParams, cache, layer: int, batch: Batch):
         """The default block graph, fused: norms write 8-bit activations, residual adds ride on the
         output projections, rope writes the cache, gate and up share one kernel. Decode steps of
         consecutive layers run as a CUDA graph once a step has been seen (graphs.py)."""
         if self.cuda_graphs:
-            out = self.graphs.follow(x, w, p, cache, layer, start_pos)   # a layer of the step being replayed
+            out = self.graphs.follow(x, w, p, cache, layer, batch)   # a layer of the step being replayed
             if out is not None:
                 return out
         d = self._check_layer(w, p)
-        x = self._activation(x, "decoder_layer input", cols=d)
-        n = x.shape[0]
-        self._check_cache(cache, layer, start_pos, n, p.n_heads, p.n_kv_heads)
-        if cache.head_dim != p.head_dim:
-            raise BackendError(f"head size {p.head_dim} does not match the cache's {cache.head_dim}")
+        check_cache_args(cache, CudaKVCache, layer, batch, p.n_heads, p.n_kv_heads)
+        if cache.shape.head_dim != p.head_dim:
+            raise BackendError(f"head size {p.head_dim} does not match the cache's {cache.shape.head_dim}")
+        n = len(batch)
+        x = self._activation(x, "decoder_layer input", cols=d, rows=n)   # [n, d]
         if n == 0:
             return x
         call = LayerCall(w, p, cache, int(layer))
-        if n == 1 and self.cuda_graphs:
-            out = self.graphs.run(x, call, int(start_pos))
+        decode = n <= DECODE_MAX_TOKENS
+        if decode and self.cuda_graphs:
+            out = self.graphs.run(x, call, batch)
             if out is not None:
                 return out
         with self.stream:
             out = self.cp.empty_like(x)
-            if n <= DECODE_MAX_TOKENS:
-                self._set_position(int(start_pos))
+            if decode:
+                self._set_batch(batch)
                 self.layer_decode(x, out, call)
             else:
-                self._layer_prompt(x, out, call, int(start_pos))
-        if n == 1 and self.cuda_graphs:
-            self.graphs.record(call, out, int(start_pos))
+                self._layer_prompt(x, out, call, batch)
+        if decode and self.cuda_graphs:
+            self.graphs.record(call, out, batch)
         return out
 
     def _check_layer(self, w: LayerWeights, p: LayerParams) -> int:
         """Check that the layer's weights fit each other and the params; return the model width."""
-        for m in (w.wq, w.wk, w.wv, w.wo, w.w_gate, w.w_up, w.w_down):
-            self._matrix(m, "decoder_layer")
-        d, q_width, kv_width, ffn = w.wq.cols, p.n_heads * p.head_dim, p.n_kv_heads * p.head_dim, w.w_gate.rows
-        expected = {"wq": (w.wq, q_width, d), "wk": (w.wk, kv_width, d), "wv": (w.wv, kv_width, d),
-                    "wo": (w.wo, d, q_width), "w_gate": (w.w_gate, ffn, d), "w_up": (w.w_up, ffn, d),
-                    "w_down": (w.w_down, d, ffn)}
-        for name, (m, rows, cols) in expected.items():
-            if (m.rows, m.cols) != (rows, cols):
-                raise BackendError(f"decoder_layer: {name} is [{m.rows}, {m.cols}], but the layer's shapes "
-                                   f"need [{rows}, {cols}]")
-        if p.rope_dims % 2 or not 0 <= p.rope_dims <= p.head_dim:
-            raise BackendError(f"decoder_layer: rope_dims {p.rope_dims} must be even and at most the head size")
-        return d
+        if not isinstance(w, LayerWeights):
+            raise BackendError(f"decoder_layer takes LayerWeights, got {type(w).__name__}")
+        matrices = {name: self._matrix(getattr(w, name), "decoder_layer") for name in LayerWeights.MATRICES}
+        return check_layer_shapes(lambda name: (matrices[name].rows, matrices[name].cols), p)
 
     def scratch(self, n, call: LayerCall):
         """The decode-path buffers for n tokens of this layer's shapes (made once)."""
@@ -518,7 +534,7 @@ class CudaBackend(Backend):
         return scratch
 
     def layer_decode(self, x, out, call: LayerCall):
-        """One layer for n <= DECODE_MAX_TOKENS tokens at the device start position: x -> out.
+        """One layer for n <= DECODE_MAX_TOKENS tokens placed by the device batch (_set_batch): x -> out.
         Launches kernels only (no allocation, no host transfer), so it can be captured in a graph."""
         w, p, cache, layer = call.weights, call.params, call.cache, call.layer
         n = x.shape[0]
@@ -537,11 +553,10 @@ class CudaBackend(Backend):
             for m, y in ((wq, q), (wk, k), (wv, v)):
                 style = m.activation_format
                 self._matvec(m, h, hq[style or 0], hs[style or 0], y)
-        self._launch("rope_store", (n, p.n_heads + p.n_kv_heads), (64,), q, k, v, cache.k[layer], cache.v[layer],
-                     _i32(p.n_heads), _i32(p.n_kv_heads), _i32(p.head_dim), _i32(p.rope_dims), _f32(p.rope_base),
-                     _i32(bool(p.rope_neox)), self._position, _i32(0))
+        pos, seq = self._batch
+        self._rope_store(cache, layer, q, k, v, n, p.n_heads, p.rope_dims, p.rope_base, p.rope_neox, pos, seq)
         attn = s.attn[:n]
-        self._attend(q, cache, layer, attn, n, p.n_heads, p.sliding_window, self._position, 0, s.part)
+        self._attend(q, cache, layer, attn, n, p.n_heads, p.sliding_window, pos, seq, s.part)
         if wo.quantised:
             self._quantize(attn, s.attn_q[:n], s.attn_s[:n], wo.activation_format)
         mid = s.mid[:n]
@@ -562,7 +577,7 @@ class CudaBackend(Backend):
             self._quantize(f, s.f_q[:n], s.f_s[:n], down.activation_format)
         self._matvec(down, f, s.f_q[:n], s.f_s[:n], out, resid=mid)
 
-    def _layer_prompt(self, x, out, call: LayerCall, start_pos):
+    def _layer_prompt(self, x, out, call: LayerCall, batch: Batch):
         """One layer for a prompt chunk (n > DECODE_MAX_TOKENS): cuBLAS matrix products."""
         cp = self.cp
         w, p, cache, layer = call.weights, call.params, call.cache, call.layer
@@ -576,11 +591,10 @@ class CudaBackend(Backend):
         v = cp.empty((n, w.wv.rows), f32)
         for m, y in ((w.wq, q), (w.wk, k), (w.wv, v)):
             self._gemm(h, m, y, x16=h16)
-        self._launch("rope_store", (n, p.n_heads + p.n_kv_heads), (64,), q, k, v, cache.k[layer], cache.v[layer],
-                     _i32(p.n_heads), _i32(p.n_kv_heads), _i32(p.head_dim), _i32(p.rope_dims), _f32(p.rope_base),
-                     _i32(bool(p.rope_neox)), _NULL, _i32(start_pos))
+        pos, seq = self._upload_ints(np.stack([batch.positions, batch.seqs]))
+        self._rope_store(cache, layer, q, k, v, n, p.n_heads, p.rope_dims, p.rope_base, p.rope_neox, pos, seq)
         attn = cp.empty_like(q)
-        self._attend(q, cache, layer, attn, n, p.n_heads, p.sliding_window, None, start_pos)
+        self._attend(q, cache, layer, attn, n, p.n_heads, p.sliding_window, pos, seq)
         mid = cp.empty_like(x)
         self._gemm(attn, w.wo, mid, resid=x)
         self._rms_norm(mid, self._vector(w.ffn_norm, d), p.rms_eps, y=h)

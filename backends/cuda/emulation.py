@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from zephyr import memory
+
 from .runtime import FIRST_KERNEL, KERNEL_DIR, KERNEL_FILES, file_of, kernel_source
 
 _KERNEL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(([^)]*)\)')
@@ -214,6 +216,10 @@ class EmulatedGPU:
         self.cp = _make_cp()
         self.stream = EmulatedStream()
         self.kernels = EmulatedKernels(self.stream)
+
+    def memory_available(self) -> int:
+        """The host's: emulated device arrays live in host memory."""
+        return memory.available_memory()
 
     def gemm(self, w, x, y, row0, accumulate):
         rows = w.shape[0]

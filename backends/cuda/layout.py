@@ -12,7 +12,8 @@ from zephyr.quants import GGMLType, TYPE_INFO
 
 T = GGMLType
 
-# type -> ((offset, length) in the block, ...), plane p0 first.
+# type -> ((offset, length) in the block, ...), plane p0 first. Types not listed (F32, F16, BF16)
+# have no fields: one plane, the file's bytes.
 PLANES = {
     T.Q4_0: ((2, 16), (0, 2)),                              # qs, d
     T.Q4_1: ((4, 16), (0, 4)),                              # qs, (d, m)
@@ -25,14 +26,13 @@ PLANES = {
     T.Q5_K: ((48, 128), (16, 32), (0, 16)),                 # qs, qh, header
     T.Q6_K: ((0, 128), (128, 64), (192, 16), (208, 2)),     # ql, qh, scales, d
 }
-FLOAT_TYPES = frozenset({T.F32, T.F16, T.BF16})
 ALIGN = 256   # bytes between plane starts
 
 
 def plane_sizes(type: GGMLType, rows: int, cols: int) -> list:
     """Bytes of each plane of a [rows, cols] weight."""
     info = TYPE_INFO[type]
-    if type in FLOAT_TYPES:
+    if type not in PLANES:
         return [rows * cols * info.type_size]
     blocks = rows * (cols // info.block_size)
     return [blocks * length for _offset, length in PLANES[type]]
@@ -53,7 +53,7 @@ def pack(xp, raw, type: GGMLType, rows: int, cols: int):
     sizes = plane_sizes(type, rows, cols)
     offsets = plane_offsets(sizes)
     buffer = xp.empty(offsets[-1], dtype=xp.uint8)
-    if type in FLOAT_TYPES:
+    if type not in PLANES:
         buffer[:sizes[0]] = raw
         return buffer, [buffer[:sizes[0]]]
     info = TYPE_INFO[type]
@@ -69,7 +69,7 @@ def pack(xp, raw, type: GGMLType, rows: int, cols: int):
 def unpack(xp, planes, type: GGMLType, rows: int, cols: int):
     """Inverse of pack: the planes -> uint8 [rows * row_bytes] in the file's block layout."""
     info = TYPE_INFO[type]
-    if type in FLOAT_TYPES:
+    if type not in PLANES:
         return planes[0].copy()
     blocks = xp.empty((rows * (cols // info.block_size), info.type_size), dtype=xp.uint8)
     for (offset, length), plane in zip(PLANES[type], planes):

@@ -99,6 +99,11 @@ class CupyGPU:
         self.stream = cp.cuda.Stream(non_blocking=True)
         self._scalars = np.array([1.0, 0.0, 1.0], dtype=np.float32)   # alpha, beta = 0, beta = 1
 
+    def memory_available(self) -> int:
+        """Bytes the device can still give: its free memory and what CuPy's pool holds unused."""
+        free, _total = self.cp.cuda.runtime.memGetInfo()
+        return free + self.cp.get_default_memory_pool().free_bytes()
+
     def gemm(self, w, x, y, row0, accumulate):
         """y[:, row0:row0 + rows] (+)= x @ w.T through cuBLAS on the stream, in f32.
 
@@ -174,5 +179,5 @@ _PREFIXES = (
     ("rope", "rope"),
     ("add", "elementwise"), ("swiglu", "elementwise"), ("to_f16", "elementwise"),
 )
-FIRST_KERNEL = {"attention": "attention", "dequant": "embed_f32", "elementwise": "add", "matvec": "mv_f32_1",
+FIRST_KERNEL = {"attention": "attention_f32", "dequant": "embed_f32", "elementwise": "add", "matvec": "mv_f32_1",
                 "norm": "rms_norm", "quantize": "quantize_q8_0", "rope": "rope"}

@@ -144,7 +144,7 @@ def test_native_layer_refuses_short_weights():
     """The fused layer's native constructor checks every buffer against the shapes it is given."""
     d, f, heads, hd = 64, 128, 2, 32
     norm = np.ones(d, np.float32)
-    cache = np.zeros((2, 1, 8, 1, hd * 4), np.uint8)   # f32 keys and values of one sequence, 8 positions
+    cache = np.zeros((2, 1, 1, 8, hd * 4), np.uint8)   # f32 keys and values of one sequence, 8 positions
 
     def matrix(rows, cols):
         return np.zeros(rows * _ops.row_bytes(int(GGMLType.Q4_0), cols), np.uint8), int(GGMLType.Q4_0)

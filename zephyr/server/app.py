@@ -19,9 +19,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from .. import __version__
-from ..errors import ContextOverflowError
+from ..errors import ContextOverflowError, InvalidRequestError, MissingDependencyError
 from . import generation
-from .generation import Finished, Job, Piece, Started
+from .generation import Started
+from ..scheduler import SchedulerFullError
 from .runner import ModelRunner, QueueFullError
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from .sse import DONE, EventStreamResponse, encode, listen_for_disconnect
@@ -48,7 +49,11 @@ def api_error(exc: Exception) -> APIError:
         return exc
     if isinstance(exc, ContextOverflowError):
         return APIError(400, str(exc), code="context_length_exceeded")
-    if isinstance(exc, QueueFullError):
+    if isinstance(exc, InvalidRequestError):
+        return APIError(400, str(exc), param=exc.param)
+    if isinstance(exc, MissingDependencyError):   # the request asks for a feature this install lacks
+        return APIError(400, str(exc), code="unsupported_feature")
+    if isinstance(exc, (QueueFullError, SchedulerFullError)):
         return APIError(503, str(exc), type="server_error", code="server_overloaded")
     if isinstance(exc, (ValueError, TypeError)):
         return APIError(400, str(exc))
@@ -100,19 +105,21 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def create_app(llm, *, model_name=None, api_key=None, max_queue=MAX_QUEUE, cors_origins=(),
+def create_app(llm, *, model_name=None, api_key=None, max_queue=MAX_QUEUE, cache_ram_bytes=0, cors_origins=(),
                max_body_bytes=MAX_BODY_BYTES, health_info=None) -> FastAPI:
     """A FastAPI app serving `llm` (a loaded zephyr.LLM). The app does not close the model.
 
     model_name: the id /v1/models reports (default: the file name); requests may name any model.
     api_key: when set, /v1/* needs `Authorization: Bearer <api_key>`.
-    max_queue: requests allowed to run or wait at once; more get 503.
+    max_queue: requests allowed to run or wait at once; more get 503. As many as the model has KV
+    cache sequences (its `sequences`, `zephyr serve --parallel`) run together; the rest wait.
+    cache_ram_bytes: RAM for conversation prefixes the sequences lose, restored when they return.
     health_info: an async function returning more fields for /health (Ray Serve: the replicas).
     """
     name = model_name or Path(llm.model_path).name
     # Names the process that answers (system_fingerprint), so replicas behind one endpoint can be told apart.
     fingerprint = f"{socket.gethostname()}:{os.getpid()}"
-    runner = ModelRunner(llm, max_queue)
+    runner = ModelRunner(llm, max_queue, cache_ram_bytes)
     page = chat_page()
 
     @asynccontextmanager
@@ -161,16 +168,17 @@ def create_app(llm, *, model_name=None, api_key=None, max_queue=MAX_QUEUE, cors_
 
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await respond(request, Job("chat", body, messages=body.conversation()))
+        return await respond(request, "chat", body)
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
-        return await respond(request, Job("completion", body, prompt=body.prompt))
+        return await respond(request, "completion", body)
 
     @v1.post("/embeddings")
     async def embeddings(body: EmbeddingRequest):
         try:
-            return await runner.call(generation.embed, body, name)
+            inputs = await runner.call(generation.embedding_inputs, body)
+            return generation.embedding_response(body, inputs, await runner.embed(inputs), name)
         except Exception as exc:
             raise api_error(exc) from None
 
@@ -204,8 +212,8 @@ def create_app(llm, *, model_name=None, api_key=None, max_queue=MAX_QUEUE, cors_
     def model_card():
         return {"id": name, "object": "model", "created": started, "owned_by": "zephyr"}
 
-    async def respond(request: Request, job: Job):
-        stream = runner.stream(generation.run, job)
+    async def respond(request: Request, kind: str, body):
+        stream = runner.stream(generation.prepare, kind, body, name, fingerprint)
         try:
             first = await until_disconnect(request, stream.cancel, stream.next)
         except Exception as exc:
@@ -213,27 +221,23 @@ def create_app(llm, *, model_name=None, api_key=None, max_queue=MAX_QUEUE, cors_
         if first is None:   # the client left before generation began
             return Response(status_code=499)
         assert isinstance(first, Started)
-        if job.request.stream:
-            return EventStreamResponse(sse_events(job, stream, first), on_disconnect=stream.cancel)
-        return await until_disconnect(request, stream.cancel, lambda: collect(job, stream))
+        if body.stream:
+            return EventStreamResponse(sse_events(first.completion, stream), on_disconnect=stream.cancel)
+        return await until_disconnect(request, stream.cancel, lambda: collect(first.completion, stream))
 
-    async def collect(job, stream):
-        text, finished = [], None
+    async def collect(completion, stream):
         async for event in stream:
-            if isinstance(event, Piece):
-                text.append(event.text)
-            elif isinstance(event, Finished):
-                finished = event
-        if finished is None:
+            completion.add(event.step, event.choice)
+        if completion.finish_reason is None:
             return Response(status_code=499)
-        return generation.completion_response(job, name, fingerprint, "".join(text), finished)
+        return completion.response()
 
-    async def sse_events(job, stream, first):
-        for chunk in generation.stream_chunks(job, name, fingerprint, first):
+    async def sse_events(completion, stream):
+        for chunk in completion.opening():
             yield encode(chunk)
         try:
             async for event in stream:
-                for chunk in generation.stream_chunks(job, name, fingerprint, event):
+                for chunk in completion.chunks(event.step, event.choice):
                     yield encode(chunk)
         except Exception as exc:   # the status line has gone out: report the error in the stream
             yield encode(api_error(exc).body())

@@ -1,16 +1,22 @@
-"""One model, one worker thread: requests run one at a time, in arrival order, off the event loop.
+"""One model, many requests at once, off the event loop.
 
-A model has a single KV cache, so two generations must never interleave on it. Every piece of
-model work (tokenizing, generating, embedding) is submitted to the model's own single-thread
-executor, which is the queue: the event loop stays free to accept requests, answer /health and
-stream the pieces of the running generation. A generation checks its `cancelled` flag after every
-piece; the server sets it when the client disconnects, so the next request starts promptly.
+The scheduler's thread owns the model (continuous batching, zephyr/scheduler.py): every step, one
+forward pass serves every running request. Requests are prepared — fields checked, templates
+rendered, prompts tokenized — on a small pool of threads, then submitted; their events come back
+to the event loop through a `GenerationStream`. A client that leaves cancels its request, and the
+scheduler frees its sequence at the next step.
 """
 import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 from ..errors import ZephyrError
+from ..scheduler import EmbeddingRequest, Scheduler
+
+# Threads that prepare requests (rendering and tokenizing release the GIL in part).
+PREPARERS = 2
 
 
 class QueueFullError(ZephyrError):
@@ -18,7 +24,7 @@ class QueueFullError(ZephyrError):
 
 
 class GenerationStream:
-    """The events of one generation: produced on the worker thread, consumed on the event loop."""
+    """The events of one request: produced on other threads, consumed on the event loop."""
 
     _END = object()
 
@@ -26,19 +32,25 @@ class GenerationStream:
         self._loop = loop
         self._queue = asyncio.Queue()
         self.cancelled = threading.Event()
+        self.requests = []   # the scheduler requests serving it, cancelled with it
 
     def cancel(self):
         self.cancelled.set()
+        for request in self.requests:
+            request.cancel()
 
     def put(self, item):
-        """Called on the worker thread."""
+        """Called on any thread."""
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
         except RuntimeError:   # the event loop has closed: nobody is listening any more
             self.cancel()
 
+    def end(self):
+        self.put(self._END)
+
     async def next(self):
-        """The next event, or None at the end; re-raises what the generation raised."""
+        """The next event, or None at the end; re-raises what the request raised."""
         item = await self._queue.get()
         if item is self._END:
             return None
@@ -53,17 +65,21 @@ class GenerationStream:
         try:
             while (item := await self.next()) is not None:
                 yield item
-        finally:   # a consumer that stops early (the client left) stops the generation
+        finally:   # a consumer that stops early (the client left) stops the request
             self.cancel()
 
 
 class ModelRunner:
-    """Serialises all work on one model; at most `max_queue` requests wait or run at once."""
+    """Serves requests on one model through a scheduler; at most `max_queue` run or wait at once.
+    cache_bytes: RAM for conversation prefixes the KV cache's sequences lose (0: none)."""
 
-    def __init__(self, llm, max_queue: int = 64):
+    def __init__(self, llm, max_queue: int = 64, cache_bytes: int = 0):
         self.llm = llm
         self.max_queue = max_queue
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zephyr-model")
+        self.scheduler = Scheduler(llm, cache_bytes=cache_bytes, max_waiting=max_queue)
+        self._thread = threading.Thread(target=self.scheduler.serve, name="zephyr-scheduler", daemon=True)
+        self._thread.start()
+        self._prepare = ThreadPoolExecutor(max_workers=PREPARERS, thread_name_prefix="zephyr-prepare")
         self._count_lock = threading.Lock()
         self._pending = 0
         self._streams = set()
@@ -76,54 +92,82 @@ class ModelRunner:
     def _admit(self):
         with self._count_lock:
             if self._pending >= self.max_queue:
-                raise QueueFullError(f"{self._pending} requests are already waiting for the model; retry later")
+                raise QueueFullError(f"{self._pending} requests are already running or waiting for the model; "
+                                     f"retry later")
             self._pending += 1
 
     def _release(self):
         with self._count_lock:
             self._pending -= 1
 
-    async def call(self, fn, *args):
-        """Run fn(llm, *args) on the worker thread and return its result."""
-        self._admit()
-
-        def work():
-            try:
-                return fn(self.llm, *args)
-            finally:
-                self._release()
-        return await asyncio.get_running_loop().run_in_executor(self._executor, work)
-
-    def stream(self, produce, *args) -> GenerationStream:
-        """Start iterating produce(llm, *args) on the worker thread; its items arrive on the stream."""
+    def stream(self, prepare, *args) -> GenerationStream:
+        """prepare(llm, *args) -> (first event, completion) on a preparing thread, then the
+        completion's requests on the scheduler: the first event, then every (choice, step) Event,
+        arrive on the stream."""
         self._admit()
         stream = GenerationStream(asyncio.get_running_loop())
         self._streams.add(stream)
 
+        def finish():
+            self._release()
+            self._streams.discard(stream)
+            stream.end()
+
         def work():
             try:
-                if stream.cancelled.is_set():   # the client left while waiting in the queue
-                    return
-                events = produce(self.llm, *args)
-                try:
-                    for event in events:
+                if stream.cancelled.is_set():   # the client left while waiting
+                    return finish()
+                first, completion = prepare(self.llm, *args)
+                stream.put(first)
+                ends = []
+
+                def on_event(event):
+                    if event.choice is not None:
                         stream.put(event)
-                        if stream.cancelled.is_set():
-                            break
-                finally:
-                    events.close()
-            except Exception as exc:
+                    else:
+                        if event.error is not None:
+                            stream.put(event.error)
+                        ends.append(event)
+                        if len(ends) == len(stream.requests):
+                            finish()
+                stream.requests = completion.requests(self.llm, on_event)
+                for request in stream.requests:
+                    self.scheduler.submit(request)
+                if stream.cancelled.is_set():
+                    stream.cancel()
+            except Exception as exc:   # noqa: BLE001 - reported to the client, the server goes on
+                for request in stream.requests:
+                    request.cancel()
                 stream.put(exc)
-            finally:
-                self._release()
-                self._streams.discard(stream)
-                stream.put(GenerationStream._END)
-        self._executor.submit(work)
+                finish()
+        self._prepare.submit(work)
         return stream
 
+    async def embed(self, inputs) -> list:
+        """The mean final hidden state of each token list in `inputs`, evaluated on the scheduler."""
+        self._admit()
+        try:
+            requests = [EmbeddingRequest(tokens) for tokens in inputs]
+            for request in requests:
+                self.scheduler.submit(request)
+            loop = asyncio.get_running_loop()
+            for request in requests:
+                await loop.run_in_executor(self._prepare, request.done.wait)
+                if request.error is not None:
+                    raise request.error
+            return [request.hidden.mean(axis=0).astype(np.float32).tolist() for request in requests]
+        finally:
+            self._release()
+
+    async def call(self, fn, *args):
+        """fn(llm, *args) on a preparing thread (tokenizing and the like)."""
+        return await asyncio.get_running_loop().run_in_executor(self._prepare, fn, self.llm, *args)
+
     def shutdown(self):
-        """Stop every generation, drop queued requests and wait for the worker to finish."""
+        """Stop every request and the scheduler's thread, and wait for them."""
         for stream in list(self._streams):
             stream.cancel()
-            stream.put(GenerationStream._END)   # its consumer may be waiting on a job that will never run
-        self._executor.shutdown(wait=True, cancel_futures=True)
+            stream.end()   # its consumer may be waiting on a request that will never run
+        self._prepare.shutdown(wait=True, cancel_futures=True)
+        self.scheduler.stop()
+        self._thread.join()

@@ -1,8 +1,9 @@
 """Request bodies of the OpenAI-compatible API, as pydantic models (responses are plain dicts).
 
 Fields zephyr does not know are ignored, as OpenAI-compatible clients send many optional ones; fields
-it knows but cannot honour (n > 1, tools, logprobs, ...) are refused with a 400 naming them.
-Sampling fields left out (or null) get their defaults in `generation.sampling_settings`.
+it knows but cannot honour (n > 1, echo, ...) are refused with a 400 naming them. The meaning of the
+fields it honours is checked by `zephyr.completions` (shared with the Python API), whose ValueErrors
+become 400s too. Sampling fields left out (or null) get their defaults in `generation.sampling_settings`.
 """
 from typing import Literal, Optional, Union
 
@@ -27,12 +28,15 @@ class _Sampling(_Request):
     n: Optional[int] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    logit_bias: Optional[dict[str, float]] = None
+    response_format: Optional[dict] = None
     # Extensions that llama.cpp-based servers accept too.
     top_k: Optional[int] = Field(None, ge=0)
     min_p: Optional[float] = Field(None, ge=0, le=1)
     repeat_penalty: Optional[float] = Field(None, gt=0)
+    grammar: Optional[str] = None          # GBNF
 
     @field_validator("stop")
     @classmethod
@@ -40,20 +44,6 @@ class _Sampling(_Request):
         if isinstance(stop, list) and len(stop) > 4:
             raise ValueError("at most 4 stop sequences are allowed")
         return stop
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n):
-        if n is not None and n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_openai_penalties(cls, value):
-        if value:
-            raise ValueError("is not supported; use repeat_penalty (llama.cpp's repetition penalty) instead")
-        return value
 
     @property
     def include_usage(self) -> bool:
@@ -65,9 +55,22 @@ class TextPart(_Request):
     text: str
 
 
+class ToolCallFunction(_Request):
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCall(_Request):
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
+    tool_calls: Optional[list[ToolCall]] = None     # an assistant's earlier calls
+    tool_call_id: Optional[str] = None              # the call a tool message answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -79,30 +82,19 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: Optional[bool] = None
-    tools: Optional[list] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    tools: Optional[list[dict]] = None
+    tool_choice: Optional[Union[str, dict]] = None
+    parallel_tool_calls: Optional[bool] = None
     functions: Optional[list] = None
-    response_format: Optional[dict] = None
+    function_call: Optional[Union[str, dict]] = None
 
-    @field_validator("logprobs")
+    @field_validator("functions", "function_call")
     @classmethod
-    def _no_logprobs(cls, logprobs):
-        if logprobs:
-            raise ValueError("logprobs are not supported")
-        return logprobs
-
-    @field_validator("tools", "functions")
-    @classmethod
-    def _no_tools(cls, tools):
-        if tools:
-            raise ValueError("tool and function calling are not supported")
-        return tools
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, response_format):
-        if response_format and response_format.get("type", "text") != "text":
-            raise ValueError("only the 'text' response format is supported")
-        return response_format
+    def _no_legacy_functions(cls, value):
+        if value:
+            raise ValueError("the legacy function calling fields are not supported; use tools and tool_choice")
+        return value
 
     @property
     def token_limit(self) -> Optional[int]:
@@ -110,7 +102,16 @@ class ChatCompletionRequest(_Sampling):
 
     def conversation(self) -> list:
         """The messages as zephyr's chat templates take them ('developer' is OpenAI's newer 'system')."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        messages = []
+        for m in self.messages:
+            message = {"role": "system" if m.role == "developer" else m.role,
+                       "content": None if m.content is None and m.tool_calls else m.text()}
+            if m.tool_calls:
+                message["tool_calls"] = [call.model_dump() for call in m.tool_calls]
+            if m.tool_call_id is not None:
+                message["tool_call_id"] = m.tool_call_id
+            messages.append(message)
+        return messages
 
 
 Prompt = Union[str, list[str], list[int], list[list[int]]]
@@ -120,7 +121,7 @@ class CompletionRequest(_Sampling):
     prompt: Prompt
     echo: Optional[bool] = None
     suffix: Optional[str] = None
-    logprobs: Optional[int] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=5)
     best_of: Optional[int] = None
 
     @field_validator("prompt")
@@ -134,7 +135,7 @@ class CompletionRequest(_Sampling):
             raise ValueError("the prompt is empty")
         return prompt
 
-    @field_validator("echo", "suffix", "logprobs")
+    @field_validator("echo", "suffix")
     @classmethod
     def _unsupported(cls, value, info):
         if value:

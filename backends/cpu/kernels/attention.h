@@ -31,8 +31,8 @@
 #define ZD_ATT_SPLIT_KEYS 512   /* a lone token's keys are shared out in runs of at least this many */
 #define ZD_ATT_MAX_SPLITS 16
 
-/* One layer of the cache: keys at k and values at v, each [n_seqs][n_ctx][n_kv] rows of hd values
- * of `type` (ZD_F32, ZD_F16 or ZD_Q8_0), row_bytes each. */
+/* One layer of the cache: keys at k and values at v, each [n_seqs][n_kv][n_ctx] rows of hd values
+ * of `type` (ZD_F32, ZD_F16 or ZD_Q8_0), row_bytes each: a kv head's positions follow each other. */
 typedef struct {
     uint8_t *k, *v;
     int type;
@@ -40,7 +40,7 @@ typedef struct {
 } zd_kv_layer;
 
 static inline int64_t zd_kv_offset(const zd_kv_layer *c, int64_t seq, int64_t pos, int64_t kv) {
-    return ((seq * c->n_ctx + pos) * c->n_kv + kv) * c->row_bytes;
+    return ((seq * c->n_kv + kv) * c->n_ctx + pos) * c->row_bytes;
 }
 
 /* hd floats -> a cache row of `type`, rounded as zephyr.backend.encode_rows rounds them. */
@@ -86,7 +86,8 @@ typedef struct {
     float *partial;           /* [n, h, ZD_ATT_MAX_SPLITS, hdp + 2]: (max, sum, acc) of each share */
 } zd_att_job;
 
-static inline int64_t zd_att_hdp(int64_t hd) { return (hd + 15) / 16 * 16; }
+/* Rows of hd values are padded with zeros to whole ZD_ATT_LANES in the tiles. */
+static inline int64_t zd_att_hdp(int64_t hd) { return (hd + ZD_ATT_LANES - 1) / ZD_ATT_LANES * ZD_ATT_LANES; }
 
 static inline int64_t zd_att_tokens_per_item(int64_t group) {
     return group >= ZD_ATT_ROWS ? 1 : ZD_ATT_ROWS / group;
@@ -97,7 +98,7 @@ static inline int64_t zd_att_max_items(int64_t n, int64_t n_kv) { return n * n_k
 /* Floats of one thread's scratch for head size hd and `group` query heads per kv head. */
 static inline int64_t zd_att_scratch_floats(int64_t hd, int64_t group) {
     const int64_t hdp = zd_att_hdp(hd), rows = zd_att_tokens_per_item(group) * group;
-    return 3 * ZD_ATT_KEYS * hdp + 2 * rows * hdp + 2 * rows + 2 * ZD_ATT_KEYS;
+    return 3 * ZD_ATT_KEYS * hdp + 2 * rows * hdp + 2 * rows + (rows + 1) * ZD_ATT_KEYS;
 }
 
 /* The first key token t may see. */
@@ -163,76 +164,67 @@ static inline float zd_att_exp(float x) {
  * (ZD_ATT_LOOPS below): small functions of their own, so the compiler keeps their ZD_ATT_LANES
  * accumulators in registers. */
 
-/* lanes[0..LANES) = q . kt[:, 0..LANES): scores of LANES keys from a transposed key tile. */
-ZD_INLINE void zd_att_scores_body(const float *ZD_RESTRICT q, const float *ZD_RESTRICT kt, int64_t hd,
-                                  float *ZD_RESTRICT out) {
-    float lanes[ZD_ATT_LANES];
-    for (int j = 0; j < ZD_ATT_LANES; j++)
-        lanes[j] = 0.0f;
-    for (int64_t d = 0; d < hd; d++) {
-        const float qd = q[d];
-        const float *ZD_RESTRICT kd = kt + d * ZD_ATT_KEYS;
-#pragma omp simd
-        for (int j = 0; j < ZD_ATT_LANES; j++)
-            lanes[j] = fmaf(qd, kd[j], lanes[j]);
-    }
-    for (int j = 0; j < ZD_ATT_LANES; j++)
-        out[j] = lanes[j];
-}
-
-/* q . k over n values (a decode row's score against one key). */
-ZD_INLINE float zd_att_dot_body(const float *ZD_RESTRICT q, const float *ZD_RESTRICT k, int64_t n) {
-    float dot = 0.0f;
-#pragma omp simd reduction(+:dot)
-    for (int64_t d = 0; d < n; d++)
-        dot = fmaf(q[d], k[d], dot);
-    return dot;
-}
-
-/* a[0..width) = a * correction + sum_j p[j] * v[j * stride ...]: width <= LANES dims of one row's output. */
-ZD_INLINE void zd_att_accumulate_body(float *ZD_RESTRICT a, float correction, const float *ZD_RESTRICT p,
-                                      const float *ZD_RESTRICT v, int64_t stride, int64_t j0, int64_t j1,
-                                      int64_t width) {
+/* out[0..LANES) = base * scale + sum_t c[t] * rows[t * stride ..]: a weighted sum of n rows, LANES
+ * wide, kept in registers; base NULL is zero. With c a query and rows a transposed key tile, the
+ * scores of LANES keys; with c the softmax weights and rows the value tile, LANES dims of an output. */
+ZD_INLINE void zd_att_lanes_body(float *ZD_RESTRICT out, const float *base, float scale, const float *ZD_RESTRICT c,
+                                 const float *ZD_RESTRICT rows, int64_t stride, int64_t n) {
     float lanes[ZD_ATT_LANES];
     for (int i = 0; i < ZD_ATT_LANES; i++)
-        lanes[i] = i < width ? a[i] * correction : 0.0f;
-    if (width == ZD_ATT_LANES) {   /* the common case */
-        for (int64_t j = j0; j < j1; j++) {
-            const float pj = p[j];
-            const float *ZD_RESTRICT vj = v + j * stride;
+        lanes[i] = base ? base[i] * scale : 0.0f;
+    for (int64_t t = 0; t < n; t++) {
+        const float ct = c[t];
+        const float *ZD_RESTRICT row = rows + t * stride;
 #pragma omp simd
-            for (int i = 0; i < ZD_ATT_LANES; i++)
-                lanes[i] = fmaf(pj, vj[i], lanes[i]);
-        }
-    } else {
-        for (int64_t j = j0; j < j1; j++) {
-            const float pj = p[j];
-            const float *ZD_RESTRICT vj = v + j * stride;
-#pragma omp simd
-            for (int64_t i = 0; i < width; i++)
-                lanes[i] = fmaf(pj, vj[i], lanes[i]);
-        }
+        for (int i = 0; i < ZD_ATT_LANES; i++)
+            lanes[i] = fmaf(ct, row[i], lanes[i]);
     }
-    for (int64_t i = 0; i < width; i++)
-        a[i] = lanes[i];
+    for (int i = 0; i < ZD_ATT_LANES; i++)
+        out[i] = lanes[i];
 }
 
-/* One cache row (hd values of `type`) as floats. `f16` converts halves on this path. */
-ZD_INLINE void zd_att_decode_body(int type, const uint8_t *ZD_RESTRICT row, float *ZD_RESTRICT out, int64_t hd,
-                                  void (*f16)(const uint8_t *, float *, int64_t)) {
-    if (type == ZD_F32) {
-        memcpy(out, row, (size_t)hd * sizeof(float));
-    } else if (type == ZD_F16) {
-        f16(row, out, hd);
-    } else {   /* Q8_0: per 32 values an f16 scale and 32 int8 */
-        for (int64_t b = 0; b < hd / ZD_QK; b++, row += 2 + ZD_QK, out += ZD_QK) {
-            uint16_t h;
-            memcpy(&h, row, 2);
-            const float d = zd_f16_to_f32(h);
-            const int8_t *ZD_RESTRICT q = (const int8_t *)(row + 2);
+/* scores[r * KEYS + j] = q_r . k_j for the `rows` queries (hdp apart) and keys j0 <= j < j1 of a
+ * tile (hdp apart): a decode token's few rows, where transposing the tile would cost more. */
+ZD_INLINE void zd_att_dots_body(const float *ZD_RESTRICT q, int64_t rows, const float *ZD_RESTRICT k, int64_t j0,
+                                int64_t j1, int64_t hdp, float *ZD_RESTRICT scores) {
+    for (int64_t j = j0; j < j1; j++)
+        for (int64_t r = 0; r < rows; r++) {
+            const float *ZD_RESTRICT qr = q + r * hdp, *ZD_RESTRICT kj = k + j * hdp;
+            float lanes[ZD_ATT_LANES];   /* independent sums: no chain of dependent adds */
+            for (int i = 0; i < ZD_ATT_LANES; i++)
+                lanes[i] = 0.0f;
+            for (int64_t d = 0; d < hdp; d += ZD_ATT_LANES)
 #pragma omp simd
-            for (int i = 0; i < ZD_QK; i++)
-                out[i] = d * (float)q[i];
+                for (int i = 0; i < ZD_ATT_LANES; i++)
+                    lanes[i] = fmaf(qr[d + i], kj[d + i], lanes[i]);
+            float dot = 0.0f;
+            for (int i = 0; i < ZD_ATT_LANES; i++)
+                dot += lanes[i];
+            scores[r * ZD_ATT_KEYS + j] = dot;
+        }
+}
+
+/* n cache rows (hd values of `type`, `stride` bytes apart) as float rows hdp apart. `f16`
+ * converts halves on this path. */
+ZD_INLINE void zd_att_decode_body(int type, const uint8_t *ZD_RESTRICT rows, int64_t stride, int64_t n, int64_t hd,
+                                  float *ZD_RESTRICT out, int64_t hdp, void (*f16)(const uint8_t *, float *, int64_t)) {
+    for (int64_t i = 0; i < n; i++, rows += stride, out += hdp) {
+        if (type == ZD_F32) {
+            memcpy(out, rows, (size_t)hd * sizeof(float));
+        } else if (type == ZD_F16) {
+            f16(rows, out, hd);
+        } else {   /* Q8_0: per 32 values an f16 scale and 32 int8 */
+            const uint8_t *block = rows;
+            for (int64_t b = 0; b < hd / ZD_QK; b++, block += 2 + ZD_QK) {
+                uint16_t h;
+                memcpy(&h, block, 2);
+                const float d = zd_f16_to_f32(h);
+                const int8_t *ZD_RESTRICT q = (const int8_t *)(block + 2);
+                float *ZD_RESTRICT o = out + b * ZD_QK;
+#pragma omp simd
+                for (int i = 0; i < ZD_QK; i++)
+                    o[i] = d * (float)q[i];
+            }
         }
     }
 }
@@ -254,32 +246,30 @@ ZD_TARGET_AVX2 static void zd_att_f16_f16c(const uint8_t *row, float *out, int64
 }
 #endif
 
-/* A path's inner loops, bound together for zd_att_item_body. */
+/* A path's inner loops, bound together for zd_att_run_item. */
 typedef struct {
-    void (*scores)(const float *, const float *, int64_t, float *);
-    float (*dot)(const float *, const float *, int64_t);
-    void (*accumulate)(float *, float, const float *, const float *, int64_t, int64_t, int64_t, int64_t);
-    void (*decode)(int, const uint8_t *, float *, int64_t);
+    void (*lanes)(float *, const float *, float, const float *, const float *, int64_t, int64_t);
+    void (*dots)(const float *, int64_t, const float *, int64_t, int64_t, int64_t, float *);
+    void (*decode)(int, const uint8_t *, int64_t, int64_t, int64_t, float *, int64_t);
 } zd_att_loops;
 
 #define ZD_ATT_LOOPS(path, target, f16)                                                                        \
-    target __attribute__((noinline)) static void zd_att_scores_##path(const float *q, const float *kt,         \
-                                                                       int64_t hd, float *out) {               \
-        zd_att_scores_body(q, kt, hd, out);                                                                    \
+    target __attribute__((noinline)) static void zd_att_lanes_##path(float *out, const float *base, float scale, \
+                                                                      const float *c, const float *rows,        \
+                                                                      int64_t stride, int64_t n) {              \
+        zd_att_lanes_body(out, base, scale, c, rows, stride, n);                                               \
     }                                                                                                          \
-    target __attribute__((noinline)) static float zd_att_dot_##path(const float *q, const float *k, int64_t n) { \
-        return zd_att_dot_body(q, k, n);                                                                       \
+    target __attribute__((noinline)) static void zd_att_dots_##path(const float *q, int64_t rows, const float *k, \
+                                                                     int64_t j0, int64_t j1, int64_t hdp,      \
+                                                                     float *scores) {                          \
+        zd_att_dots_body(q, rows, k, j0, j1, hdp, scores);                                                     \
     }                                                                                                          \
-    target __attribute__((noinline)) static void zd_att_accumulate_##path(                                     \
-        float *a, float correction, const float *p, const float *v, int64_t stride, int64_t j0, int64_t j1,    \
-        int64_t width) {                                                                                       \
-        zd_att_accumulate_body(a, correction, p, v, stride, j0, j1, width);                                    \
+    target static void zd_att_decode_##path(int type, const uint8_t *rows, int64_t stride, int64_t n,         \
+                                            int64_t hd, float *out, int64_t hdp) {                             \
+        zd_att_decode_body(type, rows, stride, n, hd, out, hdp, f16);                                          \
     }                                                                                                          \
-    target static void zd_att_decode_##path(int type, const uint8_t *row, float *out, int64_t hd) {           \
-        zd_att_decode_body(type, row, out, hd, f16);                                                           \
-    }                                                                                                          \
-    static const zd_att_loops zd_att_loops_##path = {zd_att_scores_##path, zd_att_dot_##path,                   \
-                                                     zd_att_accumulate_##path, zd_att_decode_##path};
+    static const zd_att_loops zd_att_loops_##path = {zd_att_lanes_##path, zd_att_dots_##path,                   \
+                                                     zd_att_decode_##path};
 
 ZD_ATT_LOOPS(scalar, , zd_att_f16_scalar)
 #if ZD_X86
@@ -301,7 +291,8 @@ static void zd_att_run_item(const zd_att_job *job, const zd_att_item *it, float 
     float *ZD_RESTRICT qb = vt + ZD_ATT_KEYS * hdp;         /* [rows][hdp]: scaled queries */
     float *ZD_RESTRICT acc = qb + rows * hdp;               /* [rows][hdp] */
     float *ZD_RESTRICT m = acc + rows * hdp, *ZD_RESTRICT l = m + rows;
-    float *ZD_RESTRICT score = l + rows, *ZD_RESTRICT p = score + ZD_ATT_KEYS;   /* [KEYS] each */
+    float *ZD_RESTRICT scores = l + rows;                   /* [rows][KEYS] */
+    float *ZD_RESTRICT p = scores + rows * ZD_ATT_KEYS;     /* [KEYS] */
 
     for (int64_t r = 0; r < rows; r++) {
         const int64_t t = it->t0 + r / group, head = it->kv * group + r % group;
@@ -318,26 +309,24 @@ static void zd_att_run_item(const zd_att_job *job, const zd_att_item *it, float 
 
     for (int64_t kb = it->k0; kb < it->k1; kb += ZD_ATT_KEYS) {
         const int64_t kn = zd_min64(ZD_ATT_KEYS, it->k1 - kb);
-        for (int64_t j = 0; j < kn; j++) {
-            L->decode(c->type, c->k + zd_kv_offset(c, seq, kb + j, it->kv), kf + j * hdp, hd);
-            L->decode(c->type, c->v + zd_kv_offset(c, seq, kb + j, it->kv), vt + j * hdp, hd);
-        }
+        L->decode(c->type, c->k + zd_kv_offset(c, seq, kb, it->kv), c->row_bytes, kn, hd, kf, hdp);
+        L->decode(c->type, c->v + zd_kv_offset(c, seq, kb, it->kv), c->row_bytes, kn, hd, vt, hdp);
         if (transpose)
             for (int64_t d = 0; d < hd; d++)
                 for (int64_t j = 0; j < ZD_ATT_KEYS; j++)
                     kt[d * ZD_ATT_KEYS + j] = j < kn ? kf[j * hdp + d] : 0.0f;
+        else   /* every row's scores at once: the keys any row of the block sees */
+            L->dots(qb, rows, kf, zd_max64(0, zd_att_lo(job, it->t0) - kb),
+                    zd_min64(kn, job->pos[it->t1 - 1] - kb + 1), hdp, scores);
         for (int64_t r = 0; r < rows; r++) {
             const int64_t t = it->t0 + r / group, pos = job->pos[t], lo = zd_att_lo(job, t);
             if (kb > pos || kb + kn <= lo)
                 continue;   /* every key of the tile is hidden from this row */
             const int64_t j0 = zd_max64(0, lo - kb), j1 = zd_min64(kn, pos - kb + 1);
-            const float *q = qb + r * hdp;
-            if (transpose)
+            float *ZD_RESTRICT score = scores + r * ZD_ATT_KEYS;
+            if (transpose)   /* ZD_ATT_LANES keys at a time */
                 for (int64_t jb = 0; jb < j1; jb += ZD_ATT_LANES)
-                    L->scores(q, kt + jb, hd, score + jb);
-            else
-                for (int64_t j = j0; j < j1; j++)
-                    score[j] = L->dot(q, kf + j * hdp, hdp);
+                    L->lanes(score + jb, NULL, 0.0f, qb + r * hdp, kt + jb, ZD_ATT_KEYS, hd);
             if (job->softcap > 0.0f)
                 for (int64_t j = j0; j < j1; j++)
                     score[j] = job->softcap * tanhf(score[j] / job->softcap);
@@ -354,8 +343,8 @@ static void zd_att_run_item(const zd_att_job *job, const zd_att_item *it, float 
             }
             l[r] = l[r] * correction + total;
             m[r] = m_new;
-            for (int64_t c0 = 0; c0 < hdp; c0 += ZD_ATT_LANES)
-                L->accumulate(acc + r * hdp + c0, correction, p, vt + c0, hdp, j0, j1, zd_min64(ZD_ATT_LANES, hdp - c0));
+            for (int64_t c0 = 0; c0 < hdp; c0 += ZD_ATT_LANES)   /* ZD_ATT_LANES dims at a time */
+                L->lanes(acc + r * hdp + c0, acc + r * hdp + c0, correction, p + j0, vt + j0 * hdp + c0, hdp, j1 - j0);
         }
     }
 

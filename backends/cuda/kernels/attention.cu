@@ -1,4 +1,5 @@
-// Causal grouped-query attention over one layer's KV cache (cache_k, cache_v: [n_ctx, h_kv, hd] f32).
+// Causal grouped-query attention over one layer's KV cache: cache_k, cache_v [n_seqs, h_kv, n_ctx, hd],
+// of float (attention_f32) or of half bits (attention_f16, read into f32: every sum is f32).
 //
 // One warp takes one query token against one share ("split") of its visible keys, for the query
 // heads that read one kv head (up to MAX_GROUP of them; larger groups are cut into several), so
@@ -10,8 +11,9 @@
 // flash-decoding spreads a long context over many warps) it writes (max, sum, unnormalised acc)
 // to `part`, and attention_combine merges the splits.
 //
-// Token t sits at position p = start + *pos + t (pos: a one-element device array, or null) and
-// sees keys lo..p, lo = max(0, p - window + 1) when window > 0, else 0.
+// Token t sits at position p = pos[t] of sequence seq[t] (device arrays, so a captured CUDA graph
+// serves every batch of its size) and sees that sequence's keys lo..p, lo = max(0, p - window + 1)
+// when window > 0, else 0.
 #include "common.cuh"
 
 #define MAX_GROUP 8
@@ -21,10 +23,12 @@
 
 // q: [n, h, hd]; out: [n, h, hd]; part: [n, h, splits, hd + 2].
 // Grid (ceil(n * splits / WARPS), h_kv * ceil(group / MAX_GROUP)).
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
-attention(const float *__restrict__ q, const float *__restrict__ cache_k, const float *__restrict__ cache_v,
-          float *__restrict__ out, float *__restrict__ part, int n, int n_heads, int n_kv, int hd, float scale,
-          int window, const int *pos, int start, int splits) {
+template <class T>
+__device__ __forceinline__ void attend(const float *__restrict__ q, const T *__restrict__ cache_k,
+                                       const T *__restrict__ cache_v, float *__restrict__ out,
+                                       float *__restrict__ part, int n, int n_heads, int n_kv, int hd, float scale,
+                                       int window, const int *__restrict__ pos, const int *__restrict__ seq,
+                                       int n_ctx, int splits) {
     __shared__ __align__(16) float q_shared[WARPS][MAX_GROUP][MAX_HD];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int w = blockIdx.x * WARPS + warp;
@@ -33,10 +37,11 @@ attention(const float *__restrict__ q, const float *__restrict__ cache_k, const 
     const int heads_per_kv = n_heads / n_kv, pieces = (heads_per_kv + MAX_GROUP - 1) / MAX_GROUP;
     const int kv = blockIdx.y / pieces, first = kv * heads_per_kv + (blockIdx.y % pieces) * MAX_GROUP;
     const int group = min(MAX_GROUP, kv * heads_per_kv + heads_per_kv - first);   // heads first..first+group-1
-    const int p = start + (pos ? *pos : 0) + t;
+    const int p = pos[t];
     const int lo = window > 0 ? max(0, p - window + 1) : 0;
     const int chunk = (p + 1 - lo + splits - 1) / splits;
     const int k0 = lo + split * chunk, k1 = min(p + 1, k0 + chunk);
+    const i64 rows = ((i64)seq[t] * n_kv + kv) * n_ctx;   // the first row of this sequence's kv head
 
     float(*qs)[MAX_HD] = q_shared[warp];
     for (int g = 0; g < group; g++) {
@@ -61,9 +66,9 @@ attention(const float *__restrict__ q, const float *__restrict__ cache_k, const 
 #pragma unroll
         for (int g = 0; g < MAX_GROUP; g++) s[g] = 0.0f;
         if (valid) {
-            const float *krow = cache_k + ((i64)key * n_kv + kv) * hd;
+            const T *krow = cache_k + (rows + key) * hd;
             for (int d = 0; d < hd; d += 4) {
-                const float4 kk = *reinterpret_cast<const float4 *>(krow + d);
+                const float4 kk = load4(krow + d);
 #pragma unroll
                 for (int g = 0; g < MAX_GROUP; g++) {
                     if (g < group) {
@@ -89,10 +94,10 @@ attention(const float *__restrict__ q, const float *__restrict__ cache_k, const 
         }
         const int count = min(32, k1 - base);
         for (int j = 0; j < count; j++) {
-            const float *vrow = cache_v + ((i64)(base + j) * n_kv + kv) * hd;
+            const T *vrow = cache_v + (rows + base + j) * hd;
             float v[MAX_HD / 32];
 #pragma unroll
-            for (int i = 0; i < MAX_HD / 32; i++) v[i] = lane + 32 * i < hd ? vrow[lane + 32 * i] : 0.0f;
+            for (int i = 0; i < MAX_HD / 32; i++) v[i] = lane + 32 * i < hd ? load1(vrow + lane + 32 * i) : 0.0f;
 #pragma unroll
             for (int g = 0; g < MAX_GROUP; g++) {
                 if (g < group) {
@@ -127,6 +132,20 @@ attention(const float *__restrict__ q, const float *__restrict__ cache_k, const 
             }
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+attention_f32(const float *q, const float *cache_k, const float *cache_v, float *out, float *part, int n,
+              int n_heads, int n_kv, int hd, float scale, int window, const int *pos, const int *seq, int n_ctx,
+              int splits) {
+    attend(q, cache_k, cache_v, out, part, n, n_heads, n_kv, hd, scale, window, pos, seq, n_ctx, splits);
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+attention_f16(const float *q, const u16 *cache_k, const u16 *cache_v, float *out, float *part, int n,
+              int n_heads, int n_kv, int hd, float scale, int window, const int *pos, const int *seq, int n_ctx,
+              int splits) {
+    attend(q, cache_k, cache_v, out, part, n, n_heads, n_kv, hd, scale, window, pos, seq, n_ctx, splits);
 }
 
 // part: [n, h, splits, hd + 2] -> out: [n, h, hd]. Grid n * h, 128 threads. Empty splits carry

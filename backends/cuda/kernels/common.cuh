@@ -11,7 +11,7 @@ typedef long long i64;
 #define FULL_MASK 0xffffffffu
 
 // IEEE half <-> float through PTX, so no cuda_fp16.h is needed. (The host emulator the tests build
-// the kernels with, emulation/host.h, brings its own.)
+// the kernels with, host_emulation.cuh, brings its own.)
 #ifndef ZEPHYR_HOST_EMULATION
 __device__ __forceinline__ float f16_to_f32(u16 h) {
     float f;
@@ -30,6 +30,24 @@ __device__ __forceinline__ u16 f32_to_f16(float f) {
 __device__ __forceinline__ float round_to_f16(float f) { return f16_to_f32(f32_to_f16(f)); }
 
 __device__ __forceinline__ float bf16_to_f32(u16 b) { return __uint_as_float((u32)b << 16); }
+
+// KV cache elements: float (an f32 cache) or half bits (an f16 cache), read and written as float.
+__device__ __forceinline__ float load1(const float *p) { return *p; }
+__device__ __forceinline__ float load1(const u16 *p) { return f16_to_f32(*p); }
+__device__ __forceinline__ void store1(float *p, float v) { *p = v; }
+__device__ __forceinline__ void store1(u16 *p, float v) { *p = f32_to_f16(v); }
+
+// Four consecutive elements from a 4-element-aligned address.
+__device__ __forceinline__ float4 load4(const float *p) { return *reinterpret_cast<const float4 *>(p); }
+__device__ __forceinline__ float4 load4(const u16 *p) {
+    const uint2 h = *reinterpret_cast<const uint2 *>(p);
+    float4 f;
+    f.x = f16_to_f32((u16)(h.x & 0xffff));
+    f.y = f16_to_f32((u16)(h.x >> 16));
+    f.z = f16_to_f32((u16)(h.y & 0xffff));
+    f.w = f16_to_f32((u16)(h.y >> 16));
+    return f;
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

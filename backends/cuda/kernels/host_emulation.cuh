@@ -37,6 +37,7 @@ using std::min;
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
 };
+struct uint2 { unsigned x, y; };
 struct uint4 { unsigned x, y, z, w; };
 struct float2 { float x, y; };
 struct float4 { float x, y, z, w; };

@@ -1,0 +1,135 @@
+"""Many users at once on `zephyr serve` (continuous batching): aggregate throughput, time to first
+token under load, and the prefix cache across conversations.
+
+    python benchmarks/bench_serve.py [--model demo] [--threads 2] [--parallel 8] [--clients 8]
+                                     [--max-tokens 128] [--out docs/benchmarks.md]
+
+It starts `zephyr serve MODEL --parallel P --threads T` and measures, with streaming chat requests at
+temperature 0 through the official openai client:
+1. one stream alone: completion tok/s after its first token;
+2. `--clients` streams at once: aggregate completion tok/s over the wall time (target: >= 3x one
+   stream's rate; llama.cpp's server with 8 slots reaches 2.0-2.5x on this project's machines);
+3. the time to first token of a request arriving while `--clients` - 1 others stream, against the
+   same request alone (target: <= 2x);
+4. conversation A (~700 tokens of prompt), then B, then A's next turn: the third's time to first
+   token against A's cold one (target: <= 0.35x).
+The 7B row: `--model /tmp/zephyr-bench/zephyr-7b-synthetic.Q4_K_M.gguf --parallel 4 --clients 4`.
+"""
+import argparse
+import datetime
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+
+from bench_cpu import machine_description, markdown_table, replace_generated_section, zephyr_revision
+from bench_ray import PROMPTS, serving, stream_one
+
+SECTION = "serving"
+LONG = ("The ship's log records the weather, the course and every sighting in plain words. " * 40)
+
+
+def chat_ttft(client, messages, max_tokens=1) -> float:
+    """Seconds to the first streamed token of a chat request."""
+    began = time.perf_counter()
+    for chunk in client.chat.completions.create(model="bench", messages=messages, temperature=0,
+                                                max_tokens=max_tokens, stream=True):
+        if chunk.choices and (chunk.choices[0].delta.content or chunk.choices[0].finish_reason):
+            return time.perf_counter() - began
+    return time.perf_counter() - began
+
+
+def measure(url, clients, max_tokens) -> dict:
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=1800, max_retries=0)
+    stream_one(client, PROMPTS[0], 8)   # warm-up
+    alone = stream_one(client, PROMPTS[0], max_tokens)
+    single = (alone["tokens"] - 1) / alone["after_first"]
+
+    began = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda i: stream_one(client, PROMPTS[i % len(PROMPTS)], max_tokens), range(clients)))
+    wall = time.perf_counter() - began
+    aggregate = sum(r["tokens"] for r in results) / wall
+
+    question = [{"role": "user", "content": "Summarise in one line: " + LONG[:1200]}]
+    ttft_alone = statistics.median(chat_ttft(client, question) for _ in range(3))
+    streaming, stop = threading.Event(), []
+
+    def background(i):
+        for chunk in client.chat.completions.create(model="bench", temperature=0, max_tokens=4 * max_tokens,
+                                                    stream=True, messages=[{"role": "user", "content": PROMPTS[i]}]):
+            streaming.set()
+            if stop:
+                break
+    with ThreadPoolExecutor(clients - 1) as pool:
+        busy = [pool.submit(background, i % len(PROMPTS)) for i in range(clients - 1)]
+        streaming.wait()
+        time.sleep(1.0)   # every other stream past its prompt
+        ttft_loaded = chat_ttft(client, question)
+        stop.append(True)
+        for future in busy:
+            future.result()
+
+    a = [{"role": "user", "content": "Keep this log in mind. " + LONG}]
+    cold = chat_ttft(client, a, max_tokens=8)
+    chat_ttft(client, [{"role": "user", "content": "Something else entirely: " + LONG[::-1]}], max_tokens=8)
+    reply = client.chat.completions.create(model="bench", messages=a, temperature=0, max_tokens=8)
+    follow = a + [{"role": "assistant", "content": reply.choices[0].message.content},
+                  {"role": "user", "content": "What was sighted?"}]
+    warm = chat_ttft(client, follow)
+    return {"single": single, "aggregate": aggregate, "clients": clients, "ttft_alone": ttft_alone,
+            "ttft_loaded": ttft_loaded, "cold": cold, "warm": warm}
+
+
+def report(args, machine, result) -> str:
+    rows = [
+        ["one stream", f"{result['single']:.1f} tok/s", "", ""],
+        [f"{result['clients']} streams at once", f"{result['aggregate']:.1f} tok/s",
+         f"{result['aggregate'] / result['single']:.2f}x", "PASS" if result["aggregate"] >= 3 * result["single"]
+         else "FAIL (< 3x)"],
+        [f"time to first token, {result['clients'] - 1} others streaming", f"{result['ttft_loaded']:.2f} s",
+         f"{result['ttft_loaded'] / result['ttft_alone']:.2f}x of alone ({result['ttft_alone']:.2f} s)",
+         "PASS" if result["ttft_loaded"] <= 2 * result["ttft_alone"] else "FAIL (> 2x)"],
+        ["A, B, then A's next turn: time to first token", f"{result['warm']:.2f} s",
+         f"{result['warm'] / result['cold']:.2f}x of A cold ({result['cold']:.2f} s)",
+         "PASS" if result["warm"] <= 0.35 * result["cold"] else "FAIL (> 0.35x)"],
+    ]
+    return "\n".join([
+        f"## Serving many users (generated, {args.model})", "",
+        f"- Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+        f"- Machine: {machine['cpu']}, {machine['cores']} logical CPUs; zephyr {zephyr_revision()}",
+        f"- Command: `python benchmarks/bench_serve.py {' '.join(sys.argv[1:])}`",
+        f"- `zephyr serve {args.model} --parallel {args.parallel} --threads {args.threads}`; greedy streaming chats "
+        f"of up to {args.max_tokens} tokens through the openai client", "",
+        markdown_table(["measure", "value", "ratio", "target"], rows), ""])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parallel", type=int, default=8)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--context-length", type=int, default=2048)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    machine = machine_description()
+    with tempfile.TemporaryDirectory() as tmp, serving(args.model, args.threads, None, Path(tmp) / "serve.log", (
+            "--parallel", str(args.parallel), "--context-length", str(args.context_length))) as url:
+        result = measure(url, args.clients, args.max_tokens)
+    section = report(args, machine, result)
+    print(section)
+    if args.out:
+        name = f"{SECTION}-7b" if args.model != "demo" else SECTION
+        args.out.write_text(replace_generated_section(args.out.read_text(), section, name))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
