@@ -245,17 +245,6 @@ class Batch:
     def __repr__(self):
         return f"Batch({[(int(s), int(p)) for s, p in zip(self.seqs, self.positions)]})"
 
-    def runs(self) -> list:
-        """Maximal stretches of tokens that follow each other in one sequence, as
-        (first token, count, sequence, first position)."""
-        runs, first = [], 0
-        for i in range(1, len(self) + 1):
-            if (i == len(self) or self.seqs[i] != self.seqs[first]
-                    or self.positions[i] != self.positions[first] + (i - first)):
-                runs.append((first, i - first, int(self.seqs[first]), int(self.positions[first])))
-                first = i
-        return runs
-
 
 # -- the checks every backend makes ------------------------------------------------------------
 
