@@ -1,6 +1,8 @@
 """A real model of a second family: Gemma 3 270M Q4_K_M (the named model gemma3-270m, through the
 gemma3_270m_path fixture) against llama.cpp: greedy continuations recorded with llama-cpp-python
-(tests/data/make_gemma3_reference.py), and llama.cpp live where it is installed; and a chat.
+(tests/data/make_gemma3_reference.py), of three prompts and of a chat rendered by llama.cpp's
+gemma template, and llama.cpp live where it is installed. (The 270M model is pretrained, not
+instruction-tuned: its chat answers are as odd in llama.cpp as here.)
 
 Logits differ from llama.cpp's by a few per cent on a real model (8-bit activations amplify every
 float-order difference), so a greedy pick may flip where two tokens nearly tie: the tests feed
@@ -15,6 +17,7 @@ from zephyr import AutoModelForCausalLM
 from zephyr.testing.compare import is_near_tie, relative_error
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "gemma3_270m_greedy_reference.json").read_text())
+CHAT = next(case for case in REFERENCE["cases"] if "messages" in case)
 # A real model's logits sit a few per cent from llama.cpp's (0.03-0.10 seen); a missed quirk of the
 # family makes other text altogether.
 LOGIT_TOLERANCE = 0.15
@@ -47,9 +50,16 @@ def test_it_is_read_as_gemma3(gemma3):
     assert [c.is_sliding(i) for i in range(6)] == [True] * 5 + [False]
 
 
+def prompt_tokens(llm, case):
+    """A case's prompt as zephyr tokenizes it; a chat's as create_chat_completion renders it."""
+    if "messages" in case:
+        return llm.tokenize_chat(llm.chat_format().render(case["messages"]))
+    return llm.tokenize(case["prompt"])
+
+
 @pytest.mark.parametrize("case", REFERENCE["cases"], ids=lambda case: case["prompt"][:20])
 def test_greedy_continuation_agrees_with_llama_cpps_recording(gemma3, case):
-    assert gemma3.tokenize(case["prompt"]) == case["prompt_tokens"]
+    assert prompt_tokens(gemma3, case) == case["prompt_tokens"]
     expected = case["greedy_tokens"]
     for step, logits in enumerate(picks_along(gemma3, case["prompt_tokens"] + expected, len(expected))):
         pick = int(np.argmax(logits))
@@ -76,9 +86,8 @@ def test_logits_agree_with_llama_cpp_live(gemma3, gemma3_270m_path):
 
 
 def test_it_chats_through_its_template(gemma3):
-    reply = gemma3.create_chat_completion(
-        messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
-        temperature=0, max_tokens=30)
-    text = reply["choices"][0]["message"]["content"]
-    assert "Paris" in text and "<end_of_turn>" not in text, text
-    assert reply["choices"][0]["finish_reason"] == "stop"
+    """The chat API end to end: llama.cpp's prompt (its gemma template) and llama.cpp's reply."""
+    reply = gemma3.create_chat_completion(messages=CHAT["messages"], temperature=0,
+                                          max_tokens=len(CHAT["greedy_tokens"]))
+    assert reply["usage"]["prompt_tokens"] == len(CHAT["prompt_tokens"])
+    assert reply["choices"][0]["message"]["content"] == CHAT["greedy_text"]
