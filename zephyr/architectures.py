@@ -8,11 +8,6 @@ its hparams loading), which zephyr matches.
 from dataclasses import dataclass
 from typing import Optional
 
-# Tensors of a block, by llama.cpp's names (blk.N.<name>.weight / .bias).
-CORE_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
-                "ffn_down")
-
-
 @dataclass(frozen=True)
 class Family:
     """One architecture's block, as differences from llama's."""
@@ -42,9 +37,10 @@ class Family:
     # instead of 1/sqrt(head_dim).
     width_scaled_sizes: tuple = ()
     fused_gate_up: bool = False    # ffn_up holds gate then up rows; there is no ffn_gate
-    # Optional biases llama.cpp reads (blk.N.<name>.bias), and whether output.bias is one. Every
-    # family may hold Q, K and V in one attn_qkv tensor (rows in that order), and its bias.
-    biases: tuple = ("attn_q", "attn_k", "attn_v", "attn_qkv")
+    # Optional biases llama.cpp reads (blk.N.<name>.bias) beyond Q, K and V's, which every family may
+    # have (as it may hold Q, K and V in one attn_qkv tensor, rows in that order, with one bias); and
+    # whether output.bias is one.
+    biases: tuple = ()
     output_bias: bool = False
     always_tied: bool = False      # the output head is token_embd even if output.weight exists
     rope_freqs: bool = False       # rope_freqs.weight: per-pair frequency factors (Llama 3.1+)
@@ -52,8 +48,7 @@ class Family:
     moe_key: bool = False          # <arch>.expert_count > 0 marks a mixture of experts (Mixtral)
 
 
-_LLAMA = dict(biases=("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "ffn_gate", "ffn_up", "ffn_down"),
-              rope_freqs=True, moe_key=True)
+_LLAMA = dict(biases=("attn_output", "ffn_gate", "ffn_up", "ffn_down"), rope_freqs=True, moe_key=True)
 _GEMMA = dict(rope_neox=True, post_norms=True, activation="gelu", embed_scale=True)
 
 FAMILIES = {f.name: f for f in (

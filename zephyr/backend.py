@@ -370,7 +370,8 @@ def check_layer_shapes(rows_cols, p: LayerParams, vector_lengths=None) -> int:
     lengths.update(q_norm=p.head_dim, k_norm=p.head_dim, post_attn_norm=d, post_ffn_norm=d, rope_freqs=p.rope_dims // 2)
     for name, length in (vector_lengths or {}).items():
         if name in lengths and length != lengths[name]:
-            raise BackendError(f"decoder_layer: {name} has {length} values, but the layer's shapes need {lengths[name]}")
+            raise BackendError(f"decoder_layer: {name} has {length} values, but the layer's shapes need "
+                               f"{lengths[name]}")
     return d
 
 

@@ -1,7 +1,8 @@
-"""What the ops compute, in numpy (float64 where it helps): written once, run in two places.
+"""What RoPE, attention and the ops of block features compute, in numpy (float64 where it helps):
+written once, run in two places.
 
 The reference backend runs these as its ops; `zephyr.backend.Backend` runs them on the host, through
-`to_host` / `from_host`, for every optional op a backend leaves out. Inputs are float32 numpy
+`to_host` / `from_host`, for each block feature a backend does not list. Inputs are float32 numpy
 arrays whose shapes the callers have checked; results are float32.
 
 RoPE follows llama.cpp's ggml_rope_ext (pairs, frequency factors, linear and YaRN scaling);

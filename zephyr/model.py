@@ -82,7 +82,8 @@ class LlamaModel:
         memory for layers whose attention runs on the host (zephyr.backend.needs_host_cache)."""
         c, n_seqs, n_ctx = self.config, self.n_seqs, self.n_ctx
         owners = [None if needs_host_cache(b, self.params[i]) else b for i, b in enumerate(self.placement.layers)]
-        self.caches, self.cache_of = {}, []
+        self.caches = {}
+        self.cache_of = [None] * c.n_layers    # per layer: (its cache, its index there)
         for owner in [*self.placement.backends, None]:
             owned = [i for i, b in enumerate(owners) if b is owner]
             if not owned:
@@ -97,8 +98,8 @@ class LlamaModel:
                            available=memory.available_memory() if owner is None else owner.memory_available())
             cache = HostKVCache(shape) if owner is None else owner.new_kv_cache(shape)
             self.caches["host" if owner is None else id(owner)] = cache
-            self.cache_of += [(i, cache, local) for local, i in enumerate(owned)]
-        self.cache_of = [(cache, local) for _, cache, local in sorted(self.cache_of, key=lambda item: item[0])]
+            for local, i in enumerate(owned):
+                self.cache_of[i] = (cache, local)
 
     def forward(self, tokens: np.ndarray, batch: Batch, rows=None) -> np.ndarray:
         """Evaluate `tokens` sitting where `batch` says; return the logits of the tokens at indexes
@@ -172,37 +173,34 @@ def _block_tensors(tensors, c: ModelConfig, i: int, rope_freqs) -> dict:
     tensors split into row views (no copy), optional ones where the file has them."""
     family, p = c.family, f"blk.{i}."
     d, f, qd, kvd = c.d_model, c.d_ffn, c.q_dim, c.kv_dim
-    core = {"attn_norm": tensors.get(p + "attn_norm.weight", (d,)), "ffn_norm": tensors.get(p + "ffn_norm.weight", (d,))}
-    biases = {}
-    if p + "attn_qkv.weight" in tensors:
-        q, k, v = tensors.split(tensors.get(p + "attn_qkv.weight", (qd + 2 * kvd, d)), (qd, kvd, kvd))
+    out = {name: tensors.get(f"{p}{name}.weight", (d,)) for name in ("attn_norm", "ffn_norm")}
+    qkv_rows = {"q": qd, "k": kvd, "v": kvd}
+    fused_bias = None
+    if p + "attn_qkv.weight" in tensors:   # Q, K and V in one tensor, any family (Phi-3's converter writes it)
+        matrices = tensors.split(tensors.get(p + "attn_qkv.weight", (qd + 2 * kvd, d)), qkv_rows.values())
         fused_bias = tensors.optional(p + "attn_qkv.bias", (qd + 2 * kvd,))
-        if fused_bias is not None:
-            biases.update(zip(("q_bias", "k_bias", "v_bias"), tensors.split(fused_bias, (qd, kvd, kvd))))
     else:
-        q, k, v = (tensors.get(f"{p}attn_{name}.weight", (rows, d)) for name, rows in (("q", qd), ("k", kvd), ("v", kvd)))
-    for name, rows in (("q", qd), ("k", kvd), ("v", kvd)):
-        if f"{name}_bias" not in biases:
-            biases[f"{name}_bias"] = tensors.optional(f"{p}attn_{name}.bias", (rows,))
+        matrices = [tensors.get(f"{p}attn_{x}.weight", (rows, d)) for x, rows in qkv_rows.items()]
+    biases = tensors.split(fused_bias, qkv_rows.values()) if fused_bias is not None else [
+        tensors.optional(f"{p}attn_{x}.bias", (rows,)) for x, rows in qkv_rows.items()]
+    for x, matrix, bias in zip(qkv_rows, matrices, biases):
+        out[f"w{x}"], out[f"{x}_bias"] = matrix, bias
     if family.fused_gate_up:
-        gate, up = tensors.split(tensors.get(p + "ffn_up.weight", (2 * f, d)), (f, f))
+        out["w_gate"], out["w_up"] = tensors.split(tensors.get(p + "ffn_up.weight", (2 * f, d)), (f, f))
     else:
-        gate, up = tensors.get(p + "ffn_gate.weight", (f, d)), tensors.get(p + "ffn_up.weight", (f, d))
-    core.update(wq=q, wk=k, wv=v, wo=tensors.get(p + "attn_output.weight", (d, qd)), w_gate=gate, w_up=up,
-                w_down=tensors.get(p + "ffn_down.weight", (d, f)))
+        out["w_gate"], out["w_up"] = tensors.get(p + "ffn_gate.weight", (f, d)), tensors.get(p + "ffn_up.weight", (f, d))
+    out["wo"], out["w_down"] = tensors.get(p + "attn_output.weight", (d, qd)), tensors.get(p + "ffn_down.weight", (d, f))
     lengths = {"o_bias": d, "gate_bias": f, "up_bias": f, "down_bias": d}
     for name, tensor in BIAS_TENSORS.items():
         if tensor in family.biases:
-            biases[name] = tensors.optional(f"{p}{tensor}.bias", (lengths[name],))
-    out = {**core, **{name: bias for name, bias in biases.items() if bias is not None}}
-    wanted = {"q_norm": family.qk_norm, "k_norm": family.qk_norm, "post_attn_norm": family.post_norms,
-              "post_ffn_norm": family.post_norms}
+            out[name] = tensors.optional(f"{p}{tensor}.bias", (lengths[name],))
+    norms = {"q_norm": family.qk_norm, "k_norm": family.qk_norm, "post_attn_norm": family.post_norms,
+             "post_ffn_norm": family.post_norms}
     for name, tensor in NORM_TENSORS.items():
-        if wanted[name]:
+        if norms[name]:
             out[name] = tensors.get(f"{p}{tensor}.weight", (c.head_dim if name in ("q_norm", "k_norm") else d,))
-    if rope_freqs is not None:
-        out["rope_freqs"] = rope_freqs
-    return out
+    out["rope_freqs"] = rope_freqs
+    return {name: weight for name, weight in out.items() if weight is not None}
 
 
 class _Tensors:

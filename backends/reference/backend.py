@@ -50,10 +50,8 @@ class ReferenceBackend(HostBackend):
         return self._decode(w).reshape(vocab, -1)[ids]
 
     def rms_norm(self, x, w, eps):
-        weight = self._decode(w).reshape(-1).astype(np.float64)   # [d]
-        x = _as_matrix(x, "rms_norm input", cols=weight.shape[0]).astype(np.float64)
-        rms = np.sqrt(np.mean(x * x, axis=1, keepdims=True) + eps)
-        return (x / rms * weight).astype(np.float32)
+        weight = self._decode(w).reshape(-1)                      # [d]
+        return host_ops.rms_norm(_as_matrix(x, "rms_norm input", cols=weight.shape[0]), weight, eps)
 
     def rope(self, x, positions, head_dim, n_rot, base, neox, scaling=RopeScaling(), freq_factors=None):
         x = _as_matrix(x, "rope input")

@@ -115,7 +115,8 @@ def test_fused_layer_matches_the_default_with_each_familys_features(isa, layout,
     """Equal to the CPU ops composed, bit for bit. Against the reference: float weights and an f32
     cache round nothing, so float64 meets float32 within 1e-5; with 8-bit activations (Q4_K_M) one
     value crossing a rounding boundary moves the output by up to ~1/127 of a block's scale."""
-    weights, p = with_family_features(layer_weights([T.F32] * 7 if layout == "F32" else LAYOUTS[layout]), params(), family)
+    types = [T.F32] * 7 if layout == "F32" else LAYOUTS[layout]
+    weights, p = with_family_features(layer_weights(types), params(), family)
     assert_fused_matches(weights, p, type=T.F32, tolerance=1e-5 if layout == "F32" else 5e-3)
 
 
@@ -207,7 +208,8 @@ def test_bad_arguments_raise(cpu, good, change, message):
 
 def test_mismatched_optional_vectors_raise(cpu):
     weights, p = with_family_features(layer_weights(LAYOUTS["Q4_1"]), params(), "qwen3")
-    short = replace(weights, q_norm=Weight("q_norm", T.F32, (HEAD_DIM // 2,), np.ones(HEAD_DIM // 2, np.float32).view(np.uint8)))
+    half = np.ones(HEAD_DIM // 2, np.float32)
+    short = replace(weights, q_norm=Weight("q_norm", T.F32, half.shape, half.view(np.uint8)))
     with pytest.raises(BackendError, match="q_norm has 16 values, but the layer's shapes need 32"):
         cpu.decoder_layer(f32(1, D), load(cpu, short), p, cache(cpu, n_layers=1, n_ctx=8), 0, Batch.of(0, 1))
 

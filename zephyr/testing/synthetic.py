@@ -207,7 +207,8 @@ def llama_tensors(shape: ModelShape, layout: str, seed: int = 0):
             out += [spec(p + "attn_q.weight", "attn_q", qd, d, i), spec(p + "attn_k.weight", "attn_k", kvd, d, i),
                     spec(p + "attn_v.weight", "attn_v", kvd, d, i)]
         if shape.biases:
-            out += [vector(f"{p}attn_{name}.bias", rows, 0.0, 0.5) for name, rows in (("q", qd), ("k", kvd), ("v", kvd))]
+            out += [vector(f"{p}attn_{name}.bias", rows, 0.0, 0.5)
+                    for name, rows in (("q", qd), ("k", kvd), ("v", kvd))]
         if family.qk_norm:
             out += [vector(p + "attn_q_norm.weight", hd), vector(p + "attn_k_norm.weight", hd)]
         out.append(spec(p + "attn_output.weight", "attn_output", d, qd, i))
@@ -242,8 +243,8 @@ def rope_factor_tensors(shape: ModelShape, seed: int = 0):
         return [TensorSpec("rope_freqs.weight", T.F32, (half,), factors.astype(np.float32))]
     if shape.rope_long_short:
         rng = np.random.default_rng((seed, 7))
-        return [TensorSpec(f"rope_factors_{kind}.weight", T.F32, (half,),
-                           rng.uniform(1.0, top, half).astype(np.float32)) for kind, top in (("long", 20.0), ("short", 3.0))]
+        return [TensorSpec(f"rope_factors_{kind}.weight", T.F32, (half,), rng.uniform(1.0, top, half).astype(np.float32))
+                for kind, top in (("long", 20.0), ("short", 3.0))]
     return []
 
 

@@ -137,7 +137,8 @@ static inline int zd_kind_bit(int type) { return 1 << zd_act_kind(type); }
 /* The rope tables for positions pos[0..n) (s->rope_*), unless they hold them already: every
  * layer of a forward pass asks for the same ones. Run by one thread, before the parallel region. */
 static int zd_layer_rope_ready(zd_layer_scratch *s, const zd_layer_params *p, const int32_t *pos, int64_t n) {
-    if (s->rope_n >= n && zd_rope_same(&s->rope, &p->rope) && memcmp(s->rope_pos, pos, (size_t)n * sizeof(int32_t)) == 0)
+    if (s->rope_n >= n && zd_rope_same(&s->rope, &p->rope)
+        && memcmp(s->rope_pos, pos, (size_t)n * sizeof(int32_t)) == 0)
         return 1;
     memcpy(s->rope_pos, pos, (size_t)n * sizeof(int32_t));
     s->rope_n = n;
