@@ -57,22 +57,23 @@ def chat(url, content, **fields):
 
 
 def test_two_streams_interleave(parallel):
-    """The second stream's first token comes while the first is still streaming."""
+    """A second stream's first token comes while the first is still streaming (one at a time, it
+    would come only after the first had finished)."""
     url, _ = parallel
-    times = {}
+    times, started = {}, threading.Event()
 
     def stream(name, tokens):
-        body = {"messages": [{"role": "user", "content": f"Count slowly, {name}."}], "max_tokens": tokens,
-                "temperature": 0, "stream": True}
-        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=TIMEOUT) as response:
+        body = {"prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": tokens, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=TIMEOUT) as response:
             for line in response.iter_lines():
-                if '"content":"' in line and line.count('"content":""') == 0:
+                if '"text":"' in line and '"text":""' not in line:
                     times.setdefault(name + " first", time.monotonic())
+                    started.set()
             times[name + " last"] = time.monotonic()
-    first = threading.Thread(target=stream, args=("A", 120))
+    first = threading.Thread(target=stream, args=("A", 150))
     first.start()
-    time.sleep(0.5)
-    stream("B", 8)
+    assert started.wait(TIMEOUT)
+    stream("B", 4)
     first.join()
     assert times["B first"] < times["A last"], times
 

@@ -15,7 +15,6 @@ it. Embeddings (`EmbeddingRequest`) use a free slot too, and leave their tokens 
 Threads: `submit` and `Request.cancel` may be called from any thread; `step` (and `run`, `serve`)
 from one thread, which then owns the model.
 """
-import queue
 import threading
 import time
 from collections import OrderedDict
@@ -44,16 +43,16 @@ class Event:
 
 
 class Request:
-    """A prompt and the generations answering it. Its events go to `on_event(event)` (called on the
-    scheduler's thread; by default they queue up for iteration), ending with Event(None)."""
+    """A prompt and the generations answering it. Its events go to `on_event(event)`, if given (called
+    on the thread that steps the scheduler), ending with Event(None); `done` is set after that, and
+    `error` holds what ended it if it failed. The generations hold what they produced."""
 
     def __init__(self, prompt_tokens, generations, on_event: Callable = None):
         self.prompt = [int(t) for t in prompt_tokens]
         self.generations = list(generations)
         if not self.prompt or not self.generations:
             raise ValueError("a request needs a prompt of at least one token and at least one generation")
-        self._events = queue.SimpleQueue()
-        self.on_event = on_event or self._events.put
+        self.on_event = on_event or (lambda event: None)
         self.cancelled = threading.Event()
         self.done = threading.Event()     # set when it has ended, after its last event
         self.error = None                 # what ended it, if it failed
@@ -61,16 +60,6 @@ class Request:
     def cancel(self):
         """Stop generating for it (the client went away); its slots are freed at the next step."""
         self.cancelled.set()
-
-    def __iter__(self):
-        """Its events (with the default on_event), blocking, up to the end; an error is raised."""
-        while True:
-            event = self._events.get()
-            if event.error is not None:
-                raise event.error
-            if event.choice is None:
-                return
-            yield event
 
 
 class EmbeddingRequest(Request):
@@ -156,12 +145,6 @@ class Scheduler:
         with self._work:
             self._stopping = True
             self._work.notify()
-
-    @property
-    def load(self) -> int:
-        """Requests waiting or being served."""
-        with self._work:
-            return len(self._waiting) + len(self._active)
 
     # -- the thread that owns the model -------------------------------------------------------
     def serve(self):
