@@ -1,4 +1,4 @@
-"""CPU benchmark: zephyr against llama.cpp (llama-cpp-python) on the demo model and 7B-shaped files.
+"""CPU benchmark: zephyr against llama.cpp (llama-cpp-python) on real small models and 7B-shaped files.
 
     python benchmarks/bench_cpu.py [--models demo,q4_k_m,q4_0,q8_0,...] [--threads 2] [--repeats 3]
                                    [--prompt-tokens 64[,1500,4000]] [--demo-prompt-tokens 128[,1000,3000]]
@@ -14,8 +14,10 @@ their targets.
 Every measurement runs in a fresh child process (this script with --child), so peak RSS belongs to
 one engine, one model and one prompt, and engines never share memory. Engines alternate run by run
 (zephyr, llama.cpp, zephyr, ...) so that machine noise falls on both; the table shows medians.
-The 7B files are synthetic (Mistral-7B shapes, random valid quant blocks, llama.cpp's per-tensor
-types) and are written once into the cache directory.
+The 7B files are synthetic (Mistral-7B or Qwen2-7B shapes, random valid quant blocks, llama.cpp's
+per-tensor types) and are written once into the cache directory; the small models are the named
+models demo (SmolLM2-135M, llama) and gemma3-270m (Gemma 3 270M), whose decode speed per weight
+byte is held to the llama-family model's of its size class (issue 16), as Qwen2-7B's is to Zephyr-7B's.
 
 --kernel-rates measures instead how fast the CPU backend's decode matvec processes weights that sit
 in L2, per weight type, next to the host's memory read rate: to keep decode bound by memory, a
@@ -72,6 +74,8 @@ class Targets:
     min_roofline: float = 0.0         # decode >= this fraction of the roofline measured around the row's runs
     decode_kept: Optional[tuple] = None   # (fraction, prompt tokens): decode >= fraction x zephyr's decode
                                           # on the same file after a prompt of that length, in the same run
+    per_byte_of: Optional[tuple] = None   # (fraction, model key): zephyr's decode x weights read per token >=
+                                          # fraction x that model's, after a prompt as long, in the same run
     note: str = ""
 
 
@@ -79,10 +83,12 @@ class Targets:
 class ModelSpec:
     key: str
     label: str
-    layout: Optional[str]             # synthetic zephyr-7b layout; None for the demo model
+    layout: Optional[str]             # layout of a synthetic file of `preset`; None: the named model `named`
     targets: dict                     # prompt tokens -> Targets after a prompt of that length
     max_load_s: float = 0.0           # load to first token, warm page cache, at every length (0: none)
     rss_slack: float = 0.15           # peak RSS <= (file size + the row's KV cache) * (1 + slack), every length
+    preset: str = "zephyr-7b"         # zephyr.testing.synthetic.PRESETS
+    named: str = "demo"               # zephyr.demo's named models
 
     def targets_at(self, prompt_tokens) -> Targets:
         return self.targets.get(prompt_tokens, Targets())
@@ -104,12 +110,17 @@ MODELS = {spec.key: spec for spec in [
               at_4000=Targets(decode_ratio=1.15), max_load_s=3.0),
     zephyr_7b("Q4_0", Targets(1.2, 1.0), max_load_s=3.0),
     zephyr_7b("Q8_0", Targets(1.2, 1.0), max_load_s=3.0),
+    # Other families (issue 16): decode within 10 % of the llama-family model's speed per weight byte.
+    ModelSpec("gemma3-270m", "Gemma 3 270M Q4_K_M", None, {128: Targets(per_byte_of=(0.9, "demo"))},
+              named="gemma3-270m"),
+    ModelSpec("qwen2-7b", "Qwen2-7B Q4_K_M (synthetic)", "Q4_K_M",
+              {64: Targets(per_byte_of=(0.9, "q4_k_m")), 4000: Targets(decode_kept=(0.85, 64))}, preset="qwen2-7b"),
     # Zephyr-7B-beta's other published quantisations, on request (--models): held to the product's
     # promise, at least llama.cpp's speed on the same machine.
     *(zephyr_7b(layout, Targets(1.0, 1.0))
       for layout in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q5_0", "Q5_K_S", "Q5_K_M", "Q6_K")),
 ]}
-DEFAULT_MODELS = "demo,q4_k_m,q4_0,q8_0"
+DEFAULT_MODELS = "demo,q4_k_m,q4_0,q8_0,gemma3-270m,qwen2-7b"
 
 
 # -- facts about a file and a run (pure) ----------------------------------------------------------
@@ -455,28 +466,29 @@ def warm_page_cache(path: Path) -> float:
     return time.perf_counter() - start
 
 
-def synthetic_size_estimate(layout: str) -> int:
+def synthetic_size_estimate(layout: str, preset: str = "zephyr-7b") -> int:
     from zephyr.testing.synthetic import PRESETS, llama_tensors
-    return sum(-(-t.nbytes // 32) * 32 for t in llama_tensors(PRESETS["zephyr-7b"], layout)) + (8 << 20)
+    return sum(-(-t.nbytes // 32) * 32 for t in llama_tensors(PRESETS[preset], layout)) + (8 << 20)
 
 
-def ensure_synthetic(layout: str, cache: Path) -> Path:
-    """The zephyr-7b file of `layout` in `cache`, written (atomically, once) if it is not there yet."""
+def ensure_synthetic(layout: str, cache: Path, preset: str = "zephyr-7b") -> Path:
+    """The synthetic `preset` file of `layout` in `cache`, written (atomically, once) if it is not there yet."""
     from zephyr import gguf
     from zephyr.errors import GGUFError
-    from zephyr.testing.synthetic import LAYOUT_FILE_TYPES, write_llama_model
+    from zephyr.testing.synthetic import LAYOUT_FILE_TYPES, PRESETS, llama_tensors, write_llama_model
 
-    path = cache / f"zephyr-7b-synthetic.{layout}.gguf"
+    path = cache / f"{preset}-synthetic.{layout}.gguf"
     if path.exists():
         try:
             with gguf.read(path) as f:
-                if f.metadata.get("general.file_type") == LAYOUT_FILE_TYPES[layout] and len(f.tensors) == 291:
+                if (f.metadata.get("general.file_type") == LAYOUT_FILE_TYPES[layout]
+                        and len(f.tensors) == len(llama_tensors(PRESETS[preset], layout))):
                     return path
         except GGUFError:
             pass
-        print(f"  {path} is not a complete zephyr-7b {layout} file: rewriting it")
+        print(f"  {path} is not a complete {preset} {layout} file: rewriting it")
     cache.mkdir(parents=True, exist_ok=True)
-    need = synthetic_size_estimate(layout)
+    need = synthetic_size_estimate(layout, preset)
     free = shutil.disk_usage(cache).free
     if free < need + (1 << 30):
         raise RuntimeError(f"not enough disk space for the {layout} file: it needs {need / GB:.1f} GB (+1 GB "
@@ -485,7 +497,7 @@ def ensure_synthetic(layout: str, cache: Path) -> Path:
     start = time.perf_counter()
     partial = path.with_suffix(".partial")
     try:
-        write_llama_model(partial, "zephyr-7b", layout)
+        write_llama_model(partial, preset, layout)
         os.replace(partial, path)
     except BaseException:
         partial.unlink(missing_ok=True)
@@ -507,10 +519,11 @@ def model_facts(path: Path, n_ctx: int) -> ModelFacts:
 
 # -- targets and formatting ---------------------------------------------------------------------
 def check_targets(case: Case, mine: dict, theirs: Optional[dict], roofline: Optional[float] = None,
-                  decode_at: Optional[dict] = None) -> str:
+                  decode_at: Optional[dict] = None, bytes_at: Optional[dict] = None) -> str:
     """'PASS', or 'FAIL: ...' listing each missed target of zephyr's summary `mine` on `case`; what cannot
-    be checked (ratios without llama.cpp, decode_kept without its reference row) is named as n/a.
-    roofline: the row's roofline tok/s; decode_at: prompt tokens -> zephyr's decode tok/s on the same file."""
+    be checked (ratios without llama.cpp, decode_kept or per_byte_of without its reference row) is named as
+    n/a. roofline: the row's roofline tok/s; decode_at: prompt tokens -> zephyr's decode tok/s on the same
+    file; bytes_at: (model key, prompt tokens) -> zephyr's decode tok/s x weights read per token."""
     t, spec = case.targets, case.spec
     missed, skipped = [], []
     ratios = [(what, ratio) for what, ratio in (("decode", t.decode_ratio), ("prefill", t.prefill_ratio)) if ratio]
@@ -537,6 +550,14 @@ def check_targets(case: Case, mine: dict, theirs: Optional[dict], roofline: Opti
         elif mine["decode_tok_s"] < fraction * base:
             missed.append(f"decode {100 * mine['decode_tok_s'] / base:.1f} < {100 * fraction:.0f} % of the "
                           f"{reference}-token decode")
+    if t.per_byte_of:
+        fraction, other = t.per_byte_of
+        base = (bytes_at or {}).get((other, case.prompt))
+        if base is None:
+            skipped.append(f"bytes/s vs {other}")
+        elif mine["decode_tok_s"] * case.facts.weight_bytes < fraction * base:
+            missed.append(f"decode {100 * mine['decode_tok_s'] * case.facts.weight_bytes / base:.1f} < "
+                          f"{100 * fraction:.0f} % of {other}'s weight bytes/s")
     if spec.max_load_s and mine["load_s"] >= spec.max_load_s:
         missed.append(f"load {mine['load_s']:.1f} >= {spec.max_load_s:g} s")
     if mine["peak_rss_bytes"] > case.rss_budget:
@@ -558,11 +579,12 @@ COLUMNS = ["model", "prompt tokens", "engine", "load s", "prefill tok/s", "decod
 def result_rows(measured, skipped=()) -> list:
     """One row (list of strings) per engine per Measured row, then one per model in `skipped`
     [(spec, reason)] that could not be run."""
-    decode_at = {}      # (model key, prompt tokens) -> zephyr's median decode tok/s
+    decode_at, bytes_at = {}, {}    # (model key, prompt tokens) -> zephyr's median decode tok/s, x weight bytes
     for m in measured:
         s = m.outcomes["zephyr"].summary() if "zephyr" in m.outcomes else None
         if s:
             decode_at[(m.case.spec.key, m.case.prompt)] = s["decode_tok_s"]
+            bytes_at[(m.case.spec.key, m.case.prompt)] = s["decode_tok_s"] * m.case.facts.weight_bytes
     rows = []
     for m in measured:
         case = m.case
@@ -580,7 +602,7 @@ def result_rows(measured, skipped=()) -> list:
                     ratio = (f"{s['prefill_tok_s'] / theirs['prefill_tok_s']:.2f}x, "
                              f"{s['decode_tok_s'] / theirs['decode_tok_s']:.2f}x")
                 own = {prompt: tok_s for (key, prompt), tok_s in decode_at.items() if key == case.spec.key}
-                verdict = check_targets(case, mine, theirs, m.roofline, own)
+                verdict = check_targets(case, mine, theirs, m.roofline, own, bytes_at)
             if outcome.errors:
                 verdict += f" [{len(outcome.errors)} run(s) failed: {outcome.errors[-1]}]"
             roofline_pct = f"{100 * s['decode_tok_s'] / m.roofline:.1f}" if m.roofline else "-"
@@ -671,6 +693,9 @@ def target_lines(specs, prompt_lens) -> list:
                 parts.append(f"decode >= {100 * t.min_roofline:.0f} % of the roofline")
             if t.decode_kept:
                 parts.append(f"decode >= {100 * t.decode_kept[0]:.0f} % of its decode after {t.decode_kept[1]} tokens")
+            if t.per_byte_of:
+                parts.append(f"decode x weights read per token >= {100 * t.per_byte_of[0]:.0f} % of "
+                             f"{MODELS[t.per_byte_of[1]].label}'s")
             lines.append(f"- {spec.label}, {prompt} tokens: " + (", ".join(parts) or "no speed target")
                          + (f" ({t.note})" if t.note else ""))
     return lines
@@ -1002,7 +1027,8 @@ def parse_args(argv=None):
                         help="prompt lengths for the 7B files, comma-separated, a row each (default 64; "
                              "long contexts: 64,1500,4000)")
     parser.add_argument("--demo-prompt-tokens", default="128",
-                        help="prompt lengths for the demo (default 128; long contexts: 128,1000,3000)")
+                        help="prompt lengths for the small named models, demo and gemma3-270m (default 128; "
+                             "long contexts: 128,1000,3000)")
     parser.add_argument("--decode-tokens", type=int, default=32, help="greedy tokens decoded after each prompt")
     parser.add_argument("--repeats", type=int, default=3, help="runs per engine and row (default 3)")
     parser.add_argument("--no-llama-cpp", action="store_true", help="measure zephyr only")
@@ -1017,7 +1043,7 @@ def parse_args(argv=None):
                                           f"main one, or {KERNEL_RATES_SECTION} with --kernel-rates; e.g. "
                                           "other-quants or long-context)")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/zephyr-bench"),
-                        help="where the synthetic 7B files are written once (~16 GB for all three)")
+                        help="where the synthetic 7B files are written once (~21 GB for all four)")
     parser.add_argument("--bandwidth-gib", type=float, default=2.0, help="buffer size of the bandwidth test")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one run may take (0: no limit)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -1112,10 +1138,11 @@ def main(argv=None) -> int:
     try:
         for key in args.models:
             spec = MODELS[key]
-            prompt_lens[key] = args.demo_prompt_tokens if key == "demo" else args.prompt_tokens
+            prompt_lens[key] = args.demo_prompt_tokens if spec.layout is None else args.prompt_tokens
             print(f"\n{spec.label}", flush=True)
             try:
-                path = zephyr.demo_model_path() if spec.layout is None else ensure_synthetic(spec.layout, args.cache)
+                path = (zephyr.demo.named_model_path(spec.named) if spec.layout is None
+                        else ensure_synthetic(spec.layout, args.cache, spec.preset))
                 facts = model_facts(Path(path), context_length(prompt_lens[key], args.decode_tokens))
             except (RuntimeError, OSError, zephyr.ZephyrError) as exc:
                 print(f"  skipped: {exc}")

@@ -128,6 +128,19 @@ def test_decode_at_4000_tokens_is_held_to_its_64_token_decode(bench, tmp_path):
     assert bench.check_targets(case, run(decode=4.3), None, decode_at={}) == "PASS (decode vs 64 tokens n/a)"
 
 
+def test_other_families_are_held_to_the_llama_familys_speed_per_weight_byte(bench, tmp_path):
+    """Issue 16: decode x weights read per token within 10 % of the llama-family model's, same run."""
+    qwen2 = bench.Case(bench.MODELS["qwen2-7b"], facts(bench, tmp_path, "qwen2-7b", weight_bytes=4.5e9), 64, 32)
+    llama_rate = {("q4_k_m", 64): 6.0 * 4e9}
+    assert bench.check_targets(qwen2, run(decode=4.9), None, bytes_at=llama_rate) == "PASS"
+    verdict = bench.check_targets(qwen2, run(decode=4.5), None, bytes_at=llama_rate)
+    assert verdict == "FAIL: decode 84.4 < 90 % of q4_k_m's weight bytes/s"
+    assert bench.check_targets(qwen2, run(decode=4.9), None, bytes_at={}) == "PASS (bytes/s vs q4_k_m n/a)"
+    gemma = bench.MODELS["gemma3-270m"]
+    assert (gemma.layout, gemma.named, gemma.targets_at(128).per_byte_of) == (None, "gemma3-270m", (0.9, "demo"))
+    assert "of SmolLM2-135M Q4_1 (demo)'s" in bench.target_lines([gemma], {"gemma3-270m": [128]})[1]
+
+
 def test_rss_budget_holds_the_kv_cache_the_row_fills(bench, tmp_path):
     f = facts(bench, tmp_path, file_bytes=4e9, kv_per_position=131072)
     case = bench.Case(bench.MODELS["q4_k_m"], f, 4000, 32)

@@ -23,7 +23,13 @@ def test_info_shows_metadata_and_tensors(capsys, tiny):
     assert main(["info", tiny]) == 0
     out = capsys.readouterr().out
     assert "llama.block_count = 2" in out and "blk.0.attn_q.weight" in out and "Q4_K" in out
-    assert "ModelConfig(" in out
+    assert "ModelConfig(" in out and "family: llama (Llama" in out
+
+
+def test_info_names_the_family(capsys, tmp_path):
+    path = write_llama_model(tmp_path / "gemma3.gguf", "gemma3", "Q8_0", name="synthetic")
+    assert main(["info", str(path)]) == 0
+    assert "family: gemma3 (Gemma 3 (text))" in capsys.readouterr().out
 
 
 def test_info_of_a_named_model_of_another_family(capsys, gemma3_270m_path):

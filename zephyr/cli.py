@@ -205,7 +205,7 @@ def _info(args):
         print(f.summary())
         try:
             config = ModelConfig.from_gguf(f)
-            print(f"\n{config}")
+            print(f"\nfamily: {config.architecture} ({config.family.title})\n{config}")
         except ZephyrError as exc:
             print(f"\nnot runnable by zephyr: {exc}")
         print("\ntensors:")

@@ -10,7 +10,6 @@ import as the best this CPU has; `set_isa` forces one (the tests run every path)
 """
 from cython.parallel cimport prange, threadid
 from libc.stdint cimport int32_t, int64_t, uint8_t
-from libc.math cimport sqrt
 
 import mmap
 
@@ -53,7 +52,11 @@ cdef extern from "norm.h" nogil:
     void zd_rms_norm_row(const float *x, const float *w, float *out, int64_t d, float eps)
 
 cdef extern from "rope.h" nogil:
-    void zd_rope_angles(int64_t pos, int64_t n_rot, double base, float *cos_out, float *sin_out)
+    ctypedef struct zd_rope:
+        int64_t n_rot
+        double base, freq_scale, ext_factor, attn_factor, corr_lo, corr_hi
+        const float *factors
+    void zd_rope_angles(int64_t pos, const zd_rope *r, float *cos_out, float *sin_out)
     void zd_rope_head(const float *x, float *out, const float *cos_t, const float *sin_t,
                       int64_t head_dim, int64_t n_rot, int neox)
 
@@ -71,7 +74,7 @@ cdef extern from "attention.h" nogil:
         const int32_t *pos
         const int32_t *seq
         int64_t n, n_heads, n_kv, hd, window
-        float scale
+        float scale, softcap
         const zd_kv_layer *cache
         zd_att_item *items
         int64_t n_items
@@ -87,6 +90,7 @@ cdef extern from "attention.h" nogil:
 
 cdef extern from "elementwise.h" nogil:
     void zd_swiglu(const float *gate, const float *up, float *out, int64_t count)
+    void zd_geglu(const float *gate, const float *up, float *out, int64_t count)
     void zd_add(const float *a, const float *b, float *out, int64_t count)
 
 
@@ -261,15 +265,35 @@ def rms_norm(const float[:, ::1] x, const float[::1] w, float eps, float[:, ::1]
             zd_rms_norm_row(&x[i, 0], &w[0], &out[i, 0], d, eps)
 
 
+cdef zd_rope _rope(int64_t n_rot, double base, tuple scaling, factors) except *:
+    """A zd_rope: `scaling` is (freq_scale, ext_factor, attn_factor, corr_lo, corr_hi) as
+    zephyr.backend.RopeScaling and host_ops.yarn_corr_dims give them; `factors` float32
+    [n_rot / 2] or None. The caller keeps `factors` alive while the rope is used."""
+    cdef zd_rope r
+    cdef const float[::1] f
+    r.n_rot, r.base = n_rot, base
+    r.freq_scale, r.ext_factor, r.attn_factor, r.corr_lo, r.corr_hi = scaling
+    _require(r.freq_scale > 0, "rope freq_scale must be positive")
+    r.factors = NULL
+    if factors is not None:
+        f = factors
+        _require(f.shape[0] == n_rot // 2, "one rope frequency factor per rotated pair")
+        if f.shape[0]:
+            r.factors = &f[0]
+    return r
+
+
 def rope(const float[:, ::1] x, const int32_t[::1] positions, int64_t head_dim, int64_t n_rot, double base,
-         bint neox, float[:, ::1] out, int threads):
-    """out = x with the first n_rot dims of every head rotated; row i sits at positions[i]."""
+         bint neox, tuple scaling, factors, float[:, ::1] out, int threads):
+    """out = x with the first n_rot dims of every head rotated; row i sits at positions[i]
+    (scaling and factors: see _rope)."""
     cdef int64_t n = x.shape[0], width = x.shape[1]
     _require(positions.shape[0] == n, "one position per row")
     _require(head_dim > 0 and width % head_dim == 0, "width is not a whole number of heads")
     _require(0 <= n_rot <= head_dim and n_rot % 2 == 0, "n_rot must be even and <= head_dim")
     _require(out.shape[0] == n and out.shape[1] == width, "output shape mismatch")
     _require(threads >= 1, "threads must be positive")
+    cdef zd_rope r = _rope(n_rot, base, scaling, factors)
     cdef int64_t heads = width // head_dim, half = n_rot // 2
     if n == 0 or width == 0:
         return
@@ -279,7 +303,7 @@ def rope(const float[:, ::1] x, const int32_t[::1] positions, int64_t head_dim, 
     cdef int64_t i, item, token, head
     with nogil:
         for i in prange(n, schedule='static', num_threads=threads):
-            zd_rope_angles(positions[i], n_rot, base, &cos_table[i, 0], &sin_table[i, 0])
+            zd_rope_angles(positions[i], &r, &cos_table[i, 0], &sin_table[i, 0])
         for item in prange(n * heads, schedule='static', num_threads=threads):
             token = item // heads
             head = item % heads
@@ -310,9 +334,11 @@ cdef void _check_batch(const int32_t[::1] positions, const int32_t[::1] seqs, in
 
 def attention(const float[:, ::1] q, const float[:, ::1] k, const float[:, ::1] v,
               uint8_t[:, :, :, :, ::1] cache, int cache_type, const int32_t[::1] positions,
-              const int32_t[::1] seqs, int64_t n_heads, int64_t window, float[:, ::1] out, int threads):
+              const int32_t[::1] seqs, int64_t n_heads, int64_t window, float scale, float softcap,
+              float[:, ::1] out, int threads):
     """Store k, v at the batch's rows of `cache` (IN/OUT, one layer of a HostKVCache), then causal
-    GQA attention for q -> out (attention.h). Query head j reads kv head j // (h / h_kv)."""
+    GQA attention for q -> out (attention.h), scores scaled by `scale` and soft-capped where
+    softcap > 0. Query head j reads kv head j // (h / h_kv)."""
     cdef int64_t n = q.shape[0], n_kv = cache.shape[2]
     _require(n_heads > 0 and n_kv > 0 and n_heads % n_kv == 0, "bad head counts")
     _require(q.shape[1] % n_heads == 0, "q width mismatch")
@@ -342,7 +368,7 @@ def attention(const float[:, ::1] q, const float[:, ::1] k, const float[:, ::1] 
         job.pos = &positions[0]
         job.seq = &seqs[0]
         job.n, job.n_heads, job.n_kv, job.hd, job.window = n, n_heads, n_kv, hd, window
-        job.scale = 1.0 / sqrt(<double>hd)
+        job.scale, job.softcap = scale, softcap
         job.cache = &c
         job.items = <zd_att_item *>&items[0]
         job.splits = &splits[0]
@@ -386,6 +412,49 @@ def add(const float[::1] a, const float[::1] b, float[::1] out, int threads):
             zd_add(&a[start], &b[start], &out[start], stop - start)
 
 
+def geglu(const float[::1] gate, const float[::1] up, float[::1] out, int threads):
+    """out = gelu(gate) * up (GELU's tanh approximation), over flat arrays."""
+    cdef int64_t count = gate.shape[0], chunk, chunks, c, start, stop
+    _require(up.shape[0] == count and out.shape[0] == count, "length mismatch")
+    _require(threads >= 1, "threads must be positive")
+    if count == 0:
+        return
+    _split(count, threads, &chunk, &chunks)
+    with nogil:
+        for c in prange(chunks, schedule='static', num_threads=threads):
+            start = c * chunk
+            stop = min(start + chunk, count)
+            zd_geglu(&gate[start], &up[start], &out[start], stop - start)
+
+
+def add_bias(const float[:, ::1] x, const float[::1] b, float[:, ::1] out, int threads):
+    """out = x + b, b added to every row."""
+    cdef int64_t n = x.shape[0], m = x.shape[1], i
+    _require(b.shape[0] == m and out.shape[0] == n and out.shape[1] == m, "shape mismatch")
+    _require(threads >= 1, "threads must be positive")
+    if n == 0 or m == 0:
+        return
+    with nogil:
+        for i in prange(n, schedule='static', num_threads=threads):
+            zd_add(&x[i, 0], &b[0], &out[i, 0], m)
+
+
+def rms_norm_heads(const float[:, ::1] x, const float[::1] w, int64_t head_dim, float eps, float[:, ::1] out,
+                   int threads):
+    """out = rms_norm of every head (head_dim values) of x on its own, weight w [head_dim]."""
+    cdef int64_t n = x.shape[0], width = x.shape[1], item, heads
+    _require(head_dim > 0 and width % head_dim == 0 and w.shape[0] == head_dim, "shape mismatch")
+    _require(out.shape[0] == n and out.shape[1] == width, "output shape mismatch")
+    _require(threads >= 1, "threads must be positive")
+    heads = width // head_dim
+    if n == 0 or width == 0:
+        return
+    with nogil:
+        for item in prange(n * heads, schedule='static', num_threads=threads):
+            zd_rms_norm_row(&x[item // heads, (item % heads) * head_dim], &w[0],
+                            &out[item // heads, (item % heads) * head_dim], head_dim, eps)
+
+
 # -- the fused decoder layer ---------------------------------------------------------------------
 
 cdef extern from "layer.h" nogil:
@@ -397,11 +466,23 @@ cdef extern from "layer.h" nogil:
         const float *attn_norm
         const float *ffn_norm
         zd_matrix wq, wk, wv, wo, w_gate, w_up, w_down
+        const float *q_bias
+        const float *k_bias
+        const float *v_bias
+        const float *o_bias
+        const float *down_bias
+        const float *gate_bias
+        const float *up_bias
+        const float *q_norm
+        const float *k_norm
+        const float *post_attn_norm
+        const float *post_ffn_norm
     ctypedef struct zd_layer_params:
-        int64_t d, f, n_heads, n_kv_heads, head_dim, rope_dims, window
-        double rope_base
+        int64_t d, f, n_heads, n_kv_heads, head_dim, window
+        zd_rope rope
         int rope_neox
-        float rms_eps
+        float rms_eps, attn_scale, attn_softcap
+        int gelu
     ctypedef struct zd_layer_scratch:
         int64_t n_max
         float *h
@@ -411,11 +492,11 @@ cdef extern from "layer.h" nogil:
         float *v
         float *gate
         float *up
+        float *y
         float *rope_cos
         float *rope_sin
         int32_t *rope_pos
-        int64_t rope_n, rope_dims
-        double rope_base
+        int64_t rope_n
         float *att
         int64_t att_stride
         zd_att_item *att_items
@@ -431,7 +512,7 @@ cdef extern from "layer.h" nogil:
 
 
 cdef zd_matrix _matrix(tuple spec, int64_t rows, int64_t cols, str name) except *:
-    """(data, type) -> a zd_matrix of rows x cols, checking the buffer covers it."""
+    """(data, type, rows) -> a zd_matrix of rows x cols, checking the buffer covers it."""
     cdef const uint8_t[::1] data = spec[0]
     cdef int wtype = spec[1]
     cdef int64_t stride = zd_row_bytes(wtype, cols)
@@ -455,40 +536,75 @@ cdef class Layer:
     cdef zd_kv_layer cache
     cdef object refs
 
-    def __init__(self, const float[::1] attn_norm, const float[::1] ffn_norm, tuple wq, tuple wk, tuple wv,
-                 tuple wo, tuple w_gate, tuple w_up, tuple w_down, int64_t f, int64_t n_heads, int64_t n_kv_heads,
-                 int64_t head_dim, int64_t rope_dims, double rope_base, bint rope_neox, float rms_eps,
-                 int64_t window, uint8_t[:, :, :, :, ::1] cache, int cache_type):
-        """Matrices are (flat uint8 data, GGML type); norms float32 [d]; `cache` one layer of a
-        HostKVCache, [2, n_seqs, n_kv, n_ctx, row_bytes] bytes of type `cache_type`."""
-        cdef int64_t d = attn_norm.shape[0]
-        _require(d > 0 and f > 0 and ffn_norm.shape[0] == d, "norm weights must have d > 0 values")
+    def __init__(self, dict matrices, dict vectors, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                 int64_t rope_dims, double rope_base, bint rope_neox, tuple rope_scaling, float rms_eps,
+                 int64_t window, float attn_scale, float attn_softcap, bint gelu, uint8_t[:, :, :, :, ::1] cache,
+                 int cache_type):
+        """`matrices`: {wq, wk, wv, wo, w_gate, w_up, w_down: (flat uint8 data, GGML type)};
+        `vectors`: float32 arrays, attn_norm and ffn_norm [d] and any of the optional ones of
+        zd_layer_weights (rope_freqs: the frequency factors); rope_scaling as _rope takes it;
+        `cache` one layer of a HostKVCache, [2, n_seqs, n_kv, n_ctx, row_bytes] bytes of type
+        `cache_type`."""
+        cdef int64_t d = vectors["attn_norm"].shape[0], f = _matrix_rows(matrices["w_gate"])
+        _require(d > 0 and f > 0 and vectors["ffn_norm"].shape[0] == d, "norm weights must have d > 0 values")
         _require(n_heads > 0 and n_kv_heads > 0 and n_heads % n_kv_heads == 0, "bad head counts")
         _require(head_dim > 0 and 0 <= rope_dims <= head_dim and rope_dims % 2 == 0, "bad head_dim / rope_dims")
         _require(window >= 0, "window must be >= 0")
         _require(cache.shape[2] == n_kv_heads, "cache shape mismatch")
         cdef int64_t qd = n_heads * head_dim, kvd = n_kv_heads * head_dim
-        self.w.attn_norm = &attn_norm[0]
-        self.w.ffn_norm = &ffn_norm[0]
-        self.w.wq = _matrix(wq, qd, d, "wq")
-        self.w.wk = _matrix(wk, kvd, d, "wk")
-        self.w.wv = _matrix(wv, kvd, d, "wv")
-        self.w.wo = _matrix(wo, d, qd, "wo")
-        self.w.w_gate = _matrix(w_gate, f, d, "w_gate")
-        self.w.w_up = _matrix(w_up, f, d, "w_up")
-        self.w.w_down = _matrix(w_down, d, f, "w_down")
+        self.w.wq = _matrix(matrices["wq"], qd, d, "wq")
+        self.w.wk = _matrix(matrices["wk"], kvd, d, "wk")
+        self.w.wv = _matrix(matrices["wv"], kvd, d, "wv")
+        self.w.wo = _matrix(matrices["wo"], d, qd, "wo")
+        self.w.w_gate = _matrix(matrices["w_gate"], f, d, "w_gate")
+        self.w.w_up = _matrix(matrices["w_up"], f, d, "w_up")
+        self.w.w_down = _matrix(matrices["w_down"], d, f, "w_down")
+        lengths = dict(attn_norm=d, ffn_norm=d, q_bias=qd, k_bias=kvd, v_bias=kvd, o_bias=d, gate_bias=f, up_bias=f,
+                       down_bias=d, q_norm=head_dim, k_norm=head_dim, post_attn_norm=d, post_ffn_norm=d,
+                       rope_freqs=rope_dims // 2)
+        for name, values in vectors.items():
+            _require(name in lengths and values.shape[0] == lengths[name], f"{name}: wrong length")
+        self.w.attn_norm = _floats(vectors, "attn_norm")
+        self.w.ffn_norm = _floats(vectors, "ffn_norm")
+        self.w.q_bias = _floats(vectors, "q_bias")
+        self.w.k_bias = _floats(vectors, "k_bias")
+        self.w.v_bias = _floats(vectors, "v_bias")
+        self.w.o_bias = _floats(vectors, "o_bias")
+        self.w.gate_bias = _floats(vectors, "gate_bias")
+        self.w.up_bias = _floats(vectors, "up_bias")
+        self.w.down_bias = _floats(vectors, "down_bias")
+        self.w.q_norm = _floats(vectors, "q_norm")
+        self.w.k_norm = _floats(vectors, "k_norm")
+        self.w.post_attn_norm = _floats(vectors, "post_attn_norm")
+        self.w.post_ffn_norm = _floats(vectors, "post_ffn_norm")
         self.p.d = d
         self.p.f = f
         self.p.n_heads = n_heads
         self.p.n_kv_heads = n_kv_heads
         self.p.head_dim = head_dim
-        self.p.rope_dims = rope_dims
         self.p.window = window
-        self.p.rope_base = rope_base
+        self.p.rope = _rope(rope_dims, rope_base, rope_scaling, vectors.get("rope_freqs"))
         self.p.rope_neox = rope_neox
         self.p.rms_eps = rms_eps
+        self.p.attn_scale = attn_scale
+        self.p.attn_softcap = attn_softcap
+        self.p.gelu = gelu
         self.cache = _kv_layer(cache, cache_type, head_dim)
-        self.refs = (attn_norm, ffn_norm, wq, wk, wv, wo, w_gate, w_up, w_down, cache)
+        self.refs = (matrices, vectors, cache)
+
+
+cdef int64_t _matrix_rows(tuple spec) except -1:
+    """Rows of a matrix spec (data, type, rows)."""
+    return spec[2]
+
+
+cdef const float *_floats(dict vectors, str name) except? NULL:
+    """The values of vectors[name] (a float32 array), or NULL when the block has none."""
+    cdef const float[::1] values
+    if name not in vectors:
+        return NULL
+    values = vectors[name]
+    return &values[0]
 
 
 cdef class LayerScratch:
@@ -504,7 +620,7 @@ cdef class LayerScratch:
     cdef void reserve(self, Layer layer, int64_t n, int threads) except *:
         cdef const zd_layer_params *p = &layer.p
         cdef int64_t width = zd_layer_width(p), qd = p.n_heads * p.head_dim, kvd = p.n_kv_heads * p.head_dim
-        cdef tuple want = (width, qd, kvd, p.f, p.rope_dims // 2, p.n_heads, p.n_kv_heads,
+        cdef tuple want = (width, qd, kvd, p.f, p.rope.n_rot // 2, p.n_heads, p.n_kv_heads,
                            zd_att_scratch_floats(p.head_dim, p.n_heads // p.n_kv_heads), zd_att_hdp(p.head_dim),
                            threads)
         if self.shape and n <= self.s.n_max and all(a >= b for a, b in zip(self.shape, want)):
@@ -517,7 +633,8 @@ cdef class LayerScratch:
         arrays = dict(h=np.empty(n * width, np.float32), q=np.empty(n * qd, np.float32),
                       q_rot=np.empty(n * qd, np.float32), k=np.empty(n * kvd, np.float32),
                       v=np.empty(n * kvd, np.float32), gate=np.empty(n * f, np.float32),
-                      up=np.empty(n * f, np.float32), rope_cos=np.empty(n * max(half, 1), np.float32),
+                      up=np.empty(n * f, np.float32), y=np.empty(n * width, np.float32),
+                      rope_cos=np.empty(n * max(half, 1), np.float32),
                       rope_sin=np.empty(n * max(half, 1), np.float32), rope_pos=np.empty(n, np.int32),
                       att=np.empty(threads * att_floats, np.float32),
                       att_items=np.empty(zd_att_max_items(n, n_kv) * sizeof(zd_att_item), np.uint8),
@@ -535,6 +652,7 @@ cdef class LayerScratch:
         view = arrays["v"]; self.s.v = &view[0]
         view = arrays["gate"]; self.s.gate = &view[0]
         view = arrays["up"]; self.s.up = &view[0]
+        view = arrays["y"]; self.s.y = &view[0]
         view = arrays["rope_cos"]; self.s.rope_cos = &view[0]
         view = arrays["rope_sin"]; self.s.rope_sin = &view[0]
         ints = arrays["rope_pos"]; self.s.rope_pos = &ints[0]

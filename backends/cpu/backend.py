@@ -4,15 +4,16 @@ Weights are checked once, in load_weight, which returns a _CPUWeight handle; the
 checks that it was given one. Every op validates its other arguments here (with the checks
 zephyr.backend shares between backends) and raises BackendError before native code sees a
 buffer; _ops trusts shapes, dtypes and contiguity it has been given. `decoder_layer` runs a
-whole block as one native call (kernels/layer.h).
+whole block as one native call (kernels/layer.h), every block feature included.
 """
 import weakref
 
 import numpy as np
 
-from zephyr.backend import (Availability, Batch, HostBackend, HostKVCache, LayerParams, LayerWeights, Weight,
-                            as_index, as_positions, check_activation, check_cache_args, check_layer_shapes, check_rope_args,
-                            check_weight)
+from zephyr import host_ops
+from zephyr.backend import (FEATURES, Availability, Batch, HostBackend, HostKVCache, LayerParams, LayerWeights,
+                            RopeScaling, Weight, as_index, as_positions, check_activation, check_block_params,
+                            check_cache_args, check_layer_shapes, check_rope_args, check_weight)
 from zephyr.errors import BackendError
 from zephyr.memory import release_pages, require
 from zephyr.quants import GGMLType, SUPPORTED_TYPES
@@ -58,6 +59,7 @@ class CPUBackend(HostBackend):
     score = 10
     supported_types = SUPPORTED_TYPES
     options = ("threads",)
+    features = frozenset(FEATURES)
 
     @classmethod
     def availability(cls):
@@ -118,17 +120,17 @@ class CPUBackend(HostBackend):
             return self.load_weight(w)
         raise BackendError(f"{op} takes a weight from load_weight, got {type(w).__name__}")
 
-    def _vector(self, w, d):
-        """A norm weight (handle or float32 array) as float32 [d]."""
+    def _vector(self, w, d, op="rms_norm"):
+        """A vector weight (handle or float32 array: a norm, a bias) as float32 [d]."""
         if isinstance(w, (_CPUWeight, Weight)):
-            w = self._matrix(w, "rms_norm")
+            w = self._matrix(w, op)
             if w.values is None:
                 raise BackendError(f"{w.name!r}: expected a vector, got shape {w.shape}")
             w = w.values
         if not isinstance(w, np.ndarray) or w.dtype != np.float32 or w.ndim != 1:
-            raise BackendError("norm weight must be a weight handle or a 1-D float32 array")
+            raise BackendError(f"{op}: the vector weight must be a weight handle or a 1-D float32 array")
         if w.shape[0] != d:
-            raise BackendError(f"norm weight has {w.shape[0]} values, input rows have {d}")
+            raise BackendError(f"{op}: the vector weight has {w.shape[0]} values, expected {d}")
         return np.ascontiguousarray(w)
 
     # -- ops --------------------------------------------------------------------------------
@@ -158,23 +160,28 @@ class CPUBackend(HostBackend):
         _ops.rms_norm(x, weight, float(eps), out, self.threads)
         return out
 
-    def rope(self, x, positions, head_dim, n_rot, base, neox):
+    def rope(self, x, positions, head_dim, n_rot, base, neox, scaling=RopeScaling(), freq_factors=None):
         x = _activation(x, "rope input")                     # [n, heads * head_dim]
         check_rope_args(x.shape[1], head_dim, n_rot)
         positions = as_positions(positions, x.shape[0])
+        factors = None if freq_factors is None else self._vector(freq_factors, n_rot // 2, "rope")
         out = np.empty_like(x)
-        _ops.rope(x, positions, int(head_dim), int(n_rot), float(base), bool(neox), out, self.threads)
+        _ops.rope(x, positions, int(head_dim), int(n_rot), float(base), bool(neox), _rope_scaling(scaling, n_rot, base),
+                  factors, out, self.threads)
         return out
 
-    def attention(self, cache, layer, q, k, v, batch, n_heads, n_kv_heads, window=0):
+    def attention(self, cache, layer, q, k, v, batch, n_heads, n_kv_heads, window=0, scale=None, softcap=0.0):
         check_cache_args(cache, HostKVCache, layer, batch, n_heads, n_kv_heads)
         hd, n = cache.shape.head_dim, len(batch)
         q = _activation(q, "q", cols=n_heads * hd, rows=n)            # [n, h * hd]
         k = _activation(k, "k", cols=n_kv_heads * hd, rows=n)         # [n, h_kv * hd]
         v = _activation(v, "v", cols=n_kv_heads * hd, rows=n)
+        scale = 1.0 / np.sqrt(hd) if scale is None else scale
+        check_block_params(LayerParams(n_heads, n_kv_heads, hd, 0, 1.0, False, 1.0, 0, attn_scale=scale,
+                                       attn_softcap=softcap))
         out = np.empty_like(q)
         _ops.attention(q, k, v, cache.data[layer], int(cache.shape.type), batch.positions, batch.seqs, n_heads,
-                       as_index(window, "window"), out, self.threads)
+                       as_index(window, "window"), float(scale), float(softcap), out, self.threads)
         return out
 
     def swiglu(self, gate, up):
@@ -191,6 +198,29 @@ class CPUBackend(HostBackend):
         _same_shape(a, b, "add")
         out = np.empty_like(a)
         _ops.add(a.reshape(-1), b.reshape(-1), out.reshape(-1), self.threads)
+        return out
+
+    def add_bias(self, x, b):
+        x = _activation(x, "add_bias input")                 # [n, m]
+        out = np.empty_like(x)
+        _ops.add_bias(x, self._vector(b, x.shape[1], "add_bias"), out, self.threads)
+        return out
+
+    def rms_norm_heads(self, x, w, head_dim, eps):
+        x = _activation(x, "rms_norm_heads input")           # [n, heads * head_dim]
+        head_dim = as_index(head_dim, "head_dim", minimum=1)
+        if x.shape[1] % head_dim:
+            raise BackendError(f"rms_norm_heads: width {x.shape[1]} is not a whole number of heads of {head_dim}")
+        out = np.empty_like(x)
+        _ops.rms_norm_heads(x, self._vector(w, head_dim, "rms_norm_heads"), head_dim, float(eps), out, self.threads)
+        return out
+
+    def geglu(self, gate, up):
+        gate = _activation(gate, "gate")                     # [n, f]
+        up = _activation(up, "up")
+        _same_shape(gate, up, "geglu")
+        out = np.empty_like(gate)
+        _ops.geglu(gate.reshape(-1), up.reshape(-1), out.reshape(-1), self.threads)
         return out
 
     # -- whole steps ------------------------------------------------------------------------
@@ -219,14 +249,27 @@ class _LayerPlan:
         if not isinstance(w, LayerWeights):
             raise BackendError(f"decoder_layer takes LayerWeights, got {type(w).__name__}")
         matrices = {name: backend._matrix(getattr(w, name), "decoder_layer") for name in LayerWeights.MATRICES}
-        self.d = check_layer_shapes(lambda name: matrices[name].shape, p)
+        vectors = {name: backend._matrix(v, "decoder_layer") if isinstance(v, Weight) else v
+                   for name, v in w.present().items() if name in LayerWeights.VECTORS}
+        lengths = {name: (v.cols if isinstance(v, _CPUWeight) else np.shape(v)[-1]) for name, v in vectors.items()}
+        self.d = check_layer_shapes(lambda name: matrices[name].shape, p, lengths)
         check_cache_args(cache, HostKVCache, layer, Batch.of(0, 0), p.n_heads, p.n_kv_heads)
         if cache.shape.head_dim != p.head_dim:
             raise BackendError(f"head size {p.head_dim} does not match the cache's {cache.shape.head_dim}")
         self.keep = (w, cache)
-        spec = {name: (m.data, m.code) for name, m in matrices.items()}
-        self.native = _ops.Layer(backend._vector(w.attn_norm, self.d), backend._vector(w.ffn_norm, self.d),
-                                 spec["wq"], spec["wk"], spec["wv"], spec["wo"], spec["w_gate"], spec["w_up"],
-                                 spec["w_down"], matrices["w_gate"].rows, p.n_heads, p.n_kv_heads, p.head_dim,
-                                 p.rope_dims, float(p.rope_base), bool(p.rope_neox), float(p.rms_eps),
-                                 p.sliding_window, cache.data[layer], int(cache.shape.type))
+        spec = {name: (m.data, m.code, m.rows) for name, m in matrices.items()}
+        values = {name: backend._vector(v, lengths[name], "decoder_layer") for name, v in vectors.items()}
+        self.native = _ops.Layer(spec, values, p.n_heads, p.n_kv_heads, p.head_dim, p.rope_dims, float(p.rope_base),
+                                 bool(p.rope_neox), _rope_scaling(p.rope_scaling, p.rope_dims, p.rope_base),
+                                 float(p.rms_eps), p.sliding_window, float(p.scores_scale), float(p.attn_softcap),
+                                 p.activation == "gelu", cache.data[layer], int(cache.shape.type))
+
+
+def _rope_scaling(scaling, n_rot, base) -> tuple:
+    """A RopeScaling as _ops takes it: (freq_scale, ext_factor, attn_factor, YaRN's first and last pair)."""
+    if not isinstance(scaling, RopeScaling):
+        raise BackendError(f"rope scaling must be a zephyr.backend.RopeScaling, got {type(scaling).__name__}")
+    check_block_params(LayerParams(1, 1, 1, 0, 1.0, False, 1.0, 0, rope_scaling=scaling))
+    corr = host_ops.yarn_corr_dims(n_rot, scaling.n_ctx_orig, base, scaling.beta_fast, scaling.beta_slow) \
+        if scaling.ext_factor else (0.0, 0.0)
+    return (float(scaling.freq_scale), float(scaling.ext_factor), float(scaling.attn_factor), *map(float, corr))

@@ -1,13 +1,14 @@
 """ReferenceBackend: every op written the obvious way in numpy, in float64 where it helps.
 
 No blocking, no threads, a whole-matrix dequantisation per matmul: correctness is its only job,
-and tests compare every other backend against it.
+and tests compare every other backend against it. The ops of the block features run the numpy
+definitions in zephyr.host_ops (the optional ones as the contract's defaults do).
 """
 import numpy as np
 
-from zephyr import quants
-from zephyr.backend import (HostBackend, HostKVCache, Weight, as_positions, check_activation, check_cache_args,
-                            check_rope_args, check_weight)
+from zephyr import host_ops, quants
+from zephyr.backend import (FEATURES, HostBackend, HostKVCache, RopeScaling, Weight, as_index, as_positions,
+                            check_activation, check_cache_args, check_rope_args, check_weight, host_vector)
 from zephyr.errors import BackendError
 
 
@@ -20,6 +21,7 @@ class ReferenceBackend(HostBackend):
     device = "cpu"
     score = 0
     supported_types = quants.SUPPORTED_TYPES
+    features = frozenset(FEATURES)
 
     # -- memory ---------------------------------------------------------------------------
     def load_weight(self, weight: Weight):
@@ -48,47 +50,24 @@ class ReferenceBackend(HostBackend):
         return self._decode(w).reshape(vocab, -1)[ids]
 
     def rms_norm(self, x, w, eps):
-        weight = self._decode(w).reshape(-1).astype(np.float64)   # [d]
-        x = _as_matrix(x, "rms_norm input", cols=weight.shape[0]).astype(np.float64)
-        rms = np.sqrt(np.mean(x * x, axis=1, keepdims=True) + eps)
-        return (x / rms * weight).astype(np.float32)
+        weight = self._decode(w).reshape(-1)                      # [d]
+        return host_ops.rms_norm(_as_matrix(x, "rms_norm input", cols=weight.shape[0]), weight, eps)
 
-    def rope(self, x, positions, head_dim, n_rot, base, neox):
+    def rope(self, x, positions, head_dim, n_rot, base, neox, scaling=RopeScaling(), freq_factors=None):
         x = _as_matrix(x, "rope input")
-        n, width = x.shape
-        check_rope_args(width, head_dim, n_rot)
-        positions = as_positions(positions, n)
-        heads = x.reshape(n, width // head_dim, head_dim).astype(np.float64)  # [n, heads, hd]
-        half = n_rot // 2
-        theta = positions[:, None].astype(np.float64) * base ** (-2.0 * np.arange(half) / n_rot)  # [n, half]
-        cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
-        if neox:
-            first, second = np.arange(half), np.arange(half) + half
-        else:
-            first, second = np.arange(0, n_rot, 2), np.arange(1, n_rot, 2)
-        a, b = heads[..., first], heads[..., second]
-        out = heads.copy()
-        out[..., first] = a * cos - b * sin
-        out[..., second] = a * sin + b * cos
-        return out.reshape(n, width).astype(np.float32)
+        check_rope_args(x.shape[1], head_dim, n_rot)
+        positions = as_positions(positions, x.shape[0])
+        factors = None if freq_factors is None else host_vector(freq_factors, n_rot // 2, "rope freq factors")
+        return host_ops.rope(x, positions, head_dim, n_rot, base, neox, scaling, factors)
 
-    def attention(self, cache, layer, q, k, v, batch, n_heads, n_kv_heads, window=0):
+    def attention(self, cache, layer, q, k, v, batch, n_heads, n_kv_heads, window=0, scale=None, softcap=0.0):
         check_cache_args(cache, HostKVCache, layer, batch, n_heads, n_kv_heads)
         hd, n = cache.shape.head_dim, len(batch)
         q = _as_matrix(q, "q", cols=n_heads * hd, rows=n)
-        cache.store(layer, batch, _as_matrix(k, "k", n_kv_heads * hd, n), _as_matrix(v, "v", n_kv_heads * hd, n))
-        group = n_heads // n_kv_heads
-        out = np.empty((n, n_heads, hd))
-        for i, (seq, pos) in enumerate(zip(batch.seqs, batch.positions)):
-            keys = cache.rows(layer, 0, seq, pos + 1).astype(np.float64)      # [pos + 1, h_kv, hd]
-            values = cache.rows(layer, 1, seq, pos + 1).astype(np.float64)
-            lo = max(0, pos - window + 1) if window > 0 else 0
-            query = q[i].reshape(n_heads, hd).astype(np.float64)
-            for head in range(n_heads):
-                scores = keys[lo:, head // group] @ query[head] / np.sqrt(hd)   # [visible]
-                weights = np.exp(scores - scores.max())
-                out[i, head] = weights / weights.sum() @ values[lo:, head // group]
-        return out.reshape(n, n_heads * hd).astype(np.float32)
+        k, v = _as_matrix(k, "k", n_kv_heads * hd, n), _as_matrix(v, "v", n_kv_heads * hd, n)
+        scale = 1.0 / np.sqrt(hd) if scale is None else float(scale)
+        return host_ops.attention(cache, layer, q, k, v, batch, n_heads, n_kv_heads, as_index(window, "window"),
+                                  scale, float(softcap))
 
     def swiglu(self, gate, up):
         gate = _as_matrix(gate, "gate").astype(np.float64)

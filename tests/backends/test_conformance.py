@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 
 from zephyr import plugins
-from zephyr.backend import Backend, Batch, CacheShape, LayerParams, LayerWeights
+from zephyr.backend import (KV_CACHE_TYPES, Backend, Batch, CacheShape, HostKVCache, LayerParams, LayerWeights,
+                            RopeScaling, Weight, choose_decoder_layer, load_layer_weights, load_optional_weight,
+                            needs_host_cache)
 from zephyr.errors import BackendError
-from zephyr.backend import KV_CACHE_TYPES
 from zephyr.quants import GGMLType, SUPPORTED_TYPES, TYPE_INFO
+from zephyr.testing.layers import FAMILY_FEATURES, YARN, with_family_features
 
 TOLERANCE = 1e-4  # max |got - want| / max |want|, float32 arithmetic against a float64 oracle
 
@@ -116,6 +118,61 @@ def test_add(backend, reference):
     assert_close(run(backend, "add", a, b), reference.add(a, b))
 
 
+# -- the ops of block features ---------------------------------------------------------------------
+# Weights reach them as the runtime hands them over: loaded where the backend lists the feature,
+# as host Weights for the contract's host defaults otherwise (zephyr.backend.load_optional_weight).
+
+def vector(values):
+    values = np.asarray(values, np.float32)
+    return Weight("v", GGMLType.F32, values.shape, values.view(np.uint8))
+
+
+def test_add_bias(backend, reference):
+    rng = np.random.default_rng(14)
+    x, b = activations(rng, 5, 333), vector(rng.standard_normal(333))
+    got = run(backend, "add_bias", x, load_optional_weight(backend, "bias", b))
+    assert_close(got, reference.add_bias(x, b))
+
+
+def test_rms_norm_heads(backend, reference):
+    rng = np.random.default_rng(15)
+    x, w = activations(rng, 5, 3 * 64) * 3, vector(1 + 0.3 * rng.standard_normal(64))
+    got = run(backend, "rms_norm_heads", x, load_optional_weight(backend, "qk_norm", w), 64, 1e-6)
+    assert_close(got, reference.rms_norm_heads(x, w, 64, 1e-6))
+
+
+def test_geglu(backend, reference):
+    rng = np.random.default_rng(16)
+    gate = activations(rng, 5, 333) * 4
+    gate[0, :4] = [-100.0, 100.0, -1e4, 1e4]   # gelu must not overflow at the extremes
+    up = activations(rng, 5, 333)
+    assert_close(run(backend, "geglu", gate, up), reference.geglu(gate, up))
+
+
+def test_scale(backend, reference):
+    x = activations(np.random.default_rng(17), 5, 333)
+    assert_close(run(backend, "scale", x, 25.3), reference.scale(x, 25.3))
+
+
+ROPE_SCALINGS = {"linear": RopeScaling(freq_scale=0.125), "yarn": YARN, "magnitude": RopeScaling(attn_factor=1.19)}
+
+
+@pytest.mark.parametrize("factors", [False, True], ids=["", "freq-factors"])
+@pytest.mark.parametrize("scaling", ROPE_SCALINGS)
+@pytest.mark.parametrize("neox", [False, True], ids=["normal", "neox"])
+def test_rope_scaling(backend, reference, neox, scaling, factors):
+    if "rope_scaling" not in backend.features:
+        pytest.skip(f"{backend.name} rotates with scaling on the host (test_decoder_layer_with_family_features)")
+    rng = np.random.default_rng(18)
+    x = activations(rng, 5, 3 * 64)
+    freqs = vector(rng.uniform(1, 8, 32)) if factors else None
+    for positions in (np.arange(37, 42), np.array([37, 3, 900, 3, 0])):
+        args = (positions.astype(np.int32), 64, 64, 10000.0, neox)
+        got = run(backend, "rope", x, *args, scaling=ROPE_SCALINGS[scaling],
+                  freq_factors=freqs and backend.load_weight(freqs))
+        assert_close(got, reference.rope(x, *args, scaling=ROPE_SCALINGS[scaling], freq_factors=freqs))
+
+
 # -- attention ---------------------------------------------------------------------------------
 
 HEADS, KV_HEADS, HEAD_DIM, N_CTX = 8, 2, 32, 24
@@ -171,6 +228,23 @@ def test_attention_at_a_long_context(backend, reference, window):
         attend(backend, reference, cache, ref_cache, batch, rng, window, layer=0)
 
 
+@pytest.mark.parametrize("scores", [dict(scale=0.3), dict(softcap=2.0), dict(scale=0.5, softcap=1.5)],
+                         ids=["scale", "softcap", "both"])
+def test_attention_score_scale_and_softcap(backend, reference, scores):
+    needs = {"scale": "attn_scale", "softcap": "attn_softcap"}
+    if not {needs[name] for name in scores} <= backend.features:
+        pytest.skip(f"{backend.name} does not scale or cap scores itself (test_decoder_layer_with_family_features)")
+    rng = np.random.default_rng(19)
+    cache, ref_cache = caches(backend, reference, GGMLType.F32, n_ctx=700)
+    for batch in (Batch.of(0, 9), Batch.of(9, 1), Batch.of(10, 600)):
+        n = len(batch)
+        q = activations(rng, n, HEADS * HEAD_DIM) * 2
+        k, v = activations(rng, n, KV_HEADS * HEAD_DIM) * 2, activations(rng, n, KV_HEADS * HEAD_DIM)
+        args = (1, q, k, v, batch, HEADS, KV_HEADS)
+        assert_close(run(backend, "attention", cache, *args, window=300, **scores),
+                     reference.attention(ref_cache, *args, window=300, **scores))
+
+
 def test_attention_softmax_is_stable(backend, reference):
     cache, ref_cache = caches(backend, reference, GGMLType.F32, n_layers=1, n_ctx=4)
     attend(backend, reference, cache, ref_cache, Batch.of(0, 3), np.random.default_rng(7), layer=0, scale=300)
@@ -214,7 +288,7 @@ def test_decoder_layer(backend, reference, make_weight, type):
     """The block a backend runs (fused or not) against the default composition on the reference."""
     weights = block_weights(make_weight, type)
     p = LayerParams(HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM // 2, 10000.0, True, 1e-5, 5)
-    loaded = {b: LayerWeights(**{f: b.load_weight(getattr(weights, f)) for f in weights.__dataclass_fields__})
+    loaded = {b: LayerWeights(**{f: b.load_weight(w) for f, w in weights.present().items()})
               for b in (backend, reference)}
     cache, ref_cache = caches(backend, reference, GGMLType.F32, n_seqs=2)
     rng = np.random.default_rng(13)
@@ -223,6 +297,25 @@ def test_decoder_layer(backend, reference, make_weight, type):
         got = run(backend, "decoder_layer", x, loaded[backend], p, cache, 1, batch)
         want = Backend.decoder_layer(reference, x, loaded[reference], p, ref_cache, 1, batch)
         assert_close(got, want)
+
+
+@pytest.mark.parametrize("family", FAMILY_FEATURES)
+def test_decoder_layer_with_family_features(backend, reference, make_weight, family):
+    """Each family's block as the runtime runs it (zephyr.backend.choose_decoder_layer): the backend's
+    own decoder_layer when it lists every feature the block uses, else the default composition with
+    the features it lacks on the host, over a host cache where the backend cannot cap scores."""
+    weights, p = with_family_features(block_weights(make_weight, GGMLType.F32),
+                                      LayerParams(HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM, 10000.0, False, 1e-5, 0), family)
+    shape = CacheShape(2, 2, N_CTX, KV_HEADS, HEAD_DIM, GGMLType.F32)
+    cache = HostKVCache(shape) if needs_host_cache(backend, p) else backend.new_kv_cache(shape)
+    ref_cache = reference.new_kv_cache(shape)
+    layer, want_layer = load_layer_weights(backend, weights), load_layer_weights(reference, weights)
+    run_block = choose_decoder_layer(backend, layer, p)
+    rng = np.random.default_rng(20)
+    for batch in (Batch.of(0, 7), Batch.of(0, 2, seq=1), Batch([7, 2], [0, 1])):
+        x = activations(rng, len(batch), D_MODEL)
+        got = backend.to_host(run_block(backend.from_host(x), layer, p, cache, 1, batch))
+        assert_close(got, Backend.decoder_layer(reference, x, want_layer, p, ref_cache, 1, batch))
 
 
 # -- errors every backend reports ------------------------------------------------------------

@@ -1,13 +1,16 @@
-"""Synthetic llama/Mistral-shaped GGUF models with random weights, for tests and benchmarks.
+"""Synthetic GGUF models with random weights, for tests and benchmarks: llama/Mistral-shaped, or of
+any family zephyr runs (`ModelShape.architecture`, presets in FAMILY_PRESETS).
 
 The shapes, tensor names, metadata keys and per-tensor quant mixtures follow what llama.cpp's
 converter and quantiser produce, so a synthetic file exercises exactly the code a real one does.
+Everything is drawn from seeded generators: the same arguments write the same bytes.
 """
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .gguf_writer import TensorSpec, Typed, write_gguf
+from ..architectures import FAMILIES
 from ..gguf import GGUFValueType
 from ..quants import GGMLType
 from .blocks import random_blocks
@@ -28,10 +31,19 @@ class ModelShape:
     rms_eps: float = 1e-5
     sliding_window: int = 0
     tied_embeddings: bool = False
+    architecture: str = "llama"
+    key_length: int = 0              # the head size, where it is not d_model / n_heads
+    rope_base_swa: float = 0.0       # rope.freq_base_swa, where set
+    attn_softcap: float = 0.0        # attn_logit_softcapping, where set
+    final_softcap: float = 0.0       # final_logit_softcapping, where set
+    rope_scaling: tuple = ()         # (type, factor, original context): rope.scaling.*
+    rope_freqs: bool = False         # a rope_freqs.weight of Llama 3.1's formula (for the original context)
+    rope_long_short: float = 0.0     # Phi-3's long/short factors and this rope.scaling.attn_factor
+    biases: bool = False             # q/k/v biases (Qwen2)
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.key_length or self.d_model // self.n_heads
 
 
 PRESETS = {
@@ -39,6 +51,24 @@ PRESETS = {
     "zephyr-7b": ModelShape(32, 4096, 32, 8, 14336, 32000, context_length=32768, sliding_window=4096),
     # Small enough for fast tests, with grouped-query attention and k-quant-sized rows.
     "tiny": ModelShape(2, 256, 4, 2, 512, 32000, context_length=512),
+    # Qwen2-7B's shapes (Qwen2.5-7B-Instruct), for benchmarks.
+    "qwen2-7b": ModelShape(28, 3584, 28, 4, 18944, 152064, context_length=32768, rope_base=1e6, rms_eps=1e-6,
+                           architecture="qwen2", biases=True),
+}
+
+# One small model of each family, every quirk switched on where a short prompt shows it: windows
+# of a few positions, soft-caps low enough to bite, RoPE scaled from a short original context.
+FAMILY_PRESETS = {
+    "llama3": ModelShape(2, 256, 4, 2, 512, 384, rope_base=500000.0, rope_scaling=("", 0.0, 32), rope_freqs=True),
+    "qwen2": ModelShape(2, 256, 4, 2, 512, 384, rope_base=1e6, rms_eps=1e-6, architecture="qwen2", biases=True,
+                        tied_embeddings=True, rope_scaling=("yarn", 4.0, 32)),
+    "qwen3": ModelShape(2, 256, 4, 2, 512, 384, rope_base=1e6, rms_eps=1e-6, architecture="qwen3", key_length=128),
+    "gemma2": ModelShape(2, 256, 4, 2, 512, 384, rms_eps=1e-6, architecture="gemma2", key_length=128,
+                         sliding_window=6, attn_softcap=1.0, final_softcap=5.0, tied_embeddings=True),
+    "gemma3": ModelShape(6, 256, 4, 2, 512, 384, rope_base=1e6, rms_eps=1e-6, architecture="gemma3",
+                         key_length=128, sliding_window=4, tied_embeddings=True, rope_scaling=("linear", 8.0, 0)),
+    "phi3": ModelShape(2, 256, 4, 4, 512, 384, architecture="phi3", rope_scaling=("", 0.0, 64),
+                       rope_long_short=1.4142),
 }
 
 # Whole-file quant layouts, named as llama.cpp's file types: (base type, per-tensor overrides).
@@ -71,6 +101,8 @@ def tensor_type(layout: str, name: str, layer: int, n_layers: int) -> GGMLType:
             return T.Q5_K
     if layout in ("Q4_K_M", "Q5_K_M") and name in ("attn_v", "ffn_down") and more_bits:
         return T.Q6_K
+    if name == "attn_qkv" and layout in ("Q3_K_M", "Q3_K_L", "Q4_K_M", "Q5_K_M"):
+        return {"Q3_K_M": T.Q4_K, "Q3_K_L": T.Q4_K, "Q4_K_M": T.Q5_K, "Q5_K_M": T.Q6_K}[layout]
     if layout == "Q4_K_S" and name in ("attn_v", "ffn_down") and layer < n_layers // 8:
         return T.Q5_K
     return _base(layout)
@@ -98,21 +130,22 @@ def minimal_llama_vocab(size: int):
 
 
 def llama_metadata(shape: ModelShape, vocab, name: str, layout: str, chat_template=None) -> dict:
-    """The metadata llama.cpp's converter writes for a llama-architecture model."""
+    """The metadata llama.cpp's converter writes for a model of `shape` (of its architecture)."""
     tokens, scores, types = vocab
+    arch = shape.architecture
     meta = {
-        "general.architecture": "llama",
+        "general.architecture": arch,
         "general.name": name,
         "general.file_type": Typed(GGUFValueType.UINT32, LAYOUT_FILE_TYPES.get(layout, 0)),
-        "llama.context_length": shape.context_length,
-        "llama.embedding_length": shape.d_model,
-        "llama.block_count": shape.n_layers,
-        "llama.feed_forward_length": shape.d_ffn,
-        "llama.rope.dimension_count": shape.head_dim,
-        "llama.attention.head_count": shape.n_heads,
-        "llama.attention.head_count_kv": shape.n_kv_heads,
-        "llama.attention.layer_norm_rms_epsilon": shape.rms_eps,
-        "llama.rope.freq_base": shape.rope_base,
+        f"{arch}.context_length": shape.context_length,
+        f"{arch}.embedding_length": shape.d_model,
+        f"{arch}.block_count": shape.n_layers,
+        f"{arch}.feed_forward_length": shape.d_ffn,
+        f"{arch}.rope.dimension_count": shape.head_dim,
+        f"{arch}.attention.head_count": shape.n_heads,
+        f"{arch}.attention.head_count_kv": shape.n_kv_heads,
+        f"{arch}.attention.layer_norm_rms_epsilon": shape.rms_eps,
+        f"{arch}.rope.freq_base": shape.rope_base,
         "tokenizer.ggml.model": "llama",
         "tokenizer.ggml.tokens": Typed(GGUFValueType.STRING, list(tokens)),
         "tokenizer.ggml.scores": Typed(GGUFValueType.FLOAT32, list(scores)),
@@ -124,8 +157,17 @@ def llama_metadata(shape: ModelShape, vocab, name: str, layout: str, chat_templa
         "tokenizer.ggml.add_eos_token": False,
         "general.quantization_version": 2,
     }
-    if shape.sliding_window:
-        meta["llama.attention.sliding_window"] = shape.sliding_window
+    optional = {
+        "attention.key_length": shape.key_length, "attention.value_length": shape.key_length,
+        "attention.sliding_window": shape.sliding_window, "rope.freq_base_swa": shape.rope_base_swa,
+        "attn_logit_softcapping": shape.attn_softcap, "final_logit_softcapping": shape.final_softcap,
+        "rope.scaling.attn_factor": shape.rope_long_short,
+    }
+    if shape.rope_scaling:
+        kind, factor, original = shape.rope_scaling
+        optional.update({"rope.scaling.type": kind, "rope.scaling.factor": factor,
+                         "rope.scaling.original_context_length": original})
+    meta.update((f"{arch}.{key}", value) for key, value in optional.items() if value)
     if chat_template is not None:
         meta["tokenizer.chat_template"] = chat_template
     return meta
@@ -137,8 +179,11 @@ LAYOUT_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0"
 
 
 def llama_tensors(shape: ModelShape, layout: str, seed: int = 0):
-    """TensorSpecs (data generated lazily) of a llama model in llama.cpp's tensor naming."""
-    d, hd = shape.d_model, shape.head_dim
+    """TensorSpecs (data generated lazily) of a model of `shape`, named and laid out as llama.cpp's
+    converter does for its architecture (fused tensors, biases, head and post norms, RoPE factors)."""
+    family = FAMILIES[shape.architecture]
+    d, hd, f = shape.d_model, shape.head_dim, shape.d_ffn
+    qd, kvd = shape.n_heads * hd, shape.n_kv_heads * hd
 
     def spec(name, kind, rows, cols, layer=-1):
         qtype = tensor_type(layout, kind, layer, shape.n_layers)
@@ -148,37 +193,69 @@ def llama_tensors(shape: ModelShape, layout: str, seed: int = 0):
         return TensorSpec(name, qtype, (rows, cols),
                           lambda: random_blocks(qtype, (rows, cols), np.random.default_rng(tensor_seed), scale))
 
-    def norm(name):
-        values = (1.0 + 0.1 * np.random.default_rng((seed, sum(map(ord, name)))).standard_normal(d)).astype(np.float32)
-        return TensorSpec(name, T.F32, (d,), values)
+    def vector(name, size, mean=1.0, spread=0.1):
+        rng = np.random.default_rng((seed, sum(map(ord, name))))
+        return TensorSpec(name, T.F32, (size,), (mean + spread * rng.standard_normal(size)).astype(np.float32))
 
     out = [spec("token_embd.weight", "token_embd", shape.vocab_size, d)]
     for i in range(shape.n_layers):
         p = f"blk.{i}."
-        out += [
-            norm(p + "attn_norm.weight"),
-            spec(p + "attn_q.weight", "attn_q", shape.n_heads * hd, d, i),
-            spec(p + "attn_k.weight", "attn_k", shape.n_kv_heads * hd, d, i),
-            spec(p + "attn_v.weight", "attn_v", shape.n_kv_heads * hd, d, i),
-            spec(p + "attn_output.weight", "attn_output", d, shape.n_heads * hd, i),
-            norm(p + "ffn_norm.weight"),
-            spec(p + "ffn_gate.weight", "ffn_gate", shape.d_ffn, d, i),
-            spec(p + "ffn_up.weight", "ffn_up", shape.d_ffn, d, i),
-            spec(p + "ffn_down.weight", "ffn_down", d, shape.d_ffn, i),
-        ]
-    out.append(norm("output_norm.weight"))
-    if not shape.tied_embeddings:
+        out.append(vector(p + "attn_norm.weight", d))
+        if family.fused_gate_up:   # Phi-3's converter also fuses Q, K and V
+            out.append(spec(p + "attn_qkv.weight", "attn_qkv", qd + 2 * kvd, d, i))
+        else:
+            out += [spec(p + "attn_q.weight", "attn_q", qd, d, i), spec(p + "attn_k.weight", "attn_k", kvd, d, i),
+                    spec(p + "attn_v.weight", "attn_v", kvd, d, i)]
+        if shape.biases:
+            out += [vector(f"{p}attn_{name}.bias", rows, 0.0, 0.5)
+                    for name, rows in (("q", qd), ("k", kvd), ("v", kvd))]
+        if family.qk_norm:
+            out += [vector(p + "attn_q_norm.weight", hd), vector(p + "attn_k_norm.weight", hd)]
+        out.append(spec(p + "attn_output.weight", "attn_output", d, qd, i))
+        if family.post_norms:
+            out.append(vector(p + "post_attention_norm.weight", d))
+        out.append(vector(p + "ffn_norm.weight", d))
+        if family.fused_gate_up:
+            out.append(spec(p + "ffn_up.weight", "ffn_up", 2 * f, d, i))
+        else:
+            out += [spec(p + "ffn_gate.weight", "ffn_gate", f, d, i), spec(p + "ffn_up.weight", "ffn_up", f, d, i)]
+        out.append(spec(p + "ffn_down.weight", "ffn_down", d, f, i))
+        if family.post_norms:
+            out.append(vector(p + "post_ffw_norm.weight", d))
+    out += rope_factor_tensors(shape, seed)
+    out.append(vector("output_norm.weight", d))
+    if not (shape.tied_embeddings or family.always_tied):
         out.append(spec("output.weight", "output", shape.vocab_size, d))
     return out
 
 
+def rope_factor_tensors(shape: ModelShape, seed: int = 0):
+    """Llama 3.1's rope_freqs (its formula, factor 8, from rope.scaling.original_context_length), or
+    Phi-3's random long and short factors: TensorSpecs of [head_dim / 2] values."""
+    half = shape.head_dim // 2
+    if shape.rope_freqs:
+        original = shape.rope_scaling[2]
+        wavelength = 2 * np.pi * shape.rope_base ** (2.0 * np.arange(half) / shape.head_dim)
+        factor, low, high = 8.0, 1.0, 4.0
+        smooth = (original / wavelength - low) / (high - low)
+        factors = np.where(wavelength < original / high, 1.0,
+                           np.where(wavelength > original / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+        return [TensorSpec("rope_freqs.weight", T.F32, (half,), factors.astype(np.float32))]
+    if shape.rope_long_short:
+        rng = np.random.default_rng((seed, 7))
+        return [TensorSpec(f"rope_factors_{kind}.weight", T.F32, (half,), rng.uniform(1.0, top, half).astype(np.float32))
+                for kind, top in (("long", 20.0), ("short", 3.0))]
+    return []
+
+
 def write_llama_model(path, shape="tiny", layout="Q4_K_M", vocab=None, name="huggingfaceh4_zephyr-7b-beta",
                       seed=0, chat_template=None, **overrides):
-    """Write a synthetic llama-architecture GGUF. `shape` is a preset name or a ModelShape; `vocab`
-    is (tokens, scores, token_types), e.g. from zephyr.testing.spm_model.read_spm_model, or a minimal one."""
+    """Write a synthetic GGUF (llama-architecture unless the shape says otherwise). `shape` is a
+    preset name (PRESETS or FAMILY_PRESETS) or a ModelShape; `vocab` is (tokens, scores,
+    token_types), e.g. from zephyr.testing.spm_model.read_spm_model, or a minimal one."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    shape = PRESETS[shape] if isinstance(shape, str) else shape
+    shape = {**PRESETS, **FAMILY_PRESETS}[shape] if isinstance(shape, str) else shape
     shape = replace(shape, **overrides)
     if vocab is None:
         vocab = minimal_llama_vocab(shape.vocab_size)

@@ -77,7 +77,8 @@ typedef struct {
     float *out;               /* [n, h * hd] */
     const int32_t *pos, *seq; /* [n] */
     int64_t n, n_heads, n_kv, hd, window;
-    float scale;
+    float scale;              /* of the scores (applied to q) */
+    float softcap;            /* > 0: scores s become softcap * tanh(s / softcap) */
     const zd_kv_layer *cache;
     zd_att_item *items;       /* [zd_att_max_items] */
     int64_t n_items;
@@ -340,6 +341,9 @@ static void zd_att_run_item(const zd_att_job *job, const zd_att_item *it, float 
             if (transpose)   /* ZD_ATT_LANES keys at a time */
                 for (int64_t jb = 0; jb < j1; jb += ZD_ATT_LANES)
                     L->lanes(score + jb, NULL, 0.0f, qb + r * hdp, kt + jb, ZD_ATT_KEYS, hd);
+            if (job->softcap > 0.0f)
+                for (int64_t j = j0; j < j1; j++)
+                    score[j] = job->softcap * tanhf(score[j] / job->softcap);
             float top = score[j0];
             for (int64_t j = j0 + 1; j < j1; j++)
                 top = score[j] > top ? score[j] : top;
