@@ -62,7 +62,7 @@ def test_embed_rejects_bad_ids(cpu, matrix, ids):
 
 
 def test_rms_norm_rejects_wrong_weight_length(cpu):
-    with pytest.raises(BackendError, match="norm weight"):
+    with pytest.raises(BackendError, match="rms_norm: the vector weight has 63 values, expected 64"):
         cpu.rms_norm(f32(2, 64), f32(63), 1e-5)
 
 
@@ -134,10 +134,10 @@ def test_native_layer_refuses_short_buffers():
     cache = np.zeros((2, 1, 1, 1, 64), np.uint8)   # one f32 row of 16 values: position 0 only
     with pytest.raises(ValueError, match="outside the cache"):
         _ops.attention(f32(2, 16), f32(2, 16), f32(2, 16), cache, int(GGMLType.F32), np.arange(2, dtype=np.int32),
-                       np.zeros(2, np.int32), 1, 0, f32(2, 16), 1)
+                       np.zeros(2, np.int32), 1, 0, 0.25, 0.0, f32(2, 16), 1)
     with pytest.raises(ValueError, match="head_dim values"):
         _ops.attention(f32(1, 32), f32(1, 32), f32(1, 32), cache, int(GGMLType.F32), np.zeros(1, np.int32),
-                       np.zeros(1, np.int32), 1, 0, f32(1, 32), 1)
+                       np.zeros(1, np.int32), 1, 0, 0.25, 0.0, f32(1, 32), 1)
 
 
 def test_native_layer_refuses_short_weights():
@@ -146,21 +146,24 @@ def test_native_layer_refuses_short_weights():
     norm = np.ones(d, np.float32)
     cache = np.zeros((2, 1, 1, 8, hd * 4), np.uint8)   # f32 keys and values of one sequence, 8 positions
 
-    def matrix(rows, cols):
-        return np.zeros(rows * _ops.row_bytes(int(GGMLType.Q4_0), cols), np.uint8), int(GGMLType.Q4_0)
+    def matrix(rows, cols, type=GGMLType.Q4_0):
+        return np.zeros(rows * _ops.row_bytes(int(type), cols), np.uint8), int(type), rows
 
     ok = dict(wq=matrix(heads * hd, d), wk=matrix(hd, d), wv=matrix(hd, d), wo=matrix(d, heads * hd),
               w_gate=matrix(f, d), w_up=matrix(f, d), w_down=matrix(d, f))
+    vectors = dict(attn_norm=norm, ffn_norm=norm)
+    scaling = (1.0, 0.0, 1.0, 0.0, 0.0)
 
-    def layer(**change):
-        m = ok | change
-        return _ops.Layer(norm, norm, m["wq"], m["wk"], m["wv"], m["wo"], m["w_gate"], m["w_up"], m["w_down"],
-                          f, heads, 1, hd, hd, 1e4, False, 1e-5, 0, cache, int(GGMLType.F32))
+    def layer(cache_type=GGMLType.F32, vectors=vectors, **change):
+        return _ops.Layer(ok | change, vectors, heads, 1, hd, hd, 1e4, False, scaling, 1e-5, 0, hd ** -0.5, 0.0,
+                          False, cache, int(cache_type))
 
     layer()
-    with pytest.raises(ValueError, match="smaller"):
-        layer(w_down=matrix(d, f // 2))
-    with pytest.raises(ValueError, match="cannot multiply"):
-        layer(wq=(ok["wq"][0], int(GGMLType.IQ2_XXS)))
+    with pytest.raises(ValueError, match="w_down: weight buffer is smaller"):
+        layer(w_down=(matrix(d, f // 2)[0], int(GGMLType.Q4_0), d))
+    with pytest.raises(ValueError, match="wq: cannot multiply"):
+        layer(wq=(ok["wq"][0], int(GGMLType.IQ2_XXS), heads * hd))
+    with pytest.raises(ValueError, match="q_bias: wrong length"):
+        layer(vectors=vectors | dict(q_bias=np.zeros(hd, np.float32)))
     with pytest.raises(ValueError, match="head_dim values"):
-        _ops.Layer(norm, norm, *ok.values(), f, heads, 1, hd, hd, 1e4, False, 1e-5, 0, cache, int(GGMLType.F16))
+        layer(cache_type=GGMLType.F16)

@@ -543,7 +543,7 @@ def block_weights(type):
 
 
 def load_block(backend, weights):
-    return LayerWeights(**{f: backend.load_weight(getattr(weights, f)) for f in weights.__dataclass_fields__})
+    return LayerWeights(**{name: backend.load_weight(w) for name, w in weights.present().items()})
 
 
 @pytest.mark.parametrize("type, cache_type", [(GGMLType.F32, GGMLType.F32), (GGMLType.Q8_0, GGMLType.F16),
