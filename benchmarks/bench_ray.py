@@ -16,8 +16,6 @@ import contextlib
 import datetime
 import os
 import shlex
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,17 +28,12 @@ import httpx
 import openai
 
 from bench_cpu import machine_description, markdown_table, zephyr_revision
+from zephyr.testing.processes import free_port, interrupt
 
 # Long answers at temperature 0, different per client so no two streams are the same work.
 PROMPTS = ["Write a long story about a lighthouse keeper.", "Explain in detail how bread is baked.",
            "Describe the history of the bicycle at length.", "Write a long letter to a friend about a trip.",
            "Explain how a steam engine works, step by step.", "Describe a busy market in a big city."]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -67,12 +60,7 @@ def serving(model, threads, replicas, log: Path, options=()):
             time.sleep(0.2)
         yield url
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        interrupt(process, 60)
 
 
 def stream_one(client, prompt, max_tokens) -> dict:

@@ -6,13 +6,13 @@ locally, and fails in CI (CI=true), where they must be present.
 import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+
+from zephyr.testing.processes import free_port, interrupt
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 # Chromium's own network traffic is refused on this machine's closed network: turn it off.
@@ -53,9 +53,7 @@ def browser(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server_url(smollm2_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "zephyr.cli", "serve", str(smollm2_path), "--port", str(port),
                                 "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -71,12 +69,7 @@ def server_url(smollm2_path):
             time.sleep(0.2)
         yield url
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        interrupt(process, 15)
 
 
 def test_a_question_typed_into_the_page_gets_a_streamed_answer(browser, server_url, tmp_path):

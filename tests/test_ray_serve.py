@@ -21,6 +21,7 @@ openai = pytest.importorskip("openai")
 from zephyr.cli import main, serve_options, server_spec  # noqa: E402
 from zephyr.integrations import ray_serve  # noqa: E402
 from zephyr.server import ServerSpec  # noqa: E402
+from zephyr.testing.processes import free_port, interrupt  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -28,12 +29,6 @@ TIMEOUT = 120          # seconds one request may take on a busy 2-core machine
 START_TIMEOUT = 240    # seconds for Ray, Serve and two replicas to start there
 API_KEY = "sk-ray"
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def descendants(pid: int) -> set:
@@ -90,13 +85,7 @@ def server(smollm2_path, tmp_path_factory):
         assert time.monotonic() < deadline, f"not serving after {START_TIMEOUT} s:\n{served.output()}"
         time.sleep(0.5)
     yield served
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+    interrupt(process, 60)
 
 
 def client_for(server, timeout=TIMEOUT):

@@ -167,6 +167,25 @@ def test_a_cancelled_request_frees_its_sequence(smollm2_path):
         assert len(generated(long)) < 200 and len(generated(short)) == 5
 
 
+def test_a_request_cancelled_while_waiting_ends_with_its_last_event(smollm2_path):
+    """A client that leaves before its request runs: the request still ends (its last event, `done`),
+    or whoever waits on it (the server's queue count) would wait forever."""
+    with AutoModelForCausalLM.from_pretrained(str(smollm2_path), sequences=1, context_length=256) as llm:
+        scheduler = Scheduler(llm)
+        running, waiting = answer(llm, PROMPTS[0], max_new_tokens=5), answer(llm, PROMPTS[1], max_new_tokens=5)
+        events = []
+        waiting.on_event = events.append
+        scheduler.submit(running)
+        scheduler.submit(waiting)
+        scheduler.step()
+        waiting.cancel()
+        scheduler.step()
+        assert waiting.done.is_set() and [e.choice for e in events] == [None] and not generated(waiting)
+        while scheduler.step():
+            pass
+        assert running.done.is_set() and len(generated(running)) == 5
+
+
 def test_prompts_that_cannot_fit_are_refused_at_once(llm):
     with pytest.raises(ContextOverflowError, match="context length is 1024"):
         Scheduler(llm).submit(answer(llm, [1] * 1024))

@@ -3,7 +3,6 @@ errors in OpenAI's shape, one generation at a time, and clients that leave mid-s
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,22 +20,24 @@ import uvicorn  # noqa: E402
 
 from zephyr import AutoModelForCausalLM  # noqa: E402
 from zephyr.server import create_app  # noqa: E402
+from zephyr.testing.processes import free_port, interrupt  # noqa: E402
 from zephyr.testing.synthetic import write_llama_model  # noqa: E402
 
 TIMEOUT = 120   # seconds any one request may take on a busy 2-core machine
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def live_server(llm, **options):
     """Serve `llm` with uvicorn on a free loopback port in a thread; yield the base URL; stop."""
-    server = uvicorn.Server(uvicorn.Config(create_app(llm, **options), host="127.0.0.1", port=free_port(),
-                                           log_level="warning", timeout_graceful_shutdown=2))
+    with live_app(create_app(llm, **options)) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def live_app(app):
+    """Serve the ASGI `app` with uvicorn on a free loopback port in a thread; yield the base URL; stop."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning",
+                                           timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -424,12 +425,7 @@ def test_zephyr_serve_command(tiny_path):
         reply = client.chat.completions.create(model="tiny-model", messages=QUESTION, max_tokens=3, temperature=0)
         assert reply.usage.completion_tokens == 3
     finally:
-        server.send_signal(signal.SIGINT)   # Ctrl-C: a graceful shutdown
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(5)
+        interrupt(server, 15)   # Ctrl-C: a graceful shutdown
     assert server.returncode in (0, 130), server.stdout.read()   # 130: uvicorn re-raised the SIGINT
 
 

@@ -12,31 +12,20 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 
 from zephyr import AutoModelForCausalLM  # noqa: E402
 from zephyr.server import create_app  # noqa: E402
 
-from test_server import TIMEOUT, free_port  # noqa: E402
+from test_server import TIMEOUT, live_app  # noqa: E402
 
 
 @contextlib.contextmanager
 def serving(llm, **options):
     """(base URL, app) of `llm` served by uvicorn in a thread."""
     app = create_app(llm, **options)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning",
-                                           timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}", app
-    finally:
-        server.should_exit = True
-        thread.join(15)
+    with live_app(app) as url:
+        yield url, app
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +121,28 @@ def test_a_departed_client_frees_its_sequence(smollm2_path):
         start = time.monotonic()
         assert chat(url, "Hi", max_tokens=3).status_code == 200
         assert time.monotonic() - start < 30
+        assert app.state.runner.pending == 0
+
+
+def test_a_client_leaving_while_queued_frees_its_place(smollm2_path):
+    """One sequence, busy: a second client's request waits for it, and the client leaves; the
+    queue forgets the request (else each such client would hold a place until the queue is full)."""
+    with AutoModelForCausalLM.from_pretrained(str(smollm2_path), sequences=1, context_length=512) as llm, \
+            serving(llm) as (url, app):
+        body = {"messages": [{"role": "user", "content": "Tell a very long story."}], "max_tokens": 450,
+                "stream": True, "temperature": 0, "logit_bias": {"2": -100}}   # no end before max_tokens
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=TIMEOUT) as running:
+            lines = running.iter_lines()
+            next(line for line in lines if '"content"' in line)
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=TIMEOUT):
+                deadline = time.monotonic() + 30
+                while app.state.runner.pending < 2:
+                    assert time.monotonic() < deadline, "the second request never reached the queue"
+                    time.sleep(0.02)
+            assert next(line for line in lines if '"content"' in line)   # the first still runs: the second waited
+        deadline = time.monotonic() + 30
+        while app.state.runner.pending and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert app.state.runner.pending == 0
 
 

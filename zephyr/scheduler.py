@@ -216,7 +216,11 @@ class Scheduler:
 
     # -- admission ----------------------------------------------------------------------------
     def _drop_cancelled(self):
-        self._waiting = [r for r in self._waiting if not r.cancelled.is_set()]
+        """Cancelled requests end, with their last event: waiting ones at once, running ones freeing their slots."""
+        for request in [r for r in self._waiting if r.cancelled.is_set()]:
+            self._waiting.remove(request)
+            request.on_event(Event(None))
+            request.done.set()
         for active in [a for a in self._active if a.request.cancelled.is_set()]:
             self._end(active)
 

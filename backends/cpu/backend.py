@@ -185,20 +185,10 @@ class CPUBackend(HostBackend):
         return out
 
     def swiglu(self, gate, up):
-        gate = _activation(gate, "gate")                     # [n, f]
-        up = _activation(up, "up")
-        _same_shape(gate, up, "swiglu")
-        out = np.empty_like(gate)
-        _ops.swiglu(gate.reshape(-1), up.reshape(-1), out.reshape(-1), self.threads)
-        return out
+        return self._pairwise(_ops.swiglu, "swiglu", gate, up, ("gate", "up"))   # [n, f]
 
     def add(self, a, b):
-        a = _activation(a, "a")                              # [n, d]
-        b = _activation(b, "b")
-        _same_shape(a, b, "add")
-        out = np.empty_like(a)
-        _ops.add(a.reshape(-1), b.reshape(-1), out.reshape(-1), self.threads)
-        return out
+        return self._pairwise(_ops.add, "add", a, b, ("a", "b"))                 # [n, d]
 
     def add_bias(self, x, b):
         x = _activation(x, "add_bias input")                 # [n, m]
@@ -216,11 +206,14 @@ class CPUBackend(HostBackend):
         return out
 
     def geglu(self, gate, up):
-        gate = _activation(gate, "gate")                     # [n, f]
-        up = _activation(up, "up")
-        _same_shape(gate, up, "geglu")
-        out = np.empty_like(gate)
-        _ops.geglu(gate.reshape(-1), up.reshape(-1), out.reshape(-1), self.threads)
+        return self._pairwise(_ops.geglu, "geglu", gate, up, ("gate", "up"))     # [n, f]
+
+    def _pairwise(self, kernel, op, a, b, names):
+        """kernel(a, b) elementwise, over two activations of one shape."""
+        a, b = _activation(a, names[0]), _activation(b, names[1])
+        _same_shape(a, b, op)
+        out = np.empty_like(a)
+        kernel(a.reshape(-1), b.reshape(-1), out.reshape(-1), self.threads)
         return out
 
     # -- whole steps ------------------------------------------------------------------------
