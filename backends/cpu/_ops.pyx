@@ -382,23 +382,11 @@ cdef void _split(int64_t count, int threads, int64_t *chunk, int64_t *chunks) no
     chunks[0] = (count + chunk[0] - 1) // chunk[0]
 
 
-def swiglu(const float[::1] gate, const float[::1] up, float[::1] out, int threads):
-    """out = silu(gate) * up, over flat arrays."""
-    cdef int64_t count = gate.shape[0], chunk, chunks, c, start, stop
-    _require(up.shape[0] == count and out.shape[0] == count, "length mismatch")
-    _require(threads >= 1, "threads must be positive")
-    if count == 0:
-        return
-    _split(count, threads, &chunk, &chunks)
-    with nogil:
-        for c in prange(chunks, schedule='static', num_threads=threads):
-            start = c * chunk
-            stop = min(start + chunk, count)
-            zd_swiglu(&gate[start], &up[start], &out[start], stop - start)
+ctypedef void (*zd_pairwise)(const float *a, const float *b, float *out, int64_t count) noexcept nogil
 
 
-def add(const float[::1] a, const float[::1] b, float[::1] out, int threads):
-    """out = a + b, over flat arrays."""
+cdef void _pairwise(zd_pairwise fn, const float[::1] a, const float[::1] b, float[::1] out, int threads) except *:
+    """out = fn(a, b) elementwise over flat arrays, in one contiguous chunk per thread."""
     cdef int64_t count = a.shape[0], chunk, chunks, c, start, stop
     _require(b.shape[0] == count and out.shape[0] == count, "length mismatch")
     _require(threads >= 1, "threads must be positive")
@@ -409,22 +397,22 @@ def add(const float[::1] a, const float[::1] b, float[::1] out, int threads):
         for c in prange(chunks, schedule='static', num_threads=threads):
             start = c * chunk
             stop = min(start + chunk, count)
-            zd_add(&a[start], &b[start], &out[start], stop - start)
+            fn(&a[start], &b[start], &out[start], stop - start)
+
+
+def swiglu(const float[::1] gate, const float[::1] up, float[::1] out, int threads):
+    """out = silu(gate) * up, over flat arrays."""
+    _pairwise(zd_swiglu, gate, up, out, threads)
 
 
 def geglu(const float[::1] gate, const float[::1] up, float[::1] out, int threads):
     """out = gelu(gate) * up (GELU's tanh approximation), over flat arrays."""
-    cdef int64_t count = gate.shape[0], chunk, chunks, c, start, stop
-    _require(up.shape[0] == count and out.shape[0] == count, "length mismatch")
-    _require(threads >= 1, "threads must be positive")
-    if count == 0:
-        return
-    _split(count, threads, &chunk, &chunks)
-    with nogil:
-        for c in prange(chunks, schedule='static', num_threads=threads):
-            start = c * chunk
-            stop = min(start + chunk, count)
-            zd_geglu(&gate[start], &up[start], &out[start], stop - start)
+    _pairwise(zd_geglu, gate, up, out, threads)
+
+
+def add(const float[::1] a, const float[::1] b, float[::1] out, int threads):
+    """out = a + b, over flat arrays."""
+    _pairwise(zd_add, a, b, out, threads)
 
 
 def add_bias(const float[:, ::1] x, const float[::1] b, float[:, ::1] out, int threads):
