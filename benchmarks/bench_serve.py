@@ -56,8 +56,9 @@ def measure(url, clients, max_tokens) -> dict:
     wall = time.perf_counter() - began
     aggregate = sum(r["tokens"] for r in results) / wall
 
-    question = [{"role": "user", "content": "Summarise in one line: " + LONG[:1200]}]
-    ttft_alone = statistics.median(chat_ttft(client, question) for _ in range(3))
+    def question(i):   # a new prompt from its first word on, so no cached prefix shortens its prefill
+        return [{"role": "user", "content": f"Request {i}. Summarise in one line: " + LONG[:1200]}]
+    ttft_alone = statistics.median(chat_ttft(client, question(i)) for i in range(3))
     streaming, stop = threading.Event(), []
 
     def background(i):
@@ -70,7 +71,7 @@ def measure(url, clients, max_tokens) -> dict:
         busy = [pool.submit(background, i % len(PROMPTS)) for i in range(clients - 1)]
         streaming.wait()
         time.sleep(1.0)   # every other stream past its prompt
-        ttft_loaded = chat_ttft(client, question)
+        ttft_loaded = chat_ttft(client, question(3))
         stop.append(True)
         for future in busy:
             future.result()
