@@ -125,7 +125,8 @@ def test_kv_cache_types_change_the_logits_by_little(model_dir):
 def test_kv_cache_types_keep_the_greedy_text_of_a_real_model(smollm2_path, kind):
     """On the demo model every float-order change moves logits by ~3 % (8-bit activations amplify
     it), so the user-visible promise is checked instead: the same greedy continuation as an f32 cache,
-    up to a first pick that differs only at a near-tie."""
+    up to a first pick that differs only at a near-tie, one closer than the error the cache type is
+    allowed (a Q8_0 cache flipped a pick 1.3 % apart on an Intel host)."""
     prompt = "The history of the printing press begins in East Asia, where woodblock printing"
 
     def continuation(kv_cache_type):
@@ -142,7 +143,8 @@ def test_kv_cache_types_keep_the_greedy_text_of_a_real_model(smollm2_path, kind)
     got_tokens, got_logits = continuation(kind)
     for step, (got, want) in enumerate(zip(got_tokens, want_tokens)):
         if got != want:
-            assert greedy_flip_is_a_near_tie(got_logits[step], want_logits[step]), f"step {step}: {got} != {want}"
+            assert greedy_flip_is_a_near_tie(got_logits[step], want_logits[step], KV_TOLERANCE[kind]), (
+                f"step {step}: {got} != {want}")
             break
 
 

@@ -106,6 +106,20 @@ def test_a_returning_conversation_reuses_its_prefix(llm, counted):
     assert counted[0] <= 8, f"{counted[0]} tokens evaluated for a prompt of {len(next_turn)}"
 
 
+def test_the_same_prompt_again_is_not_evaluated_and_answers_the_same(llm, counted):
+    """A repeated prompt takes the logits kept by the sequence that read it: only answer tokens are
+    evaluated, and the answer is the same to the bit (its last token evaluated alone would round
+    differently from the batch it was read in, and could flip a greedy pick)."""
+    scheduler = Scheduler(llm)
+    prompt = llm.tokenize_prompt("The capital of France is")
+    first = scheduler.run([answer(llm, prompt, max_new_tokens=8)])[0]
+    counted.clear()
+    again = scheduler.run([answer(llm, prompt, max_new_tokens=8)])[0]
+    assert sum(counted) == len(generated(again)) - 1
+    np.testing.assert_array_equal(again.generations[0].seen[0], first.generations[0].seen[0])
+    assert generated(again) == generated(first)
+
+
 def test_prefixes_lost_by_a_sequence_come_back_from_ram(smollm2_path):
     with AutoModelForCausalLM.from_pretrained(str(smollm2_path), sequences=1, context_length=512) as llm:
         passes = []

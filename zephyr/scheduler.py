@@ -8,9 +8,11 @@ read once for all of them; then each answer's Generation picks its token from it
 Requests join at the next step and leave when they finish or are cancelled; the others go on.
 
 Prefix cache: a request takes the free slot whose tokens share the longest prefix with its prompt
-(llama.cpp's slot similarity) and evaluates only the rest. With `cache_bytes`, what a slot is about
-to lose is kept in RAM (least recently used first out) and restored when a later prompt starts with
-it. Embeddings (`EmbeddingRequest`) use a free slot too, and leave their tokens there for reuse.
+(llama.cpp's slot similarity) and evaluates only the rest. A slot keeps the logits that followed its
+last prompt, so the same prompt again is not evaluated at all and answers exactly as before (its last
+token evaluated alone would round differently from the batch it was read in). With `cache_bytes`,
+what a slot is about to lose is kept in RAM (least recently used first out) and restored when a
+later prompt starts with it. Embeddings (`EmbeddingRequest`) use a free slot too, and leave their tokens there for reuse.
 
 Threads: `submit` and `Request.cancel` may be called from any thread; `step` (and `run`, `serve`)
 from one thread, which then owns the model.
@@ -77,6 +79,7 @@ class _Slot:
     tokens: list = field(default_factory=list)   # ids whose keys and values the slot holds, in order
     last_used: float = 0.0
     busy: bool = False
+    prompt_logits: Optional[tuple] = None          # (n, the logits after tokens[:n]) of its last prompt
 
 
 @dataclass
@@ -95,6 +98,7 @@ class _Active:
     slots: list
     pending: list
     answers: list = field(default_factory=list)
+    known_logits: Optional[np.ndarray] = None    # the prompt was in the slot with its logits: none pending
 
 
 class Scheduler:
@@ -186,6 +190,9 @@ class Scheduler:
                 self._admit()
             if not self._active:
                 return False
+            for active in [a for a in self._active if a.known_logits is not None]:
+                logits, active.known_logits = active.known_logits, None
+                self._guarded(active, self._start_answers, None, logits)
             tokens, places, reads = self._plan()
             if tokens:
                 try:
@@ -246,15 +253,20 @@ class Scheduler:
             for slot in slots[1:]:
                 self._keep(slot, 0)
                 slot.tokens = []
-            self._active.append(_Active(request, slots, request.prompt[shared:]))
+            active = _Active(request, slots, request.prompt[shared:])
+            if not active.pending:
+                active.known_logits = first.prompt_logits[1].copy()
+            self._active.append(active)
 
     def _reuse(self, slot, prompt) -> int:
         """Prepare `slot` for `prompt`: keep the longest prefix it (or the RAM cache) has of it; the
-        number of prompt tokens already in the slot, at most len(prompt) - 1 (the last one is
-        evaluated again for its logits)."""
-        shared = min(_shared(slot.tokens, prompt), len(prompt) - 1)
+        number of prompt tokens already in the slot: all of them if the slot also kept the logits
+        after them, else at most len(prompt) - 1 (the last one is evaluated again for its logits)."""
+        whole = slot.prompt_logits is not None and slot.prompt_logits[0] == len(prompt) == _shared(slot.tokens, prompt)
+        shared = len(prompt) if whole else min(_shared(slot.tokens, prompt), len(prompt) - 1)
         kept = max(self._kept, key=lambda tokens: _shared(tokens, prompt), default=None)
-        if kept is not None and min(_shared(kept, prompt), len(prompt) - 1) > max(shared, self.MIN_KEPT_PREFIX - 1):
+        if (not whole and kept is not None
+                and min(_shared(kept, prompt), len(prompt) - 1) > max(shared, self.MIN_KEPT_PREFIX - 1)):
             self._keep(slot, 0)
             self.llm.model.write_sequence(slot.index, self._kept[kept])
             self._kept.move_to_end(kept)
@@ -314,6 +326,7 @@ class Scheduler:
     def _start_answers(self, active, _, logits):
         """The prompt is in: share it with every answer's slot, and take each answer's first step."""
         first = active.slots[0]
+        first.prompt_logits = (len(first.tokens), np.array(logits))   # a copy: sampling may write to logits
         for choice, (generation, slot) in enumerate(zip(active.request.generations, active.slots)):
             if slot is not first:
                 self.llm.model.copy_sequence(first.index, slot.index, len(first.tokens))

@@ -12,14 +12,14 @@ def relative_error(got, want) -> float:
     return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
 
-def is_near_tie(logits, a: int, b: int) -> bool:
-    """Whether tokens a and b score within NEAR_TIE of the logit scale of each other."""
+def is_near_tie(logits, a: int, b: int, tolerance: float = NEAR_TIE) -> bool:
+    """Whether tokens a and b score within `tolerance` of the logit scale of each other."""
     logits = np.asarray(logits, np.float64)
-    return abs(logits[a] - logits[b]) <= NEAR_TIE * np.max(np.abs(logits))
+    return abs(logits[a] - logits[b]) <= tolerance * np.max(np.abs(logits))
 
 
-def greedy_flip_is_a_near_tie(got_logits, want_logits) -> bool:
+def greedy_flip_is_a_near_tie(got_logits, want_logits, tolerance: float = NEAR_TIE) -> bool:
     """For two engines' logits of one step: their greedy picks agree, or differ at a near-tie of
-    the expected logits."""
+    the expected logits (closer than `tolerance` of the logit scale: the error the engines may have)."""
     a, b = int(np.argmax(got_logits)), int(np.argmax(want_logits))
-    return a == b or is_near_tie(want_logits, a, b)
+    return a == b or is_near_tie(want_logits, a, b, tolerance)
