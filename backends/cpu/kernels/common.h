@@ -47,6 +47,17 @@ static int zd_isa_supported(int isa) {
     return 0;
 }
 
+/* Whether this is an Intel CPU, whose cores run some row-major kernels slower than the memory
+ * streams them where AMD's keep pace (interleave.h picks the weight layout by it). */
+static int zd_cpu_is_intel(void) {
+#if ZD_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel");
+#else
+    return 0;
+#endif
+}
+
 /* The fastest path this CPU supports. */
 static int zd_best_isa(void) {
     for (int isa = ZD_ISA_COUNT - 1; isa > ZD_ISA_SCALAR; isa--)

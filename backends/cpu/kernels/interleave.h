@@ -33,16 +33,23 @@
 
 /* Rows shorter than this gain from interleaving in every type; longer ones only where the
  * row-major kernel cannot keep pace with the memory: Q4_0 and Q4_1 (a scale, and a min, per 32
- * values; 7B Q4_0 decode +10-30 % here). A 7B model's Q8_0 and Q4_K rows stream at memory speed
- * already (Q4_K A/B on this project's machine: decode 6.05 tok/s interleaved, 6.06-6.46 not;
- * prefill +35 %), and copying 4-7 GB costs 8-20 s of load in its virtual machine. */
+ * values; 7B Q4_0 decode +10-30 % here), and Q4_K on Intel cores. On this project's AMD Zen 4
+ * machine a 7B model's Q8_0 and Q4_K rows stream at memory speed already (Q4_K A/B: decode
+ * 6.05 tok/s interleaved, 6.06-6.46 not), and copying 4-7 GB costs 8-20 s of load in its VM. On
+ * its Intel Xeon (Emerald Rapids) the row-major Q4_K kernel is compute-bound: interleaved, 7B
+ * Q4_K_M decode went from 3.5-3.7 to 4.4-5.0 tok/s, four sequences at once from 10.4-11.8 to
+ * 13.4-13.8, load from 0.25 to 2.0 s (alternating runs). */
 #define ZD_X16_SHORT_ROW 2048
 
 /* Whether an m x k matrix of `type` is interleaved at load for path `isa`. */
 static inline int zd_x16_wanted(int type, int isa, int64_t k) {
     if (isa != ZD_ISA_AVX512)
         return 0;
-    return type == ZD_Q4_0 || type == ZD_Q4_1 || ((type == ZD_Q8_0 || type == ZD_Q4_K) && k < ZD_X16_SHORT_ROW);
+    if (type == ZD_Q4_0 || type == ZD_Q4_1)
+        return 1;
+    if (type == ZD_Q4_K)
+        return k < ZD_X16_SHORT_ROW || zd_cpu_is_intel();
+    return type == ZD_Q8_0 && k < ZD_X16_SHORT_ROW;
 }
 
 /* Bytes of f16 fields a GGUF block of interleaved `type` starts with (d, then any min). */
@@ -335,19 +342,27 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q4k_tokens_512(const int T, const zd_tile
         zd_rows16_store(tile, j0 + j, _mm512_sub_ps(F[j], C[j]));
 }
 
+/* Tokens 4 at a time, then the 1-3 left in one pass (each pass unpacks the weights once). */
 ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tile_512(const int type, const zd_tile *tile) {
     int64_t j = 0;
-    if (type == ZD_Q4_K) {
-        for (; j + 4 <= tile->nt; j += 4)
-            zd_x16_q4k_tokens_512(4, tile, j);
-        for (; j < tile->nt; j++)
-            zd_x16_q4k_tokens_512(1, tile, j);
-        return;
+    for (; j < tile->nt; j += 4) {
+        const int left = (int)zd_min64(4, tile->nt - j);
+        if (type == ZD_Q4_K) {
+            switch (left) {
+            case 4: zd_x16_q4k_tokens_512(4, tile, j); break;
+            case 3: zd_x16_q4k_tokens_512(3, tile, j); break;
+            case 2: zd_x16_q4k_tokens_512(2, tile, j); break;
+            default: zd_x16_q4k_tokens_512(1, tile, j);
+            }
+        } else {
+            switch (left) {
+            case 4: zd_x16_tokens_512(type, 4, tile, j); break;
+            case 3: zd_x16_tokens_512(type, 3, tile, j); break;
+            case 2: zd_x16_tokens_512(type, 2, tile, j); break;
+            default: zd_x16_tokens_512(type, 1, tile, j);
+            }
+        }
     }
-    for (; j + 4 <= tile->nt; j += 4)
-        zd_x16_tokens_512(type, 4, tile, j);
-    for (; j < tile->nt; j++)
-        zd_x16_tokens_512(type, 1, tile, j);
 }
 #endif
 
