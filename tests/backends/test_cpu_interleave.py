@@ -1,5 +1,5 @@
-"""Weights the CPU backend interleaves at load (kernels/interleave.h: Q4_0, Q4_1, short-row Q8_0,
-and Q4_K with short rows or on Intel CPUs, on the AVX-512 path).
+"""Weights the CPU backend interleaves at load (kernels/interleave.h: Q4_0, Q4_1, and Q8_0 and Q4_K
+with short rows or on Intel CPUs, on the AVX-512 path).
 
 The interleaved kernels are checked against the reference backend on awkward shapes (a partial
 group of 16 rows, one block, an odd number of blocks, token counts with remainders), on every
@@ -108,9 +108,9 @@ def test_which_matrices_are_interleaved():
     _ops.set_isa("avx512")
     try:
         assert _ops.interleaves(int(GGMLType.Q4_0), 14336) and _ops.interleaves(int(GGMLType.Q4_1), 4096)
-        assert _ops.interleaves(int(GGMLType.Q8_0), 576) and not _ops.interleaves(int(GGMLType.Q8_0), 4096)
-        assert _ops.interleaves(int(GGMLType.Q4_K), 1536)
-        assert _ops.interleaves(int(GGMLType.Q4_K), 4096) == cpu_is_intel()   # long rows: Intel only
+        assert _ops.interleaves(int(GGMLType.Q8_0), 576) and _ops.interleaves(int(GGMLType.Q4_K), 1536)
+        for type in (GGMLType.Q8_0, GGMLType.Q4_K):   # long rows: on Intel only
+            assert _ops.interleaves(int(type), 4096) == cpu_is_intel()
         assert not _ops.interleaves(int(GGMLType.Q6_K), 1536)
         _ops.set_isa("avx2")
         assert not _ops.interleaves(int(GGMLType.Q4_0), 576)

@@ -33,12 +33,13 @@
 
 /* Rows shorter than this gain from interleaving in every type; longer ones only where the
  * row-major kernel cannot keep pace with the memory: Q4_0 and Q4_1 (a scale, and a min, per 32
- * values; 7B Q4_0 decode +10-30 % here), and Q4_K on Intel cores. On this project's AMD Zen 4
- * machine a 7B model's Q8_0 and Q4_K rows stream at memory speed already (Q4_K A/B: decode
- * 6.05 tok/s interleaved, 6.06-6.46 not), and copying 4-7 GB costs 8-20 s of load in its VM. On
- * its Intel Xeon (Emerald Rapids) the row-major Q4_K kernel is compute-bound: interleaved, 7B
- * Q4_K_M decode went from 3.5-3.7 to 4.4-5.0 tok/s, four sequences at once from 10.4-11.8 to
- * 13.4-13.8, load from 0.25 to 2.0 s (alternating runs). */
+ * values; 7B Q4_0 decode +10-30 % here), and Q4_K and Q8_0 on Intel cores. On this project's
+ * AMD Zen 4 machine a 7B model's Q8_0 and Q4_K rows stream at memory speed already (Q4_K A/B:
+ * decode 6.05 tok/s interleaved, 6.06-6.46 not), and copying 4-7 GB costs 8-20 s of load in its
+ * VM. On its Intel Xeon (Emerald Rapids) the row-major kernels are compute-bound: interleaved,
+ * in alternating runs, 7B Q4_K_M decode went from 3.5-3.7 to 4.4-5.0 tok/s and four sequences
+ * at once from 10.4-11.8 to 13.4-13.8, load from 0.25 to 2.0 s; 7B Q8_0 decode from 2.3-3.3 to
+ * 3.4-3.6, four sequences from 6.4-8.5 to 11.7-12.1, load from 0.2 to 3.4-4.2 s. */
 #define ZD_X16_SHORT_ROW 2048
 
 /* Whether an m x k matrix of `type` is interleaved at load for path `isa`. */
@@ -47,9 +48,7 @@ static inline int zd_x16_wanted(int type, int isa, int64_t k) {
         return 0;
     if (type == ZD_Q4_0 || type == ZD_Q4_1)
         return 1;
-    if (type == ZD_Q4_K)
-        return k < ZD_X16_SHORT_ROW || zd_cpu_is_intel();
-    return type == ZD_Q8_0 && k < ZD_X16_SHORT_ROW;
+    return (type == ZD_Q4_K || type == ZD_Q8_0) && (k < ZD_X16_SHORT_ROW || zd_cpu_is_intel());
 }
 
 /* Bytes of f16 fields a GGUF block of interleaved `type` starts with (d, then any min). */
