@@ -8,7 +8,8 @@ It starts `zephyr serve MODEL --parallel P --threads T` and measures, with strea
 temperature 0 through the official openai client:
 1. one stream alone: completion tok/s after its first token;
 2. `--clients` streams at once: aggregate completion tok/s over the wall time (target: >= 3x one
-   stream's rate; 1 and 2 alternate for `--rounds` rounds, medians reported; llama.cpp's server with 8 slots reaches 2.0-2.5x on this project's machines);
+   stream's rate; llama.cpp's server with 8 slots reaches 2.0-2.5x on this project's machines);
+   1 and 2 alternate for `--rounds` rounds, and their medians are compared;
 3. the time to first token of a request arriving while `--clients` - 1 others stream, against the
    same request alone (target: <= 2x);
 4. conversation A (~700 tokens of prompt), then B, then A's next turn: the third's time to first

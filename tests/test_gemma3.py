@@ -21,6 +21,9 @@ CHAT = next(case for case in REFERENCE["cases"] if "messages" in case)
 # A real model's logits sit a few per cent from llama.cpp's (0.03-0.10 seen); a missed quirk of the
 # family makes other text altogether.
 LOGIT_TOLERANCE = 0.15
+# So two tokens closer than the smallest of those differences are a tie as far as the engines can
+# tell (picks 1.6 % apart flipped when a change of layout reordered float sums, on an Intel host).
+NEAR_TIE = 0.03
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +66,7 @@ def test_greedy_continuation_agrees_with_llama_cpps_recording(gemma3, case):
     expected = case["greedy_tokens"]
     for step, logits in enumerate(picks_along(gemma3, case["prompt_tokens"] + expected, len(expected))):
         pick = int(np.argmax(logits))
-        assert pick == expected[step] or is_near_tie(logits, pick, expected[step]), (
+        assert pick == expected[step] or is_near_tie(logits, pick, expected[step], NEAR_TIE), (
             f"step {step}: {pick} rather than llama.cpp's {expected[step]}, and not a near-tie")
 
 
@@ -82,12 +85,20 @@ def test_logits_agree_with_llama_cpp_live(gemma3, gemma3_270m_path):
     for step, (got, expected) in enumerate(zip(picks_along(gemma3, tokens, 16), want)):
         assert relative_error(got, expected) < LOGIT_TOLERANCE, f"step {step}"
         a, b = int(np.argmax(got)), int(np.argmax(expected))
-        assert a == b or is_near_tie(expected, a, b), f"step {step}: {a} rather than {b}, and not a near-tie"
+        assert a == b or is_near_tie(expected, a, b, NEAR_TIE), f"step {step}: {a} rather than {b}, and not a near-tie"
 
 
 def test_it_chats_through_its_template(gemma3):
-    """The chat API end to end: llama.cpp's prompt (its gemma template) and llama.cpp's reply."""
-    reply = gemma3.create_chat_completion(messages=CHAT["messages"], temperature=0,
-                                          max_tokens=len(CHAT["greedy_tokens"]))
+    """The chat API end to end: llama.cpp's prompt (its gemma template) and llama.cpp's reply, up to
+    where zephyr's own pick leaves it at a near-tie (test_greedy_continuation_... checks that)."""
+    expected = CHAT["greedy_tokens"]
+    steps = picks_along(gemma3, CHAT["prompt_tokens"] + expected, len(expected))
+    agree = next((i for i, logits in enumerate(steps) if int(np.argmax(logits)) != expected[i]), len(expected))
+    gemma3.reset()   # the prompt read in one batch, as picks_along reads it
+    reply = gemma3.create_chat_completion(messages=CHAT["messages"], temperature=0, max_tokens=len(expected))
     assert reply["usage"]["prompt_tokens"] == len(CHAT["prompt_tokens"])
-    assert reply["choices"][0]["message"]["content"] == CHAT["greedy_text"]
+    text = reply["choices"][0]["message"]["content"]
+    if agree == len(expected):
+        assert text == CHAT["greedy_text"]
+    else:
+        assert text.startswith(gemma3.detokenize(expected[:agree]))

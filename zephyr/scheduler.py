@@ -12,7 +12,8 @@ Prefix cache: a request takes the free slot whose tokens share the longest prefi
 last prompt, so the same prompt again is not evaluated at all and answers exactly as before (its last
 token evaluated alone would round differently from the batch it was read in). With `cache_bytes`,
 what a slot is about to lose is kept in RAM (least recently used first out) and restored when a
-later prompt starts with it. Embeddings (`EmbeddingRequest`) use a free slot too, and leave their tokens there for reuse.
+later prompt starts with it. Embeddings (`EmbeddingRequest`) use a free slot too, and leave their
+tokens there for reuse.
 
 Threads: `submit` and `Request.cancel` may be called from any thread; `step` (and `run`, `serve`)
 from one thread, which then owns the model.
