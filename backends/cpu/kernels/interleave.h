@@ -341,25 +341,22 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q4k_tokens_512(const int T, const zd_tile
         zd_rows16_store(tile, j0 + j, _mm512_sub_ps(F[j], C[j]));
 }
 
+/* One pass over the tile's weights for T tokens from j0. */
+ZD_TARGET_AVX512 ZD_INLINE void zd_x16_pass_512(const int type, const int T, const zd_tile *tile, int64_t j0) {
+    if (type == ZD_Q4_K)
+        zd_x16_q4k_tokens_512(T, tile, j0);
+    else
+        zd_x16_tokens_512(type, T, tile, j0);
+}
+
 /* Tokens 4 at a time, then the 1-3 left in one pass (each pass unpacks the weights once). */
 ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tile_512(const int type, const zd_tile *tile) {
-    int64_t j = 0;
-    for (; j < tile->nt; j += 4) {
-        const int left = (int)zd_min64(4, tile->nt - j);
-        if (type == ZD_Q4_K) {
-            switch (left) {
-            case 4: zd_x16_q4k_tokens_512(4, tile, j); break;
-            case 3: zd_x16_q4k_tokens_512(3, tile, j); break;
-            case 2: zd_x16_q4k_tokens_512(2, tile, j); break;
-            default: zd_x16_q4k_tokens_512(1, tile, j);
-            }
-        } else {
-            switch (left) {
-            case 4: zd_x16_tokens_512(type, 4, tile, j); break;
-            case 3: zd_x16_tokens_512(type, 3, tile, j); break;
-            case 2: zd_x16_tokens_512(type, 2, tile, j); break;
-            default: zd_x16_tokens_512(type, 1, tile, j);
-            }
+    for (int64_t j = 0; j < tile->nt; j += 4) {
+        switch (zd_min64(4, tile->nt - j)) {   /* constant token counts, so each pass is unrolled */
+        case 4: zd_x16_pass_512(type, 4, tile, j); break;
+        case 3: zd_x16_pass_512(type, 3, tile, j); break;
+        case 2: zd_x16_pass_512(type, 2, tile, j); break;
+        default: zd_x16_pass_512(type, 1, tile, j);
         }
     }
 }
