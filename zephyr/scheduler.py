@@ -263,8 +263,9 @@ class Scheduler:
         """Prepare `slot` for `prompt`: keep the longest prefix it (or the RAM cache) has of it; the
         number of prompt tokens already in the slot: all of them if the slot also kept the logits
         after them, else at most len(prompt) - 1 (the last one is evaluated again for its logits)."""
-        whole = slot.prompt_logits is not None and slot.prompt_logits[0] == len(prompt) == _shared(slot.tokens, prompt)
-        shared = len(prompt) if whole else min(_shared(slot.tokens, prompt), len(prompt) - 1)
+        held = _shared(slot.tokens, prompt)
+        whole = slot.prompt_logits is not None and slot.prompt_logits[0] == len(prompt) == held
+        shared = len(prompt) if whole else min(held, len(prompt) - 1)
         kept = max(self._kept, key=lambda tokens: _shared(tokens, prompt), default=None)
         if (not whole and kept is not None
                 and min(_shared(kept, prompt), len(prompt) - 1) > max(shared, self.MIN_KEPT_PREFIX - 1)):
