@@ -16,6 +16,7 @@ pytest.importorskip("uvicorn")
 
 from zephyr import AutoModelForCausalLM  # noqa: E402
 from zephyr.server import create_app  # noqa: E402
+from zephyr.server.runner import Mailbox  # noqa: E402
 
 from test_server import TIMEOUT, live_app  # noqa: E402
 
@@ -172,3 +173,28 @@ def _rss_mib() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def test_a_burst_of_events_from_another_thread_is_one_wake_up_in_order():
+    """The scheduler's tokens for every stream of a step reach the event loop in one wake-up, each
+    stream's in the order posted; after the loop closes, posting raises (the stream cancels)."""
+    async def scenario():
+        mailbox = Mailbox(asyncio.get_running_loop())
+        wake_ups = []
+        deliver = mailbox._deliver
+        mailbox._deliver = lambda: (wake_ups.append(1), deliver())
+        queues = [asyncio.Queue() for _ in range(8)]
+        poster = threading.Thread(target=lambda: [mailbox.post(q, (i, n))
+                                                  for n in range(3) for i, q in enumerate(queues)])
+        poster.start()
+        poster.join()   # the loop is blocked meanwhile: every post lands before any delivery
+        got = [[await q.get() for _ in range(3)] for q in queues]
+        assert got == [[(i, n) for n in range(3)] for i in range(8)]
+        assert len(wake_ups) == 1
+        return mailbox
+
+    loop = asyncio.new_event_loop()
+    mailbox = loop.run_until_complete(scenario())
+    loop.close()
+    with pytest.raises(RuntimeError):
+        mailbox.post(asyncio.Queue(), "late")

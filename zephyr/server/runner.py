@@ -23,13 +23,41 @@ class QueueFullError(ZephyrError):
     """More requests are waiting for the model than the server accepts."""
 
 
+class Mailbox:
+    """Items for queues on the event loop, posted from other threads. The scheduler posts every
+    running stream's token within microseconds of each other at the end of a step: they are
+    handed over in one wake-up of the loop, not one each (each wake-up is a pipe write, a poll
+    return and a callback, on the cores the forward pass is using)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items = []
+
+    def post(self, queue: asyncio.Queue, item):
+        """Called on any thread; RuntimeError once the event loop has closed."""
+        if self.loop.is_closed():
+            raise RuntimeError("the event loop has closed")
+        with self._lock:
+            self._items.append((queue, item))
+            wake = len(self._items) == 1   # else a wake-up is already on its way
+        if wake:
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self):
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class GenerationStream:
     """The events of one request: produced on other threads, consumed on the event loop."""
 
     _END = object()
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = loop
+    def __init__(self, mailbox: Mailbox):
+        self._mailbox = mailbox
         self._queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.requests = []   # the scheduler requests serving it, cancelled with it
@@ -42,7 +70,7 @@ class GenerationStream:
     def put(self, item):
         """Called on any thread."""
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            self._mailbox.post(self._queue, item)
         except RuntimeError:   # the event loop has closed: nobody is listening any more
             self.cancel()
 
@@ -83,6 +111,7 @@ class ModelRunner:
         self._count_lock = threading.Lock()
         self._pending = 0
         self._streams = set()
+        self._mailbox = None   # made on the event loop of the first request
 
     @property
     def pending(self) -> int:
@@ -105,7 +134,10 @@ class ModelRunner:
         completion's requests on the scheduler: the first event, then every (choice, step) Event,
         arrive on the stream."""
         self._admit()
-        stream = GenerationStream(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = Mailbox(loop)
+        stream = GenerationStream(self._mailbox)
         self._streams.add(stream)
 
         def finish():
