@@ -77,6 +77,23 @@ def test_streaming_equals_non_streaming(llm):
     assert "".join(chunks) == full and len(chunks) > 1
 
 
+def test_the_same_prompt_again_evaluates_only_the_answer(llm):
+    """A repeated prompt reuses the logits kept after it (as the scheduler's sequences do): only
+    answer tokens are evaluated, and the greedy answer is the same to the bit (its last token
+    evaluated alone would round differently from the batch it was read in, and could flip a pick
+    at a near-tie: seen in CI on a tool call, streamed after the same call unstreamed)."""
+    first = llm("The three primary colors are", max_new_tokens=6, temperature=0)
+    passes = []
+    real = llm.model.forward
+    llm.model.forward = lambda tokens, batch, rows=None: passes.append(len(tokens)) or real(tokens, batch, rows)
+    try:
+        again = llm("The three primary colors are", max_new_tokens=6, temperature=0)
+    finally:
+        del llm.model.forward
+    assert again == first
+    assert passes and set(passes) == {1} and len(passes) <= 5   # answer tokens, one at a time
+
+
 def test_stop_strings_are_never_emitted(llm):
     full = fresh(llm, "Count: 1, 2, 3,", max_new_tokens=20, temperature=0)
     stop = full.strip()[3:6]

@@ -60,6 +60,7 @@ class LLM:
             raise
         self.tokens = []          # ids whose keys/values are in the cache, in order
         self._logits = None       # logits after the last evaluated token: [vocab]
+        self._after_prompt = None  # (prompt ids, the logits after them) of the last generation
         self._lock = threading.RLock()
         self._epoch = 0           # bumped whenever the context changes; a paused generation checks it
 
@@ -160,6 +161,13 @@ class LLM:
                 if a != b:
                     break
                 shared += 1
+            if shared == len(tokens) and self._after_prompt is not None and self._after_prompt[0] == tokens:
+                # the same prompt again: its logits were kept, so it answers to the bit as before (the
+                # last token evaluated alone rounds differently from the batch it was first read in)
+                self.tokens = self.tokens[:shared]
+                self._logits = self._after_prompt[1].copy()
+                self._epoch += 1
+                return []
             if shared == len(tokens):   # nothing new: re-evaluate the last token to get its logits
                 shared -= 1
             self.tokens = self.tokens[:max(shared, 0)]
@@ -188,6 +196,8 @@ class LLM:
             pending = self.prepare_inputs_for_generation(prompt_tokens, reset=settings.reset)
             generation = Generation(self.tokenizer, settings, self.tokens + pending, extra_stops)
             self.eval(pending, batch_size=settings.batch_size, threads=settings.threads)
+            if pending:
+                self._after_prompt = (list(self.tokens), self._logits.copy())
             while True:
                 step = generation.step(self._logits)
                 epoch = self._epoch
