@@ -161,15 +161,15 @@ class LLM:
                 if a != b:
                     break
                 shared += 1
-            if shared == len(tokens) and self._after_prompt is not None and self._after_prompt[0] == tokens:
-                # the same prompt again: its logits were kept, so it answers to the bit as before (the
-                # last token evaluated alone rounds differently from the batch it was first read in)
-                self.tokens = self.tokens[:shared]
-                self._logits = self._after_prompt[1].copy()
-                self._epoch += 1
-                return []
-            if shared == len(tokens):   # nothing new: re-evaluate the last token to get its logits
-                shared -= 1
+            if shared == len(tokens):   # nothing new
+                if self._after_prompt is not None and self._after_prompt[0] == tokens:
+                    # the same prompt again: its logits were kept, so it answers to the bit as before
+                    # (its last token evaluated alone rounds differently from the batch it was read in)
+                    self.tokens = self.tokens[:shared]
+                    self._logits = self._after_prompt[1].copy()
+                    self._epoch += 1
+                    return []
+                shared -= 1   # re-evaluate the last token to get its logits
             self.tokens = self.tokens[:max(shared, 0)]
             self._logits = None
             self._epoch += 1
