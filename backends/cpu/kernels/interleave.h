@@ -26,6 +26,7 @@
 #include "dequant.h"
 #include "dot_kquant.h"
 #include "dot_legacy.h"
+#include "panel.h"
 #include "quantize.h"
 #include "tile.h"
 
@@ -48,26 +49,39 @@ static inline int zd_x16_wanted(int type, int isa, int64_t k) {
         return 0;
     if (type == ZD_Q4_0 || type == ZD_Q4_1)
         return 1;
-    return (type == ZD_Q4_K || type == ZD_Q8_0) && (k < ZD_X16_SHORT_ROW || zd_cpu_is_intel());
+    return (type == ZD_Q4_K || type == ZD_Q6_K || type == ZD_Q8_0) && (k < ZD_X16_SHORT_ROW || zd_cpu_is_intel());
 }
 
-/* Bytes of f16 fields a GGUF block of interleaved `type` starts with (d, then any min). */
+/* Bytes of f16 fields in a GGUF block of interleaved `type` (d, then any min). */
 static inline int zd_x16_head(int type) {
     const int base = zd_x16_base(type);
     return base == ZD_Q4_1 || base == ZD_Q4_K ? 4 : 2;
 }
 
-/* Where byte o of row r's block sits in its interleaved group of 16 blocks. */
+/* Where in the GGUF block the f16 fields sit: first, or last (Q6_K keeps d after its quants). */
+static inline int zd_x16_head_at(int type) {
+    return zd_x16_base(type) == ZD_Q6_K ? (int)zd_block_bytes(type) - zd_x16_head(type) : 0;
+}
+
+/* Where the rest of the block (its words) starts in the GGUF block. */
+static inline int zd_x16_body_at(int type) { return zd_x16_head_at(type) == 0 ? zd_x16_head(type) : 0; }
+
+/* Where byte o of row r's block sits in its interleaved group of 16 blocks: the f16 fields
+ * first, then the words. */
 static inline int64_t zd_x16_at(int type, int r, int o) {
-    const int head = zd_x16_head(type);
-    if (o < head)
-        return ZD_X16_ROWS * (o & ~1) + 2 * r + (o & 1);
-    o -= head;
+    const int head = zd_x16_head(type), h = o - zd_x16_head_at(type);
+    if (h >= 0 && h < head)
+        return ZD_X16_ROWS * (h & ~1) + 2 * r + (h & 1);
+    o -= zd_x16_body_at(type);
     return ZD_X16_ROWS * head + 64 * (o / 4) + 4 * r + o % 4;
 }
 
 /* Q8_0's quant bytes are stored + 128 (a flip of the top bit), the others as they are. */
 static inline uint32_t zd_x16_flip(int type) { return zd_x16_base(type) == ZD_Q8_0 ? 0x80808080u : 0; }
+
+/* Floats of scratch, past the panel's, a thread needs for 16 GGUF rows of k values of an
+ * interleaved type (Q8_0 has the most bytes per value). */
+static inline int64_t zd_x16_rows_floats(int64_t k) { return (ZD_X16_ROWS * (k / 32) * 34 + 3) / 4; }
 
 /* Bytes of an interleaved matrix of m rows of k values (whole groups). */
 static inline int64_t zd_x16_bytes(int type, int64_t m, int64_t k) {
@@ -78,7 +92,8 @@ static inline int64_t zd_x16_bytes(int type, int64_t m, int64_t k) {
  * word by word: the reference for zd_x16_pack_512. Rows past m are zeros. */
 static void zd_x16_pack_scalar(int type, const uint8_t *src, int64_t m, int64_t k, uint8_t *dst, int64_t g0, int64_t g1) {
     const int64_t row_bytes = zd_row_bytes(type, k), bytes = zd_block_bytes(type), nb = row_bytes / bytes;
-    const int head = zd_x16_head(type);
+    const int head = zd_x16_head(type), h0 = zd_x16_head_at(type), w0 = zd_x16_body_at(type);
+    const int words = (int)bytes - head;
     const uint32_t flip = zd_x16_flip(type);
     for (int64_t g = g0; g < g1; g++) {
         const int valid = (int)zd_min64(ZD_X16_ROWS, m - g * ZD_X16_ROWS);
@@ -88,9 +103,9 @@ static void zd_x16_pack_scalar(int type, const uint8_t *src, int64_t m, int64_t 
                 memset(out, 0, ZD_X16_ROWS * bytes);
             for (int r = 0; r < valid; r++) {
                 const uint8_t *block = src + (g * ZD_X16_ROWS + r) * row_bytes + b * bytes;
-                for (int o = 0; o < head; o += 2)
+                for (int o = h0; o < h0 + head; o += 2)
                     memcpy(out + zd_x16_at(type, r, o), block + o, 2);
-                for (int o = head; o < bytes; o += 4) {
+                for (int o = w0; o < w0 + words; o += 4) {
                     const uint32_t word = zd_u32_at(block + o) ^ flip;
                     memcpy(out + zd_x16_at(type, r, o), &word, 4);
                 }
@@ -101,10 +116,12 @@ static void zd_x16_pack_scalar(int type, const uint8_t *src, int64_t m, int64_t 
 
 #if ZD_X86
 /* The same with one gather of the 16 rows per 64 bytes written (the load-time copy of a 7B
- * model: ~3 GB/s word by word). A 4-byte read at a 2-byte field stays inside its block. */
+ * model: ~3 GB/s word by word). A 2-byte field is read as 4 bytes that stay inside its block:
+ * from the field on where the fields come first, up to its end where they come last. */
 ZD_TARGET_AVX512 static void zd_x16_pack_512(int type, const uint8_t *src, int64_t m, int64_t k, uint8_t *dst, int64_t g0, int64_t g1) {
     const int64_t row_bytes = zd_row_bytes(type, k), bytes = zd_block_bytes(type), nb = row_bytes / bytes;
-    const int head = zd_x16_head(type);
+    const int head = zd_x16_head(type), h0 = zd_x16_head_at(type), w0 = zd_x16_body_at(type);
+    const int words = (int)bytes - head, back = h0 > 0 ? 2 : 0;
     const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32((int)row_bytes));
     const __m512i flip = _mm512_set1_epi32((int)zd_x16_flip(type));
@@ -115,11 +132,12 @@ ZD_TARGET_AVX512 static void zd_x16_pack_512(int type, const uint8_t *src, int64
         uint8_t *out = dst + g * ZD_X16_ROWS * row_bytes;
         for (int64_t b = 0; b < nb; b++, out += ZD_X16_ROWS * bytes) {
             const uint8_t *at = rows0 + b * bytes;
-            for (int o = 0; o < head; o += 2) {
-                const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, rows, at + o, 1);
-                _mm256_storeu_si256((__m256i *)(out + zd_x16_at(type, 0, o)), _mm512_cvtepi32_epi16(v));
+            for (int o = h0; o < h0 + head; o += 2) {
+                const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, rows, at + o - back, 1);
+                _mm256_storeu_si256((__m256i *)(out + zd_x16_at(type, 0, o)),
+                                    _mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 8 * back)));
             }
-            for (int o = head; o < bytes; o += 4) {
+            for (int o = w0; o < w0 + words; o += 4) {
                 const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, rows, at + o, 1);
                 _mm512_storeu_si512(out + zd_x16_at(type, 0, o), _mm512_maskz_xor_epi32(live, v, flip));
             }
@@ -142,18 +160,19 @@ static void zd_x16_pack(int type, int isa, const uint8_t *src, int64_t m, int64_
 
 /* Row r's GGUF block back from its interleaved group (the inverse of zd_x16_pack). */
 static void zd_x16_block(int type, const uint8_t *group, int r, uint8_t *block) {
-    const int head = zd_x16_head(type), bytes = (int)zd_block_bytes(type);
+    const int head = zd_x16_head(type), h0 = zd_x16_head_at(type), w0 = zd_x16_body_at(type);
+    const int words = (int)zd_block_bytes(type) - head;
     const uint32_t flip = zd_x16_flip(type);
-    for (int o = 0; o < head; o += 2)
+    for (int o = h0; o < h0 + head; o += 2)
         memcpy(block + o, group + zd_x16_at(type, r, o), 2);
-    for (int o = head; o < bytes; o += 4) {
+    for (int o = w0; o < w0 + words; o += 4) {
         const uint32_t word = zd_u32_at(group + zd_x16_at(type, r, o)) ^ flip;
         memcpy(block + o, &word, 4);
     }
 }
 
-/* The largest block an interleaved type has (Q4_K). */
-#define ZD_X16_MAX_BLOCK 144
+/* The largest block an interleaved type has (Q6_K). */
+#define ZD_X16_MAX_BLOCK 210
 
 /* Row `row` of an interleaved matrix, decoded to floats (embedding lookups, tests). */
 static void zd_x16_decode_row(int type, const uint8_t *w, int64_t row, int64_t k, float *out) {
@@ -174,12 +193,14 @@ static void zd_x16_decode_row(int type, const uint8_t *w, int64_t row, int64_t k
 static float zd_x16_block_dot_scalar(int base, const uint8_t *block, const zd_act *x, int64_t t, int64_t b) {
     const int8_t *q = x->q + t * x->q_stride;
     const float xd = x->d[t * x->d_stride + b], *xs = x->s32 + t * x->s_stride;
-    if (base == ZD_Q4_K) {
+    if (zd_block_size(base) == ZD_QK_K) {
         uint8_t u[256];
         int sc[16];
-        float corr[8];
+        float corr[16];
         const float d = zd_kq_unpack_scalar(base, block, u, sc, corr);
-        return d * xd * (float)zd_kq_int_dot_scalar(u, sc, q + 256 * b) + zd_dot_f32_scalar(corr, xs + 8 * b, 8);
+        const int nc = zd_kq_corrections(base);
+        const float *sums = (nc == 8 ? x->s32 : x->s16) + t * x->s_stride + nc * b;
+        return d * xd * (float)zd_kq_int_dot_scalar(u, sc, q + 256 * b) + zd_dot_f32_scalar(corr, sums, nc);
     }
     uint8_t u[32];
     const float dw = zd_f16_to_f32(zd_u16_at(block));
@@ -270,6 +291,18 @@ ZD_TARGET_AVX512 ZD_INLINE __m512i zd_lane_byte_512(__m512i v, int s) {
     return _mm512_and_si512(_mm512_srli_epi32(v, 8 * s), _mm512_set1_epi32(0xff));
 }
 
+/* A Q4_K group's 6-bit scales and mins (as zd_k4_scales_mins, 16 rows at once): lane r, byte s
+ * holds sub-block s's scale (min) in sc[0] (mn[0]), sub-block s + 4's in sc[1] (mn[1]). */
+ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q4k_scales_512(const uint8_t *group, __m512i sc[2], __m512i mn[2]) {
+    const __m512i low = _mm512_set1_epi8(0x0f), six = _mm512_set1_epi8(0x3f), top = _mm512_set1_epi8(0x30);
+    const __m512i a = _mm512_loadu_si512(group + 64), b = _mm512_loadu_si512(group + 128);
+    const __m512i c = _mm512_loadu_si512(group + 192);
+    sc[0] = _mm512_and_si512(a, six);
+    sc[1] = _mm512_or_si512(_mm512_and_si512(c, low), _mm512_and_si512(_mm512_srli_epi32(a, 2), top));
+    mn[0] = _mm512_and_si512(b, six);
+    mn[1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(c, 4), low), _mm512_and_si512(_mm512_srli_epi32(b, 2), top));
+}
+
 /* Q4_K, T tokens from j0. Per super-block the 16 rows' 6-bit scales and mins are unpacked to
  * bytes (as zd_k4_scales_mins, on 16 rows at once); each of the 32 quant vectors gives two
  * slices (sub-blocks 2c and 2c + 1 of chunk c = i / 8), one dpbusd each per token. The high
@@ -288,21 +321,14 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q4k_tokens_512(const int T, const zd_tile
     for (int j = 0; j < T; j++)
         F[j] = C[j] = _mm512_setzero_ps();
     const __m512i low = _mm512_set1_epi8(0x0f), high = _mm512_set1_epi8((char)0xf0);
-    const __m512i six = _mm512_set1_epi8(0x3f), top = _mm512_set1_epi8(0x30);
     for (int64_t sb = 0; sb < nsb; sb++) {
         const uint8_t *group = tile->w + sb * bytes;
         for (int64_t o = 0; o < bytes; o += 64)
             _mm_prefetch((const char *)(group + ZD_PREFETCH_BYTES + o), ZD_PREFETCH_HINT);
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)group));
         const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(group + 32)));
-        const __m512i a = _mm512_loadu_si512(group + 64), b = _mm512_loadu_si512(group + 128);
-        const __m512i c = _mm512_loadu_si512(group + 192);
-        /* lane r, byte s: scale (mins: min) of sub-block s in sc[0], of s + 4 in sc[1] */
-        const __m512i sc[2] = {_mm512_and_si512(a, six),
-                               _mm512_or_si512(_mm512_and_si512(c, low), _mm512_and_si512(_mm512_srli_epi32(a, 2), top))};
-        const __m512i mn[2] = {_mm512_and_si512(b, six),
-                               _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(c, 4), low),
-                                               _mm512_and_si512(_mm512_srli_epi32(b, 2), top))};
+        __m512i sc[2], mn[2];
+        zd_x16_q4k_scales_512(group, sc, mn);
         __m512i acc[4];
         __m512 m[4];
         for (int j = 0; j < T; j++) {
@@ -341,16 +367,199 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q4k_tokens_512(const int T, const zd_tile
         zd_rows16_store(tile, j0 + j, _mm512_sub_ps(F[j], C[j]));
 }
 
+/* Each 32-bit lane's byte s (0..3), sign-extended: Q6_K's int8 scales, 16 rows at once. */
+ZD_TARGET_AVX512 ZD_INLINE __m512i zd_lane_int8_512(__m512i v, int s) {
+    return _mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * s), 24);
+}
+
+/* Q6_K's quant vector i of chunk c of half h (its super-block's quants at ql, top bits at qh):
+ * 16 rows x 4 six-bit values of the low nibbles' sub-block, and of the high nibbles'. */
+ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q6k_unpack_512(const uint8_t *ql, const uint8_t *qh, int h, int c, int i,
+                                                      __m512i *lo, __m512i *hi) {
+    const __m512i low = _mm512_set1_epi8(0x0f), two = _mm512_set1_epi8(0x30);
+    const __m512i v = _mm512_loadu_si512(ql + 64 * (16 * h + 8 * c + i));
+    const __m512i bits = _mm512_loadu_si512(qh + 64 * (8 * h + i));
+    /* the top bits moved to bits 4-5 of each byte (a lane shift; the mask drops what crossed bytes) */
+    const __m512i top_lo = _mm512_and_si512(c == 0 ? _mm512_slli_epi32(bits, 4) : _mm512_slli_epi32(bits, 2), two);
+    const __m512i top_hi = _mm512_and_si512(c == 0 ? bits : _mm512_srli_epi32(bits, 2), two);
+    *lo = _mm512_ternarylogic_epi32(v, top_lo, low, 0xEC);   /* (v & low) | top */
+    *hi = _mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 4), top_hi, low, 0xEC);
+}
+
+/* Q6_K, T tokens from j0. Per half h of a super-block (128 values), chunk c (0, 1) of 32 ql
+ * bytes holds sub-blocks 4h + c (low nibbles) and 4h + 2 + c (high nibbles), whose top 2 bits
+ * are bits 2c and 4 + 2c of the qh byte with the same l (qh vector i pairs with ql vector i of
+ * each chunk). Quant vectors i < 4 and i >= 4 fall in different 16-value groups (each with its
+ * own int8 scale), so a chunk keeps 4 integer sums per token; they also break the dpbusd
+ * chains into short ones, which a single token's decode would otherwise wait on. The offset
+ * -32 meets the activations' sums per 16 values (s16). In Q4_K order the low sub-block's values
+ * start at 128 h + 64 c, the high one's 32 later. */
+ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q6k_tokens_512(const int T, const zd_tile *tile, int64_t j0) {
+    const zd_act *x = tile->x;
+    const int64_t nsb = x->k / 256, bytes = 16 * sizeof(zd_block_q6_k);
+    const int8_t *q[4];
+    const float *xd[4], *xs[4];
+    zd_x16_token_operands(tile, T, j0, q, xd, xs);
+    for (int j = 0; j < T; j++)
+        xs[j] = x->s16 + (tile->t0 + j0 + j) * x->s_stride;
+    __m512 F[4], C[4];
+    for (int j = 0; j < T; j++)
+        F[j] = C[j] = _mm512_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *group = tile->w + sb * bytes;
+        for (int64_t o = 0; o < bytes; o += 64)
+            _mm_prefetch((const char *)(group + ZD_PREFETCH_BYTES + o), ZD_PREFETCH_HINT);
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)group));
+        const uint8_t *ql = group + 32, *qh = ql + 64 * 32, *scales = qh + 64 * 16;
+        __m512i acc[4];
+        __m512 m[4];
+        for (int j = 0; j < T; j++) {
+            acc[j] = _mm512_setzero_si512();
+            m[j] = _mm512_setzero_ps();
+        }
+        for (int h = 0; h < 2; h++)
+            for (int c = 0; c < 2; c++) {
+                __m512i I[4][4];   /* token, then (low, high) x (values 0-15, 16-31) */
+                for (int j = 0; j < T; j++)
+                    I[j][0] = I[j][1] = I[j][2] = I[j][3] = _mm512_setzero_si512();
+                const int64_t at = 256 * sb + 128 * h + 64 * c;
+                for (int i = 0; i < 8; i++) {
+                    __m512i lo, hi;
+                    zd_x16_q6k_unpack_512(ql, qh, h, c, i, &lo, &hi);
+                    for (int j = 0; j < T; j++) {
+                        I[j][i / 4] = _mm512_dpbusd_epi32(I[j][i / 4], lo, zd_x4_512(q[j] + at + 4 * i));
+                        I[j][2 + i / 4] = _mm512_dpbusd_epi32(I[j][2 + i / 4], hi, zd_x4_512(q[j] + at + 32 + 4 * i));
+                    }
+                }
+                /* the chunk's 4 groups: 2 of the low sub-block, 2 of the high one */
+                for (int e = 0; e < 4; e++) {
+                    const int g = 2 * (4 * h + c + 2 * (e / 2)) + e % 2;
+                    const __m512i sc = zd_lane_int8_512(_mm512_loadu_si512(scales + 64 * (g / 4)), g % 4);
+                    const __m512 f = _mm512_cvtepi32_ps(sc);
+                    for (int j = 0; j < T; j++) {
+                        acc[j] = _mm512_add_epi32(acc[j], _mm512_mullo_epi32(I[j][e], sc));
+                        m[j] = _mm512_fmadd_ps(f, _mm512_set1_ps(xs[j][16 * sb + g]), m[j]);
+                    }
+                }
+            }
+        for (int j = 0; j < T; j++) {
+            F[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[j]), _mm512_mul_ps(d, _mm512_set1_ps(xd[j][sb])), F[j]);
+            C[j] = _mm512_fmadd_ps(d, m[j], C[j]);
+        }
+    }
+    for (int j = 0; j < T; j++)
+        zd_rows16_store(tile, j0 + j, _mm512_fmadd_ps(C[j], _mm512_set1_ps(-32.0f), F[j]));
+}
+
 /* One pass over the tile's weights for T tokens from j0. */
 ZD_TARGET_AVX512 ZD_INLINE void zd_x16_pass_512(const int type, const int T, const zd_tile *tile, int64_t j0) {
     if (type == ZD_Q4_K)
         zd_x16_q4k_tokens_512(T, tile, j0);
+    else if (type == ZD_Q6_K)
+        zd_x16_q6k_tokens_512(T, tile, j0);
     else
         zd_x16_tokens_512(type, T, tile, j0);
 }
 
-/* Tokens 4 at a time, then the 1-3 left in one pass (each pass unpacks the weights once). */
+/* Q6_K's tile into the panel (panel.h) straight from the interleaved group: its quant vectors
+ * are already slices of 16 rows once unpacked. */
+ZD_TARGET_AVX512 static void zd_x16_q6k_panel_fill(const zd_tile *tile, const zd_panel *p) {
+    const int64_t nsb = tile->x->k / 256, bytes = 16 * sizeof(zd_block_q6_k);
+    __m512i *u = (__m512i *)p->u;
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *group = tile->w + sb * bytes, *ql = group + 32, *qh = ql + 64 * 32, *scales = qh + 64 * 16;
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)group));
+        for (int h = 0; h < 2; h++)
+            for (int c = 0; c < 2; c++)
+                for (int i = 0; i < 8; i++) {
+                    __m512i lo, hi;
+                    zd_x16_q6k_unpack_512(ql, qh, h, c, i, &lo, &hi);
+                    const int64_t slice = 64 * sb + 32 * h + 16 * c + i;   /* value 128 h + 64 c + 4 i, Q4_K order */
+                    _mm512_store_si512(u + slice, lo);
+                    _mm512_store_si512(u + slice + 8, hi);
+                }
+        for (int g = 0; g < 16; g++) {   /* natural group g; in the activation order, group a */
+            const int s = g / 2, a = 8 * (s / 4) + 4 * (s % 2) + 2 * ((s % 4) / 2) + g % 2;
+            const __m512 f = _mm512_mul_ps(d, _mm512_cvtepi32_ps(zd_lane_int8_512(_mm512_loadu_si512(scales + 64 * (g / 4)), g % 4)));
+            _mm512_store_ps(p->scale + (16 * sb + a) * ZD_PANEL_ROWS, f);
+            _mm512_store_ps(p->corr + (16 * sb + g) * ZD_PANEL_ROWS, _mm512_mul_ps(f, _mm512_set1_ps(-32.0f)));
+        }
+    }
+}
+
+/* The same for Q4_K: chunk ch's quant vector i gives sub-blocks 2 ch and 2 ch + 1, values 4i ..
+ * 4i + 3 (their Q4_K-order slices as in zd_x16_q4k_tokens_512); a scale per 32 values serves
+ * two panel groups of 16, and the mins make the corrections (per 32 values). */
+ZD_TARGET_AVX512 static void zd_x16_q4k_panel_fill(const zd_tile *tile, const zd_panel *p) {
+    const int64_t nsb = tile->x->k / 256, bytes = 16 * sizeof(zd_block_q4_k);
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    __m512i *u = (__m512i *)p->u;
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *group = tile->w + sb * bytes;
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)group));
+        const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(group + 32)));
+        for (int ch = 0; ch < 4; ch++)
+            for (int i = 0; i < 8; i++) {
+                const __m512i v = _mm512_loadu_si512(group + 256 + 64 * (8 * ch + i));
+                const int64_t slice = 64 * sb + 32 * (ch / 2) + 8 * (ch % 2) + i;
+                _mm512_store_si512(u + slice, _mm512_and_si512(v, low));
+                _mm512_store_si512(u + slice + 16, _mm512_and_si512(_mm512_srli_epi32(v, 4), low));
+            }
+        __m512i sc[2], mn[2];
+        zd_x16_q4k_scales_512(group, sc, mn);
+        for (int s = 0; s < 8; s++) {   /* natural sub-block s: activation groups a, a + 1 */
+            const int a = 8 * (s / 4) + 4 * (s % 2) + 2 * ((s % 4) / 2);
+            const __m512 f = _mm512_mul_ps(d, _mm512_cvtepi32_ps(zd_lane_byte_512(sc[s / 4], s % 4)));
+            _mm512_store_ps(p->scale + (16 * sb + a) * ZD_PANEL_ROWS, f);
+            _mm512_store_ps(p->scale + (16 * sb + a + 1) * ZD_PANEL_ROWS, f);
+            _mm512_store_ps(p->corr + (8 * sb + s) * ZD_PANEL_ROWS,
+                            _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_setzero_si512(), zd_lane_byte_512(mn[s / 4], s % 4)))));
+        }
+    }
+}
+
+/* Row r's blocks [0, nb) back in GGUF order at `row` (zd_x16_block for a whole row): the
+ * words scattered 16 rows at a time, the f16 fields copied. */
+ZD_TARGET_AVX512 static void zd_x16_unpack_rows_512(int type, const uint8_t *group, int64_t k, uint8_t *rows) {
+    const int64_t row_bytes = zd_row_bytes(type, k), bytes = zd_block_bytes(type), nb = row_bytes / bytes;
+    const int head = zd_x16_head(type), h0 = zd_x16_head_at(type), w0 = zd_x16_body_at(type);
+    const int words = (int)bytes - head;
+    const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32((int)row_bytes));
+    const __m512i flip = _mm512_set1_epi32((int)zd_x16_flip(type));
+    for (int64_t b = 0; b < nb; b++, group += ZD_X16_ROWS * bytes) {
+        uint8_t *blocks = rows + b * bytes;
+        for (int o = w0; o < w0 + words; o += 4)
+            _mm512_i32scatter_epi32(blocks + o, at, _mm512_xor_si512(_mm512_loadu_si512(group + zd_x16_at(type, 0, o)), flip), 1);
+        for (int o = h0; o < h0 + head; o += 2)
+            for (int r = 0; r < ZD_X16_ROWS; r++)
+                memcpy(blocks + r * row_bytes + o, group + zd_x16_at(type, r, o), 2);
+    }
+}
+
+/* Tokens 4 at a time, then the 1-3 left in one pass (each pass unpacks the weights once). A
+ * prompt's batch instead takes its rows back to GGUF order once and runs the panel kernel
+ * (panel.h): it unpacks the tile once for every token, where a pass re-reads it per 4 tokens
+ * (a 64-token Q6_K matmul: 2-2.7x the time). */
 ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tile_512(const int type, const zd_tile *tile) {
+    const zd_tile_fn panel = zd_panel_kernel(type, ZD_ISA_AVX512, tile->nt);
+    if (panel && (type == ZD_Q4_K || type == ZD_Q6_K)) {
+        const zd_panel p = zd_panel_at(tile->cbuf, tile->x->k);
+        if (type == ZD_Q4_K)
+            zd_x16_q4k_panel_fill(tile, &p);
+        else
+            zd_x16_q6k_panel_fill(tile, &p);
+        zd_panel_run(1, type, tile, &p);
+        return;
+    }
+    if (panel) {
+        const int64_t k = tile->x->k;
+        zd_tile rows = *tile;
+        rows.w = (const uint8_t *)(tile->cbuf + zd_panel_floats(k));
+        zd_x16_unpack_rows_512(type, tile->w, k, (uint8_t *)rows.w);
+        panel(&rows);
+        return;
+    }
     for (int64_t j = 0; j < tile->nt; j += 4) {
         switch (zd_min64(4, tile->nt - j)) {   /* constant token counts, so each pass is unrolled */
         case 4: zd_x16_pass_512(type, 4, tile, j); break;
@@ -375,6 +584,7 @@ ZD_X16_KERNELS(zd_x16_q4_0, ZD_Q4_0)
 ZD_X16_KERNELS(zd_x16_q4_1, ZD_Q4_1)
 ZD_X16_KERNELS(zd_x16_q8_0, ZD_Q8_0)
 ZD_X16_KERNELS(zd_x16_q4_k, ZD_Q4_K)
+ZD_X16_KERNELS(zd_x16_q6_k, ZD_Q6_K)
 
 /* The kernel for an interleaved type code on path `isa`, or NULL for a code no kernel reads. */
 #if ZD_X86
@@ -388,6 +598,7 @@ static zd_tile_fn zd_x16_kernel(int type, int isa) {
     case ZD_X16 | ZD_Q4_1: return ZD_X16_PICK(zd_x16_q4_1, isa);
     case ZD_X16 | ZD_Q8_0: return ZD_X16_PICK(zd_x16_q8_0, isa);
     case ZD_X16 | ZD_Q4_K: return ZD_X16_PICK(zd_x16_q4_k, isa);
+    case ZD_X16 | ZD_Q6_K: return ZD_X16_PICK(zd_x16_q6_k, isa);
     default: return 0;
     }
 }

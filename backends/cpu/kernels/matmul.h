@@ -143,7 +143,9 @@ static void zd_mm_jobs_run(const zd_mm_job *jobs, int njobs, int64_t *next, floa
 }
 
 /* Floats of correction scratch one thread needs for rows of up to k values. */
-static inline int64_t zd_cbuf_floats(int64_t k) { return zd_max64(ZD_TILE_MAX_R * zd_cbuf_stride(k), zd_panel_floats(k)); }
+static inline int64_t zd_cbuf_floats(int64_t k) {
+    return zd_max64(ZD_TILE_MAX_R * zd_cbuf_stride(k), zd_panel_floats(k) + zd_x16_rows_floats(k));
+}
 
 /* out[n, m] = x[n, k] @ W.T in its own parallel region. `act` holds zd_act_bytes(kind, n, k)
  * bytes; `cbuf` nth * zd_cbuf_floats(k) floats. */

@@ -231,6 +231,15 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_panel_tokens(const int kq, const int T, int t
         zd_rows16_store(tile, j0 + j, F[j]);
 }
 
+/* Every token of the tile over its filled panel. */
+ZD_TARGET_AVX512 ZD_INLINE void zd_panel_run(const int kq, int type, const zd_tile *tile, const zd_panel *p) {
+    int64_t j = 0;
+    for (; j + ZD_PANEL_T <= tile->nt; j += ZD_PANEL_T)
+        zd_panel_tokens(kq, ZD_PANEL_T, type, tile, p, j);
+    for (; j < tile->nt; j++)
+        zd_panel_tokens(kq, 1, type, tile, p, j);
+}
+
 /* A tile of 16 rows, all tile->nt tokens. */
 ZD_TARGET_AVX512 ZD_INLINE void zd_panel_tile(const int kq, int type, const zd_tile *tile) {
     const zd_panel p = zd_panel_at(tile->cbuf, tile->x->k);
@@ -238,11 +247,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_panel_tile(const int kq, int type, const zd_t
         zd_panel_fill_kq(type, tile, &p);
     else
         zd_panel_fill_legacy(type, tile, &p);
-    int64_t j = 0;
-    for (; j + ZD_PANEL_T <= tile->nt; j += ZD_PANEL_T)
-        zd_panel_tokens(kq, ZD_PANEL_T, type, tile, &p, j);
-    for (; j < tile->nt; j++)
-        zd_panel_tokens(kq, 1, type, tile, &p, j);
+    zd_panel_run(kq, type, tile, &p);
 }
 
 #define ZD_PANEL_KERNEL(NAME, KQ, TYPE) \
