@@ -6,17 +6,19 @@
  * ~32-43 GB/s from cache on 2 threads, ~63 interleaved), and short rows (a small model's k = 576)
  * pay the per-row part often. Interleaved, a dpbusd of one 64-byte load adds 4 products to each
  * of 16 rows, a block's scales are one vector for the 16 rows, and the result is a vector of 16
- * rows stored as it is: decode streams the weights at the memory's pace, and prefill needs no
- * panel.
+ * rows stored as it is: decode streams the weights at the memory's pace. A prompt's batch
+ * fills the panel of panel.h from the group (no transpose needed) and runs its kernel.
  *
  * Layout (type code ZD_X16 | the GGML type): groups of 16 rows (the last padded with zero rows),
  * each the size of 16 GGUF rows; in a group, per block, the 16 rows' blocks with their bytes
- * reordered (zd_x16_at): first the f16 fields each block starts with (d; for Q4_1 and Q4_K then
- * the min or dmin), 16 rows side by side per field; then the rest of the block as vectors of
- * 64 bytes, vector i holding bytes 4i .. 4i + 3 of rows 0..15 (4 bytes per row). Q4_0/Q4_1 have
- * 4 such vectors of quants, whose bytes' low nibbles are values 4i + j of the block and high
- * nibbles values 16 + 4i + j, as in GGUF; Q8_0 has 8, values 4i + j, stored + 128 (unsigned, for
- * dpbusd); Q4_K has 3 of packed 6-bit scales and mins, then 32 of quants (GGUF's order).
+ * reordered (zd_x16_at): first the block's f16 fields (d; for Q4_1 and Q4_K then the min or
+ * dmin; Q6_K's d, last in its GGUF block, comes first here too), 16 rows side by side per
+ * field; then the rest of the block as vectors of 64 bytes, vector i holding bytes 4i .. 4i + 3
+ * of rows 0..15 (4 bytes per row). Q4_0/Q4_1 have 4 such vectors of quants, whose bytes' low
+ * nibbles are values 4i + j of the block and high nibbles values 16 + 4i + j, as in GGUF; Q8_0
+ * has 8, values 4i + j, stored + 128 (unsigned, for dpbusd); Q4_K has 3 of packed 6-bit scales
+ * and mins, then 32 of quants (GGUF's order); Q6_K 32 of low nibbles, 16 of top bits, 4 of int8
+ * scales (GGUF's order).
  */
 #ifndef ZEPHYR_INTERLEAVE_H
 #define ZEPHYR_INTERLEAVE_H
