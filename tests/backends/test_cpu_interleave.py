@@ -24,8 +24,8 @@ needs_avx512 = pytest.mark.skipif("avx512" not in _ops.available_isas(), reason=
 TOLERANCE = 1e-5   # as test_cpu_kernels: |got - want| / sum |w * x|
 
 
-TYPES = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K]
-K_QUANTS = {GGMLType.Q4_K, GGMLType.Q6_K}
+K_QUANTS = [GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q6_K]
+TYPES = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0] + K_QUANTS
 
 
 def shapes(type):

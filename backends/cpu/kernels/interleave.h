@@ -51,18 +51,22 @@ static inline int zd_x16_wanted(int type, int isa, int64_t k) {
         return 0;
     if (type == ZD_Q4_0 || type == ZD_Q4_1)
         return 1;
-    return (type == ZD_Q4_K || type == ZD_Q6_K || type == ZD_Q8_0) && (k < ZD_X16_SHORT_ROW || zd_cpu_is_intel());
+    return (type == ZD_Q2_K || type == ZD_Q3_K || type == ZD_Q4_K || type == ZD_Q6_K || type == ZD_Q8_0)
+           && (k < ZD_X16_SHORT_ROW || zd_cpu_is_intel());
 }
 
 /* Bytes of f16 fields in a GGUF block of interleaved `type` (d, then any min). */
 static inline int zd_x16_head(int type) {
     const int base = zd_x16_base(type);
-    return base == ZD_Q4_1 || base == ZD_Q4_K ? 4 : 2;
+    return base == ZD_Q4_1 || base == ZD_Q4_K || base == ZD_Q2_K ? 4 : 2;
 }
 
-/* Where in the GGUF block the f16 fields sit: first, or last (Q6_K keeps d after its quants). */
+/* Where in the GGUF block the f16 fields sit: first, or last (Q2_K, Q3_K and Q6_K keep them
+ * after their quants). */
 static inline int zd_x16_head_at(int type) {
-    return zd_x16_base(type) == ZD_Q6_K ? (int)zd_block_bytes(type) - zd_x16_head(type) : 0;
+    const int base = zd_x16_base(type);
+    const int last = base == ZD_Q2_K || base == ZD_Q3_K || base == ZD_Q6_K;
+    return last ? (int)zd_block_bytes(type) - zd_x16_head(type) : 0;
 }
 
 /* Where the rest of the block (its words) starts in the GGUF block. */
@@ -288,9 +292,11 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tokens_512(const int type, const int T, c
         zd_rows16_store(tile, j0 + j, _mm512_fmadd_ps(C[j], factor, F[j]));
 }
 
-/* Byte s (0..3) of each 32-bit lane, as an int32 per lane. */
+/* Byte s (0..3) of each 32-bit lane, as an int32 per lane: a byte shuffle (port 5 on Intel
+ * cores) where a shift and a mask would take port 0 from the dpbusd. */
 ZD_TARGET_AVX512 ZD_INLINE __m512i zd_lane_byte_512(__m512i v, int s) {
-    return _mm512_and_si512(_mm512_srli_epi32(v, 8 * s), _mm512_set1_epi32(0xff));
+    const __m512i lanes = _mm512_setr_epi32(0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12);
+    return _mm512_shuffle_epi8(v, _mm512_add_epi32(lanes, _mm512_set1_epi32((int)(0x80808000u | (unsigned)s))));
 }
 
 /* A Q4_K group's 6-bit scales and mins (as zd_k4_scales_mins, 16 rows at once): lane r, byte s
@@ -372,6 +378,103 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q4k_tokens_512(const int T, const zd_tile
 /* Each 32-bit lane's byte s (0..3), sign-extended: Q6_K's int8 scales, 16 rows at once. */
 ZD_TARGET_AVX512 ZD_INLINE __m512i zd_lane_int8_512(__m512i v, int s) {
     return _mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * s), 24);
+}
+
+/* Q2_K and Q3_K, T tokens from j0. Quant vector i of half n (bytes 4i .. 4i + 3 of the half's
+ * 32) holds at bit 2j values 4i .. 4i + 3 of sub-block 4n + j; Q3_K's third bit of sub-block s,
+ * value l, is bit s of hmask byte l (hmask vector i, the same lane byte). The first 4 and the
+ * last 4 vectors of a sub-block are different 16-value groups, each with its own scale: Q2_K's
+ * a nibble (and a min, value d sc u - dmin min), Q3_K's 6 bits biased by 32 (value
+ * d sc (u - 4)). Offsets and mins meet the activations' sums per 16 values (s16). */
+ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q23k_tokens_512(const int type, const int T, const zd_tile *tile, int64_t j0) {
+    const zd_act *x = tile->x;
+    const int q3 = type == ZD_Q3_K;
+    const int64_t nsb = x->k / 256, bytes = 16 * zd_block_bytes(type);
+    const int8_t *q[4];
+    const float *xd[4], *xs[4];
+    zd_x16_token_operands(tile, T, j0, q, xd, xs);
+    for (int j = 0; j < T; j++)
+        xs[j] = x->s16 + (tile->t0 + j0 + j) * x->s_stride;
+    __m512 F[4], C[4];
+    for (int j = 0; j < T; j++)
+        F[j] = C[j] = _mm512_setzero_ps();
+    const __m512i three = _mm512_set1_epi8(3), four = _mm512_set1_epi8(4), nibble = _mm512_set1_epi8(0x0f);
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *group = tile->w + sb * bytes;
+        for (int64_t o = 0; o < bytes; o += 64)
+            _mm_prefetch((const char *)(group + ZD_PREFETCH_BYTES + o), ZD_PREFETCH_HINT);
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)group));
+        const uint8_t *body = group + 16 * zd_x16_head(type);
+        const uint8_t *hmask = body, *qs = body + (q3 ? 8 : 4) * 64, *packed = q3 ? qs + 16 * 64 : body;
+        /* lane r, byte b of S[v] (M[v]): the scale (min) of 16-value group 4v + b */
+        __m512i S[4], M[4];
+        if (q3) {
+            const __m512i a = _mm512_loadu_si512(packed), b = _mm512_loadu_si512(packed + 64);
+            const __m512i h = _mm512_loadu_si512(packed + 128);
+            for (int v = 0; v < 4; v++) {
+                const __m512i src = v % 2 ? b : a;
+                const __m512i lowbits = _mm512_and_si512(v < 2 ? src : _mm512_srli_epi32(src, 4), nibble);
+                const __m512i top = _mm512_and_si512(_mm512_srli_epi32(h, 2 * v), three);
+                S[v] = _mm512_or_si512(lowbits, _mm512_slli_epi32(top, 4));
+            }
+        } else {
+            for (int v = 0; v < 4; v++) {
+                const __m512i both = _mm512_loadu_si512(packed + 64 * v);
+                S[v] = _mm512_and_si512(both, nibble);
+                M[v] = _mm512_and_si512(_mm512_srli_epi32(both, 4), nibble);
+            }
+        }
+        __m512i acc[4];
+        __m512 m[4];
+        for (int j = 0; j < T; j++) {
+            acc[j] = _mm512_setzero_si512();
+            m[j] = _mm512_setzero_ps();
+        }
+        for (int n = 0; n < 2; n++)
+            for (int sh = 0; sh < 4; sh++) {
+                const int s = 4 * n + sh;
+                const int64_t at = 256 * sb + 64 * (2 * (s / 4) + s % 2) + 32 * ((s % 4) / 2);   /* Q4_K order */
+                __m512i I[4][2];
+                for (int j = 0; j < T; j++)
+                    I[j][0] = I[j][1] = _mm512_setzero_si512();
+                for (int i = 0; i < 8; i++) {
+                    const __m512i v = _mm512_loadu_si512(qs + 64 * (8 * n + i));
+                    /* Q2_K's 2 bits in place (4^sh times their value; the sums are divided after) */
+                    __m512i u = q3 ? _mm512_and_si512(sh ? _mm512_srli_epi32(v, 2 * sh) : v, three)
+                                   : _mm512_and_si512(v, _mm512_set1_epi8((char)(3 << 2 * sh)));
+                    if (q3) {
+                        const __m512i hm = _mm512_loadu_si512(hmask + 64 * i);
+                        const __m512i bit = s < 2 ? _mm512_slli_epi32(hm, 2 - s) : _mm512_srli_epi32(hm, s - 2);
+                        u = _mm512_ternarylogic_epi32(u, bit, four, 0xF8);   /* u | (bit & four) */
+                    }
+                    for (int j = 0; j < T; j++)
+                        I[j][i / 4] = _mm512_dpbusd_epi32(I[j][i / 4], u, zd_x4_512(q[j] + at + 4 * i));
+                }
+                if (!q3 && sh)
+                    for (int j = 0; j < T; j++)
+                        I[j][0] = _mm512_srai_epi32(I[j][0], 2 * sh), I[j][1] = _mm512_srai_epi32(I[j][1], 2 * sh);
+                for (int e = 0; e < 2; e++) {
+                    const int g = 2 * s + e;
+                    __m512i sc = zd_lane_byte_512(S[g / 4], g % 4);
+                    if (q3)
+                        sc = _mm512_sub_epi32(sc, _mm512_set1_epi32(32));
+                    const __m512 c = _mm512_cvtepi32_ps(q3 ? sc : zd_lane_byte_512(M[g / 4], g % 4));
+                    for (int j = 0; j < T; j++) {
+                        acc[j] = _mm512_add_epi32(acc[j], _mm512_mullo_epi32(I[j][e], sc));
+                        m[j] = _mm512_fmadd_ps(c, _mm512_set1_ps(xs[j][16 * sb + g]), m[j]);
+                    }
+                }
+            }
+        /* the offsets: dmin per min (Q2_K), 4 d per scale (Q3_K) */
+        const __m512 cw = q3 ? _mm512_mul_ps(d, _mm512_set1_ps(4.0f))
+                             : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(group + 32)));
+        for (int j = 0; j < T; j++) {
+            F[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[j]), _mm512_mul_ps(d, _mm512_set1_ps(xd[j][sb])), F[j]);
+            C[j] = _mm512_fmadd_ps(cw, m[j], C[j]);
+        }
+    }
+    for (int j = 0; j < T; j++)
+        zd_rows16_store(tile, j0 + j, _mm512_sub_ps(F[j], C[j]));
 }
 
 /* Q6_K's quant vector i of chunk c of half h (its super-block's quants at ql, top bits at qh):
@@ -459,6 +562,8 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_pass_512(const int type, const int T, con
         zd_x16_q4k_tokens_512(T, tile, j0);
     else if (type == ZD_Q6_K)
         zd_x16_q6k_tokens_512(T, tile, j0);
+    else if (type == ZD_Q2_K || type == ZD_Q3_K)
+        zd_x16_q23k_tokens_512(type, T, tile, j0);
     else
         zd_x16_tokens_512(type, T, tile, j0);
 }
@@ -587,6 +692,8 @@ ZD_X16_KERNELS(zd_x16_q4_1, ZD_Q4_1)
 ZD_X16_KERNELS(zd_x16_q8_0, ZD_Q8_0)
 ZD_X16_KERNELS(zd_x16_q4_k, ZD_Q4_K)
 ZD_X16_KERNELS(zd_x16_q6_k, ZD_Q6_K)
+ZD_X16_KERNELS(zd_x16_q2_k, ZD_Q2_K)
+ZD_X16_KERNELS(zd_x16_q3_k, ZD_Q3_K)
 
 /* The kernel for an interleaved type code on path `isa`, or NULL for a code no kernel reads. */
 #if ZD_X86
@@ -601,6 +708,8 @@ static zd_tile_fn zd_x16_kernel(int type, int isa) {
     case ZD_X16 | ZD_Q8_0: return ZD_X16_PICK(zd_x16_q8_0, isa);
     case ZD_X16 | ZD_Q4_K: return ZD_X16_PICK(zd_x16_q4_k, isa);
     case ZD_X16 | ZD_Q6_K: return ZD_X16_PICK(zd_x16_q6_k, isa);
+    case ZD_X16 | ZD_Q2_K: return ZD_X16_PICK(zd_x16_q2_k, isa);
+    case ZD_X16 | ZD_Q3_K: return ZD_X16_PICK(zd_x16_q3_k, isa);
     default: return 0;
     }
 }
