@@ -11,12 +11,14 @@
  *
  * Layout (type code ZD_X16 | the GGML type): groups of 16 rows (the last padded with zero rows),
  * each the size of 16 GGUF rows; in a group, per block, the 16 rows' blocks with their bytes
- * reordered (zd_x16_at): first the f16 fields each block starts with (d; for Q4_1 and Q4_K then
- * the min or dmin), 16 rows side by side per field; then the rest of the block as vectors of
- * 64 bytes, vector i holding bytes 4i .. 4i + 3 of rows 0..15 (4 bytes per row). Q4_0/Q4_1 have
- * 4 such vectors of quants, whose bytes' low nibbles are values 4i + j of the block and high
- * nibbles values 16 + 4i + j, as in GGUF; Q8_0 has 8, values 4i + j, stored + 128 (unsigned, for
- * dpbusd); Q4_K has 3 of packed 6-bit scales and mins, then 32 of quants (GGUF's order).
+ * reordered (zd_x16_at): first the f16 fields each block starts with (d; for Q4_1, Q5_1, Q4_K
+ * and Q5_K then the min or dmin), 16 rows side by side per field; then the rest of the block as
+ * vectors of 64 bytes, vector i holding bytes 4i .. 4i + 3 of rows 0..15 (4 bytes per row).
+ * Q4_0/Q4_1 have 4 such vectors of quants, whose bytes' low nibbles are values 4i + j of the
+ * block and high nibbles values 16 + 4i + j, as in GGUF; Q5_0/Q5_1 have the same 4 after one of
+ * qh (the fifth bits); Q8_0 has 8, values 4i + j, stored + 128 (unsigned, for dpbusd); Q4_K has
+ * 3 of packed 6-bit scales and mins, then 32 of quants (GGUF's order); Q5_K the same with 8 of
+ * qh between them.
  */
 #ifndef ZEPHYR_INTERLEAVE_H
 #define ZEPHYR_INTERLEAVE_H
@@ -46,15 +48,15 @@
 static inline int zd_x16_wanted(int type, int isa, int64_t k) {
     if (isa != ZD_ISA_AVX512)
         return 0;
-    if (type == ZD_Q4_0 || type == ZD_Q4_1)
+    if (type == ZD_Q4_0 || type == ZD_Q4_1 || type == ZD_Q5_0 || type == ZD_Q5_1)
         return 1;
-    return (type == ZD_Q4_K || type == ZD_Q8_0) && (k < ZD_X16_SHORT_ROW || zd_cpu_is_intel());
+    return (type == ZD_Q4_K || type == ZD_Q5_K || type == ZD_Q8_0) && (k < ZD_X16_SHORT_ROW || zd_cpu_is_intel());
 }
 
 /* Bytes of f16 fields a GGUF block of interleaved `type` starts with (d, then any min). */
 static inline int zd_x16_head(int type) {
     const int base = zd_x16_base(type);
-    return base == ZD_Q4_1 || base == ZD_Q4_K ? 4 : 2;
+    return base == ZD_Q4_1 || base == ZD_Q5_1 || base == ZD_Q4_K || base == ZD_Q5_K ? 4 : 2;
 }
 
 /* Where byte o of row r's block sits in its interleaved group of 16 blocks. */
@@ -152,8 +154,8 @@ static void zd_x16_block(int type, const uint8_t *group, int r, uint8_t *block) 
     }
 }
 
-/* The largest block an interleaved type has (Q4_K). */
-#define ZD_X16_MAX_BLOCK 144
+/* The largest block an interleaved type has (Q5_K). */
+#define ZD_X16_MAX_BLOCK 176
 
 /* Row `row` of an interleaved matrix, decoded to floats (embedding lookups, tests). */
 static void zd_x16_decode_row(int type, const uint8_t *w, int64_t row, int64_t k, float *out) {
@@ -174,7 +176,7 @@ static void zd_x16_decode_row(int type, const uint8_t *w, int64_t row, int64_t k
 static float zd_x16_block_dot_scalar(int base, const uint8_t *block, const zd_act *x, int64_t t, int64_t b) {
     const int8_t *q = x->q + t * x->q_stride;
     const float xd = x->d[t * x->d_stride + b], *xs = x->s32 + t * x->s_stride;
-    if (base == ZD_Q4_K) {
+    if (base == ZD_Q4_K || base == ZD_Q5_K) {
         uint8_t u[256];
         int sc[16];
         float corr[8];
@@ -218,12 +220,23 @@ ZD_INLINE void zd_x16_token_operands(const zd_tile *tile, const int T, int64_t j
     }
 }
 
+/* In each row's 4 bytes, byte b of the row's word at all 4 places (for a byte shuffle, which
+ * indexes within 128-bit lanes: 4 rows). */
+ZD_TARGET_AVX512 ZD_INLINE __m512i zd_row_byte_index_512(int b) {
+    return _mm512_add_epi32(_mm512_broadcast_i32x4(_mm_setr_epi32(0, 0x04040404, 0x08080808, 0x0c0c0c0c)),
+                            _mm512_set1_epi32(b * 0x01010101));
+}
+
 /* Legacy types, T tokens from j0: per block, each quant vector gives one slice of 16 rows
- * (Q8_0) or two (the low and high nibbles), one dpbusd per slice and token. */
+ * (Q8_0) or two (the low and high nibbles), one dpbusd per slice and token. Q5_0 and Q5_1 add
+ * 16 to each nibble whose fifth bit is set: quant vector i's byte j holds values 4i + j and
+ * 16 + 4i + j, whose bits in the row's qh word are bit 4 (i % 2) + j of its bytes i / 2 and
+ * 2 + i / 2; a shuffle copies that byte to the row's 4 bytes, a test picks byte j's bit. */
 ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tokens_512(const int type, const int T, const zd_tile *tile, int64_t j0) {
     const zd_act *x = tile->x;
     const int64_t nb = x->k / 32, bytes = 16 * zd_block_bytes(type);
-    const int head = zd_x16_head(type), quants = zd_x16_at(type, 0, head);
+    const int five = type == ZD_Q5_0 || type == ZD_Q5_1;
+    const int head = zd_x16_head(type), qh = zd_x16_at(type, 0, head), quants = qh + (five ? 64 : 0);
     const int mins = head == 4 ? zd_x16_at(type, 0, 2) : -1, nv = type == ZD_Q8_0 ? 8 : 4;
     const int8_t *q[4];
     const float *xd[4], *xs[4];
@@ -231,7 +244,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tokens_512(const int type, const int T, c
     __m512 F[4], C[4];
     for (int j = 0; j < T; j++)
         F[j] = C[j] = _mm512_setzero_ps();
-    const __m512i nibble = _mm512_set1_epi8(0x0f);
+    const __m512i nibble = _mm512_set1_epi8(0x0f), sixteen = _mm512_set1_epi8(16);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *group = tile->w + b * bytes;
         for (int64_t o = 0; o < bytes; o += 64)
@@ -242,13 +255,21 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tokens_512(const int type, const int T, c
         __m512i I[4];
         for (int j = 0; j < T; j++)
             I[j] = _mm512_setzero_si512();
+        const __m512i h = five ? _mm512_loadu_si512(group + qh) : _mm512_setzero_si512();
         for (int i = 0; i < nv; i++) {
             const __m512i v = _mm512_loadu_si512(group + quants + 64 * i);
             if (nv == 8) {
                 for (int j = 0; j < T; j++)
                     I[j] = _mm512_dpbusd_epi32(I[j], v, zd_x4_512(q[j] + 32 * b + 4 * i));
             } else {
-                const __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+                __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+                if (five) {
+                    const __m512i bits = _mm512_set1_epi32((int)(0x08040201u << 4 * (i % 2)));
+                    const __mmask64 hb_lo = _mm512_test_epi8_mask(_mm512_shuffle_epi8(h, zd_row_byte_index_512(i / 2)), bits);
+                    const __mmask64 hb_hi = _mm512_test_epi8_mask(_mm512_shuffle_epi8(h, zd_row_byte_index_512(2 + i / 2)), bits);
+                    lo = _mm512_mask_add_epi8(lo, hb_lo, lo, sixteen);
+                    hi = _mm512_mask_add_epi8(hi, hb_hi, hi, sixteen);
+                }
                 for (int j = 0; j < T; j++) {
                     I[j] = _mm512_dpbusd_epi32(I[j], lo, zd_x4_512(q[j] + 32 * b + 4 * i));
                     I[j] = _mm512_dpbusd_epi32(I[j], hi, zd_x4_512(q[j] + 32 * b + 16 + 4 * i));
@@ -270,17 +291,22 @@ ZD_TARGET_AVX512 ZD_INLINE __m512i zd_lane_byte_512(__m512i v, int s) {
     return _mm512_and_si512(_mm512_srli_epi32(v, 8 * s), _mm512_set1_epi32(0xff));
 }
 
-/* Q4_K, T tokens from j0. Per super-block the 16 rows' 6-bit scales and mins are unpacked to
- * bytes (as zd_k4_scales_mins, on 16 rows at once); each of the 32 quant vectors gives two
- * slices (sub-blocks 2c and 2c + 1 of chunk c = i / 8), one dpbusd each per token. The high
- * nibbles are used in place (16 times their value) and the sum divided by 16 after, which is
- * exact. A sub-block's sum times its integer scale joins the super-block's integer total, then
- * one float multiply-add by d * dx; the mins meet the activations' sums per 32 values (s32).
- * Activations come in Q4_K order (zd_act.kq_order): sub-block 2c's values start at
- * 128 (c / 2) + 32 (c % 2), sub-block 2c + 1's 64 later. */
-ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q4k_tokens_512(const int T, const zd_tile *tile, int64_t j0) {
+/* Q4_K and Q5_K, T tokens from j0. Per super-block the 16 rows' 6-bit scales and mins are
+ * unpacked to bytes (as zd_k4_scales_mins, on 16 rows at once); each of the 32 quant vectors
+ * gives two slices (sub-blocks 2c and 2c + 1 of chunk c = i / 8), one dpbusd each per token.
+ * Q4_K's high nibbles are used in place (16 times their value) and the sum divided by 16 after,
+ * which is exact; Q5_K's values (0..31) would not fit a byte that way, so its high nibbles are
+ * shifted down, and 16 added where the fifth bit is set: quant vector 8c + i lines up byte for
+ * byte with qh vector i (values 4i .. 4i + 3 of every sub-block), whose bits 2c and 2c + 1 are
+ * those of the two slices. A sub-block's sum times its integer scale joins the super-block's
+ * integer total, then one float multiply-add by d * dx; the mins meet the activations' sums
+ * per 32 values (s32). Activations come in Q4_K order (zd_act.kq_order): sub-block 2c's values
+ * start at 128 (c / 2) + 32 (c % 2), sub-block 2c + 1's 64 later. */
+ZD_TARGET_AVX512 ZD_INLINE void zd_x16_kq_tokens_512(const int type, const int T, const zd_tile *tile, int64_t j0) {
     const zd_act *x = tile->x;
-    const int64_t nsb = x->k / 256, bytes = 16 * sizeof(zd_block_q4_k);
+    const int five = type == ZD_Q5_K;
+    const int64_t nsb = x->k / 256, bytes = 16 * zd_block_bytes(type);
+    const int qh = 256, quants = five ? qh + 8 * 64 : 256;   /* after d, dmin and 3 vectors of scales */
     const int8_t *q[4];
     const float *xd[4], *xs[4];
     zd_x16_token_operands(tile, T, j0, q, xd, xs);
@@ -288,7 +314,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q4k_tokens_512(const int T, const zd_tile
     for (int j = 0; j < T; j++)
         F[j] = C[j] = _mm512_setzero_ps();
     const __m512i low = _mm512_set1_epi8(0x0f), high = _mm512_set1_epi8((char)0xf0);
-    const __m512i six = _mm512_set1_epi8(0x3f), top = _mm512_set1_epi8(0x30);
+    const __m512i six = _mm512_set1_epi8(0x3f), top = _mm512_set1_epi8(0x30), sixteen = _mm512_set1_epi8(16);
     for (int64_t sb = 0; sb < nsb; sb++) {
         const uint8_t *group = tile->w + sb * bytes;
         for (int64_t o = 0; o < bytes; o += 64)
@@ -320,8 +346,14 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q4k_tokens_512(const int T, const zd_tile
                 I[j] = H[j] = _mm512_setzero_si512();
             const int64_t at = 256 * sb + 128 * (ch / 2) + 32 * (ch % 2);
             for (int i = 0; i < 8; i++) {
-                const __m512i v = _mm512_loadu_si512(group + 256 + 64 * (8 * ch + i));
-                const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(v, high);
+                const __m512i v = _mm512_loadu_si512(group + quants + 64 * (8 * ch + i));
+                __m512i lo = _mm512_and_si512(v, low);
+                __m512i hi = five ? _mm512_and_si512(_mm512_srli_epi16(v, 4), low) : _mm512_and_si512(v, high);
+                if (five) {
+                    const __m512i h = _mm512_loadu_si512(group + qh + 64 * i);
+                    lo = _mm512_mask_add_epi8(lo, _mm512_test_epi8_mask(h, _mm512_set1_epi8((char)(1 << 2 * ch))), lo, sixteen);
+                    hi = _mm512_mask_add_epi8(hi, _mm512_test_epi8_mask(h, _mm512_set1_epi8((char)(2 << 2 * ch))), hi, sixteen);
+                }
                 for (int j = 0; j < T; j++) {
                     I[j] = _mm512_dpbusd_epi32(I[j], lo, zd_x4_512(q[j] + at + 4 * i));
                     H[j] = _mm512_dpbusd_epi32(H[j], hi, zd_x4_512(q[j] + at + 64 + 4 * i));
@@ -330,7 +362,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q4k_tokens_512(const int T, const zd_tile
             const __m512i s_lo = zd_lane_byte_512(sc[ch / 2], 2 * (ch % 2)), s_hi = zd_lane_byte_512(sc[ch / 2], 2 * (ch % 2) + 1);
             for (int j = 0; j < T; j++)
                 acc[j] = _mm512_add_epi32(_mm512_add_epi32(acc[j], _mm512_mullo_epi32(I[j], s_lo)),
-                                          _mm512_mullo_epi32(_mm512_srai_epi32(H[j], 4), s_hi));
+                                          _mm512_mullo_epi32(five ? H[j] : _mm512_srai_epi32(H[j], 4), s_hi));
         }
         for (int j = 0; j < T; j++) {
             F[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[j]), _mm512_mul_ps(d, _mm512_set1_ps(xd[j][sb])), F[j]);
@@ -343,8 +375,8 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q4k_tokens_512(const int T, const zd_tile
 
 /* One pass over the tile's weights for T tokens from j0. */
 ZD_TARGET_AVX512 ZD_INLINE void zd_x16_pass_512(const int type, const int T, const zd_tile *tile, int64_t j0) {
-    if (type == ZD_Q4_K)
-        zd_x16_q4k_tokens_512(T, tile, j0);
+    if (type == ZD_Q4_K || type == ZD_Q5_K)
+        zd_x16_kq_tokens_512(type, T, tile, j0);
     else
         zd_x16_tokens_512(type, T, tile, j0);
 }
@@ -373,8 +405,11 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tile_512(const int type, const zd_tile *t
 #endif
 ZD_X16_KERNELS(zd_x16_q4_0, ZD_Q4_0)
 ZD_X16_KERNELS(zd_x16_q4_1, ZD_Q4_1)
+ZD_X16_KERNELS(zd_x16_q5_0, ZD_Q5_0)
+ZD_X16_KERNELS(zd_x16_q5_1, ZD_Q5_1)
 ZD_X16_KERNELS(zd_x16_q8_0, ZD_Q8_0)
 ZD_X16_KERNELS(zd_x16_q4_k, ZD_Q4_K)
+ZD_X16_KERNELS(zd_x16_q5_k, ZD_Q5_K)
 
 /* The kernel for an interleaved type code on path `isa`, or NULL for a code no kernel reads. */
 #if ZD_X86
@@ -386,8 +421,11 @@ static zd_tile_fn zd_x16_kernel(int type, int isa) {
     switch (type) {
     case ZD_X16 | ZD_Q4_0: return ZD_X16_PICK(zd_x16_q4_0, isa);
     case ZD_X16 | ZD_Q4_1: return ZD_X16_PICK(zd_x16_q4_1, isa);
+    case ZD_X16 | ZD_Q5_0: return ZD_X16_PICK(zd_x16_q5_0, isa);
+    case ZD_X16 | ZD_Q5_1: return ZD_X16_PICK(zd_x16_q5_1, isa);
     case ZD_X16 | ZD_Q8_0: return ZD_X16_PICK(zd_x16_q8_0, isa);
     case ZD_X16 | ZD_Q4_K: return ZD_X16_PICK(zd_x16_q4_k, isa);
+    case ZD_X16 | ZD_Q5_K: return ZD_X16_PICK(zd_x16_q5_k, isa);
     default: return 0;
     }
 }
