@@ -34,14 +34,17 @@
 #define ZD_X16_ROWS 16
 
 /* Rows shorter than this gain from interleaving in every type; longer ones only where the
- * row-major kernel cannot keep pace with the memory: Q4_0 and Q4_1 (a scale, and a min, per 32
- * values; 7B Q4_0 decode +10-30 % here), and Q4_K and Q8_0 on Intel cores. On this project's
- * AMD Zen 4 machine a 7B model's Q8_0 and Q4_K rows stream at memory speed already (Q4_K A/B:
- * decode 6.05 tok/s interleaved, 6.06-6.46 not), and copying 4-7 GB costs 8-20 s of load in its
- * VM. On its Intel Xeon (Emerald Rapids) the row-major kernels are compute-bound: interleaved,
- * in alternating runs, 7B Q4_K_M decode went from 3.5-3.7 to 4.4-5.0 tok/s and four sequences
- * at once from 10.4-11.8 to 13.4-13.8, load from 0.25 to 2.0 s; 7B Q8_0 decode from 2.3-3.3 to
- * 3.4-3.6, four sequences from 6.4-8.5 to 11.7-12.1, load from 0.2 to 3.4-4.2 s. */
+ * row-major kernel cannot keep pace with the memory: Q4_0, Q4_1, Q5_0 and Q5_1 (a scale, and a
+ * min, per 32 values; 7B Q4_0 decode +10-30 % here), and Q4_K, Q5_K and Q8_0 on Intel cores. On
+ * this project's AMD Zen 4 machine a 7B model's Q8_0 and Q4_K rows stream at memory speed
+ * already (Q4_K A/B: decode 6.05 tok/s interleaved, 6.06-6.46 not), and copying 4-7 GB costs
+ * 8-20 s of load in its VM; Q5_K, not measured there, follows Q4_K. On its Intel Xeon (Emerald
+ * Rapids) the row-major kernels are compute-bound: interleaved, in alternating runs, 7B Q4_K_M
+ * decode went from 3.5-3.7 to 4.4-5.0 tok/s and four sequences at once from 10.4-11.8 to
+ * 13.4-13.8, load from 0.25 to 2.0 s; 7B Q8_0 decode from 2.3-3.3 to 3.4-3.6, four sequences
+ * from 6.4-8.5 to 11.7-12.1, load from 0.2 to 3.4-4.2 s. There one token's matmul from L2 (its
+ * memory reads ~8 GB/s on one core) went from 5-7 to 24-39 GB/s on one thread for Q5_0 and Q5_1,
+ * and from 16-17 to 21-34 GB/s (two threads: 36-38 to 40-55) for Q5_K. */
 #define ZD_X16_SHORT_ROW 2048
 
 /* Whether an m x k matrix of `type` is interleaved at load for path `isa`. */
@@ -291,6 +294,16 @@ ZD_TARGET_AVX512 ZD_INLINE __m512i zd_lane_byte_512(__m512i v, int s) {
     return _mm512_and_si512(_mm512_srli_epi32(v, 8 * s), _mm512_set1_epi32(0xff));
 }
 
+/* Q5_K's two slices of quant vector 8 ch + i of the super-block at `group`, as bytes 0..31 (see
+ * zd_x16_kq_tokens_512). */
+ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q5k_slices_512(const uint8_t *group, int ch, int i, __m512i *lo, __m512i *hi) {
+    const __m512i low = _mm512_set1_epi8(0x0f), sixteen = _mm512_set1_epi8(16);
+    const __m512i v = _mm512_loadu_si512(group + 768 + 64 * (8 * ch + i)), h = _mm512_loadu_si512(group + 256 + 64 * i);
+    const __m512i l = _mm512_and_si512(v, low), u = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    *lo = _mm512_mask_add_epi8(l, _mm512_test_epi8_mask(h, _mm512_set1_epi8((char)(1 << 2 * ch))), l, sixteen);
+    *hi = _mm512_mask_add_epi8(u, _mm512_test_epi8_mask(h, _mm512_set1_epi8((char)(2 << 2 * ch))), u, sixteen);
+}
+
 /* Q4_K and Q5_K, T tokens from j0. Per super-block the 16 rows' 6-bit scales and mins are
  * unpacked to bytes (as zd_k4_scales_mins, on 16 rows at once); each of the 32 quant vectors
  * gives two slices (sub-blocks 2c and 2c + 1 of chunk c = i / 8), one dpbusd each per token.
@@ -301,12 +314,15 @@ ZD_TARGET_AVX512 ZD_INLINE __m512i zd_lane_byte_512(__m512i v, int s) {
  * those of the two slices. A sub-block's sum times its integer scale joins the super-block's
  * integer total, then one float multiply-add by d * dx; the mins meet the activations' sums
  * per 32 values (s32). Activations come in Q4_K order (zd_act.kq_order): sub-block 2c's values
- * start at 128 (c / 2) + 32 (c % 2), sub-block 2c + 1's 64 later. */
-ZD_TARGET_AVX512 ZD_INLINE void zd_x16_kq_tokens_512(const int type, const int T, const zd_tile *tile, int64_t j0) {
+ * start at 128 (c / 2) + 32 (c % 2), sub-block 2c + 1's 64 later. Q5_K's slices can be kept in
+ * the tile's scratch for the passes after (`slices`: ZD_X16_KEEP, ZD_X16_REUSE). */
+enum { ZD_X16_EXTRACT = 0, ZD_X16_KEEP = 1, ZD_X16_REUSE = 2 };
+ZD_TARGET_AVX512 ZD_INLINE void zd_x16_kq_tokens_512(const int type, const int T, const int slices, const zd_tile *tile,
+                                                     int64_t j0) {
     const zd_act *x = tile->x;
     const int five = type == ZD_Q5_K;
     const int64_t nsb = x->k / 256, bytes = 16 * zd_block_bytes(type);
-    const int qh = 256, quants = five ? qh + 8 * 64 : 256;   /* after d, dmin and 3 vectors of scales */
+    uint8_t *kept = (uint8_t *)tile->cbuf;   /* 128 bytes per quant vector: the panel's room */
     const int8_t *q[4];
     const float *xd[4], *xs[4];
     zd_x16_token_operands(tile, T, j0, q, xd, xs);
@@ -314,7 +330,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_kq_tokens_512(const int type, const int T
     for (int j = 0; j < T; j++)
         F[j] = C[j] = _mm512_setzero_ps();
     const __m512i low = _mm512_set1_epi8(0x0f), high = _mm512_set1_epi8((char)0xf0);
-    const __m512i six = _mm512_set1_epi8(0x3f), top = _mm512_set1_epi8(0x30), sixteen = _mm512_set1_epi8(16);
+    const __m512i six = _mm512_set1_epi8(0x3f), top = _mm512_set1_epi8(0x30);
     for (int64_t sb = 0; sb < nsb; sb++) {
         const uint8_t *group = tile->w + sb * bytes;
         for (int64_t o = 0; o < bytes; o += 64)
@@ -346,13 +362,21 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_kq_tokens_512(const int type, const int T
                 I[j] = H[j] = _mm512_setzero_si512();
             const int64_t at = 256 * sb + 128 * (ch / 2) + 32 * (ch % 2);
             for (int i = 0; i < 8; i++) {
-                const __m512i v = _mm512_loadu_si512(group + quants + 64 * (8 * ch + i));
-                __m512i lo = _mm512_and_si512(v, low);
-                __m512i hi = five ? _mm512_and_si512(_mm512_srli_epi16(v, 4), low) : _mm512_and_si512(v, high);
-                if (five) {
-                    const __m512i h = _mm512_loadu_si512(group + qh + 64 * i);
-                    lo = _mm512_mask_add_epi8(lo, _mm512_test_epi8_mask(h, _mm512_set1_epi8((char)(1 << 2 * ch))), lo, sixteen);
-                    hi = _mm512_mask_add_epi8(hi, _mm512_test_epi8_mask(h, _mm512_set1_epi8((char)(2 << 2 * ch))), hi, sixteen);
+                __m512i lo, hi;
+                uint8_t *slot = kept + 128 * (32 * sb + 8 * ch + i);
+                if (slices == ZD_X16_REUSE) {
+                    lo = _mm512_loadu_si512(slot);
+                    hi = _mm512_loadu_si512(slot + 64);
+                } else if (five) {
+                    zd_x16_q5k_slices_512(group, ch, i, &lo, &hi);
+                    if (slices == ZD_X16_KEEP) {
+                        _mm512_storeu_si512(slot, lo);
+                        _mm512_storeu_si512(slot + 64, hi);
+                    }
+                } else {
+                    const __m512i v = _mm512_loadu_si512(group + 256 + 64 * (8 * ch + i));
+                    lo = _mm512_and_si512(v, low);
+                    hi = _mm512_and_si512(v, high);
                 }
                 for (int j = 0; j < T; j++) {
                     I[j] = _mm512_dpbusd_epi32(I[j], lo, zd_x4_512(q[j] + at + 4 * i));
@@ -374,22 +398,35 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_kq_tokens_512(const int type, const int T
 }
 
 /* One pass over the tile's weights for T tokens from j0. */
-ZD_TARGET_AVX512 ZD_INLINE void zd_x16_pass_512(const int type, const int T, const zd_tile *tile, int64_t j0) {
+ZD_TARGET_AVX512 ZD_INLINE void zd_x16_pass_512(const int type, const int T, const int slices, const zd_tile *tile,
+                                                int64_t j0) {
     if (type == ZD_Q4_K || type == ZD_Q5_K)
-        zd_x16_kq_tokens_512(type, T, tile, j0);
+        zd_x16_kq_tokens_512(type, T, slices, tile, j0);
     else
         zd_x16_tokens_512(type, T, tile, j0);
 }
 
-/* Tokens 4 at a time, then the 1-3 left in one pass (each pass unpacks the weights once). */
-ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tile_512(const int type, const zd_tile *tile) {
-    for (int64_t j = 0; j < tile->nt; j += 4) {
+/* Tokens 4 at a time from j, then the 1-3 left in one pass (each pass unpacks the weights once). */
+ZD_TARGET_AVX512 ZD_INLINE void zd_x16_passes_512(const int type, const int slices, const zd_tile *tile, int64_t j) {
+    for (; j < tile->nt; j += 4) {
         switch (zd_min64(4, tile->nt - j)) {   /* constant token counts, so each pass is unrolled */
-        case 4: zd_x16_pass_512(type, 4, tile, j); break;
-        case 3: zd_x16_pass_512(type, 3, tile, j); break;
-        case 2: zd_x16_pass_512(type, 2, tile, j); break;
-        default: zd_x16_pass_512(type, 1, tile, j);
+        case 4: zd_x16_pass_512(type, 4, slices, tile, j); break;
+        case 3: zd_x16_pass_512(type, 3, slices, tile, j); break;
+        case 2: zd_x16_pass_512(type, 2, slices, tile, j); break;
+        default: zd_x16_pass_512(type, 1, slices, tile, j);
         }
+    }
+}
+
+/* A tile of 16 rows, every token. Q5_K tiles of more than 4 tokens keep the first pass's slices
+ * for the others, which would each take the fifth bits apart again (64 tokens: 0.7x the panel
+ * kernel's speed that way). */
+ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tile_512(const int type, const zd_tile *tile) {
+    if (type == ZD_Q5_K && tile->nt > 4) {
+        zd_x16_pass_512(type, 4, ZD_X16_KEEP, tile, 0);
+        zd_x16_passes_512(type, ZD_X16_REUSE, tile, 4);
+    } else {
+        zd_x16_passes_512(type, ZD_X16_EXTRACT, tile, 0);
     }
 }
 #endif
