@@ -268,10 +268,10 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tokens_512(const int type, const int T, c
                 __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
                 if (five) {
                     const __m512i bits = _mm512_set1_epi32((int)(0x08040201u << 4 * (i % 2)));
-                    const __mmask64 hb_lo = _mm512_test_epi8_mask(_mm512_shuffle_epi8(h, zd_row_byte_index_512(i / 2)), bits);
-                    const __mmask64 hb_hi = _mm512_test_epi8_mask(_mm512_shuffle_epi8(h, zd_row_byte_index_512(2 + i / 2)), bits);
-                    lo = _mm512_mask_add_epi8(lo, hb_lo, lo, sixteen);
-                    hi = _mm512_mask_add_epi8(hi, hb_hi, hi, sixteen);
+                    const __m512i h_lo = _mm512_shuffle_epi8(h, zd_row_byte_index_512(i / 2));
+                    const __m512i h_hi = _mm512_shuffle_epi8(h, zd_row_byte_index_512(2 + i / 2));
+                    lo = _mm512_mask_add_epi8(lo, _mm512_test_epi8_mask(h_lo, bits), lo, sixteen);
+                    hi = _mm512_mask_add_epi8(hi, _mm512_test_epi8_mask(h_hi, bits), hi, sixteen);
                 }
                 for (int j = 0; j < T; j++) {
                     I[j] = _mm512_dpbusd_epi32(I[j], lo, zd_x4_512(q[j] + 32 * b + 4 * i));
@@ -312,9 +312,9 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q5k_slices_512(const uint8_t *group, int 
  * shifted down, and 16 added where the fifth bit is set: quant vector 8c + i lines up byte for
  * byte with qh vector i (values 4i .. 4i + 3 of every sub-block), whose bits 2c and 2c + 1 are
  * those of the two slices. A sub-block's sum times its scale joins the super-block's total in
- * floats (each product exact: < 2^24; one multiply-add where an integer multiply, vpmulld, is two uops and
- * an add: 64-token prefill ~5 % faster, decode the same), then one multiply-add by d * dx; the
- * mins meet the activations' sums per 32 values (s32). Activations come in Q4_K order
+ * floats (each product exact, < 2^24; one multiply-add where an integer multiply, vpmulld, is
+ * two uops and an add: 64-token prefill ~5 % faster, decode the same), then one multiply-add by
+ * d * dx; the mins meet the activations' sums per 32 values (s32). Activations come in Q4_K order
  * (zd_act.kq_order): sub-block 2c's values start at 128 (c / 2) + 32 (c % 2), sub-block 2c + 1's
  * 64 later. Q5_K's slices can be kept in the tile's scratch for the passes after (`slices`:
  * ZD_X16_KEEP, ZD_X16_REUSE). */
@@ -388,8 +388,10 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_kq_tokens_512(const int type, const int T
             const __m512 s_lo = _mm512_cvtepi32_ps(zd_lane_byte_512(sc[ch / 2], 2 * (ch % 2)));
             const __m512 s_hi = _mm512_mul_ps(_mm512_cvtepi32_ps(zd_lane_byte_512(sc[ch / 2], 2 * (ch % 2) + 1)),
                                               _mm512_set1_ps(five ? 1.0f : 1.0f / 16));
-            for (int j = 0; j < T; j++)
-                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(I[j]), s_lo, _mm512_fmadd_ps(_mm512_cvtepi32_ps(H[j]), s_hi, acc[j]));
+            for (int j = 0; j < T; j++) {
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(H[j]), s_hi, acc[j]);
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(I[j]), s_lo, acc[j]);
+            }
         }
         for (int j = 0; j < T; j++) {
             F[j] = _mm512_fmadd_ps(acc[j], _mm512_mul_ps(d, _mm512_set1_ps(xd[j][sb])), F[j]);
