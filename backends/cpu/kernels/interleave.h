@@ -42,9 +42,10 @@
  * Rapids) the row-major kernels are compute-bound: interleaved, in alternating runs, 7B Q4_K_M
  * decode went from 3.5-3.7 to 4.4-5.0 tok/s and four sequences at once from 10.4-11.8 to
  * 13.4-13.8, load from 0.25 to 2.0 s; 7B Q8_0 decode from 2.3-3.3 to 3.4-3.6, four sequences
- * from 6.4-8.5 to 11.7-12.1, load from 0.2 to 3.4-4.2 s. There one token's matmul from L2 (its
- * memory reads ~8 GB/s on one core) went from 5-7 to 24-39 GB/s on one thread for Q5_0 and Q5_1,
- * and from 16-17 to 21-34 GB/s (two threads: 36-38 to 40-55) for Q5_K. */
+ * from 6.4-8.5 to 11.7-12.1, load from 0.2 to 3.4-4.2 s. There one token's matmul from L2 (the
+ * memory reads 8-9 GB/s on one core, 15-20 on two), row-major against interleaved in the same
+ * runs: Q5_0 and Q5_1 5-14 against 27-45 GB/s on one thread, 14-26 against 51-80 on two; Q5_K
+ * 15-22 against 23-37, 30-43 against 42-62. */
 #define ZD_X16_SHORT_ROW 2048
 
 /* Whether an m x k matrix of `type` is interleaved at load for path `isa`. */
@@ -295,7 +296,8 @@ ZD_TARGET_AVX512 ZD_INLINE __m512i zd_lane_byte_512(__m512i v, int s) {
 }
 
 /* Q5_K's two slices of quant vector 8 ch + i of the super-block at `group`, as bytes 0..31 (see
- * zd_x16_kq_tokens_512). */
+ * zd_x16_kq_tokens_512). After d, dmin and 3 vectors of scales, a group holds 8 vectors of qh
+ * (from byte 256), then 32 of quants (from 768). */
 ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q5k_slices_512(const uint8_t *group, int ch, int i, __m512i *lo, __m512i *hi) {
     const __m512i low = _mm512_set1_epi8(0x0f), sixteen = _mm512_set1_epi8(16);
     const __m512i v = _mm512_loadu_si512(group + 768 + 64 * (8 * ch + i)), h = _mm512_loadu_si512(group + 256 + 64 * i);
