@@ -1,5 +1,5 @@
-"""Weights the CPU backend interleaves at load (kernels/interleave.h: Q4_0, Q4_1, and Q8_0, Q4_K and
-Q6_K with short rows or on Intel CPUs, on the AVX-512 path).
+"""Weights the CPU backend interleaves at load (kernels/interleave.h: Q4_0, Q4_1, Q5_0, Q5_1, and
+Q8_0 and the k-quants with short rows or on Intel CPUs, on the AVX-512 path).
 
 The interleaved kernels are checked against the reference backend on awkward shapes (a partial
 group of 16 rows, one block, an odd number of blocks, token counts with remainders), on every
@@ -24,20 +24,20 @@ needs_avx512 = pytest.mark.skipif("avx512" not in _ops.available_isas(), reason=
 TOLERANCE = 1e-5   # as test_cpu_kernels: |got - want| / sum |w * x|
 
 
-K_QUANTS = [GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q6_K]
-TYPES = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0] + K_QUANTS
+TYPES = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
+         GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K]
 
 
 def shapes(type):
     """(rows, cols): one row, a partial group, a whole group, several groups with a partial one;
     one block per row, an odd number of blocks, several."""
-    block = 256 if type in K_QUANTS else 32
+    block = quants.TYPE_INFO[type].block_size
     return [(1, block), (15, 7 * block), (16, 2 * block), (37, 5 * block)]
 
 
 def activation_rounding(type, x):
     """x as the kernels see it: rounded to the 8-bit activation format of `type`'s kernels."""
-    if type in K_QUANTS:
+    if quants.TYPE_INFO[type].activation_type == GGMLType.Q8_K:
         return quants.dequantize(quants.quantize_q8_k(x), GGMLType.Q8_K, x.shape)
     return quants.dequantize(quants.quantize_q8_0(x), GGMLType.Q8_0, x.shape)
 
@@ -108,10 +108,11 @@ def cpu_is_intel() -> bool:
 def test_which_matrices_are_interleaved():
     _ops.set_isa("avx512")
     try:
-        assert _ops.interleaves(int(GGMLType.Q4_0), 14336) and _ops.interleaves(int(GGMLType.Q4_1), 4096)
-        assert _ops.interleaves(int(GGMLType.Q8_0), 576) and _ops.interleaves(int(GGMLType.Q4_K), 1536)
-        assert _ops.interleaves(int(GGMLType.Q6_K), 1536)
-        for type in (GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K):   # long rows: on Intel only
+        for type in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1):   # always
+            assert _ops.interleaves(int(type), 4096) and _ops.interleaves(int(type), 14336)
+        k_quants = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
+        for type in (GGMLType.Q8_0,) + k_quants:   # short rows always, long ones on Intel only
+            assert _ops.interleaves(int(type), 1536)
             assert _ops.interleaves(int(type), 4096) == cpu_is_intel()
         assert not _ops.interleaves(int(GGMLType.F16), 1536)
         _ops.set_isa("avx2")

@@ -11,14 +11,16 @@
  *
  * Layout (type code ZD_X16 | the GGML type): groups of 16 rows (the last padded with zero rows),
  * each the size of 16 GGUF rows; in a group, per block, the 16 rows' blocks with their bytes
- * reordered (zd_x16_at): first the block's f16 fields (d; for Q4_1 and Q4_K then the min or
- * dmin; Q6_K's d, last in its GGUF block, comes first here too), 16 rows side by side per
- * field; then the rest of the block as vectors of 64 bytes, vector i holding bytes 4i .. 4i + 3
- * of rows 0..15 (4 bytes per row). Q4_0/Q4_1 have 4 such vectors of quants, whose bytes' low
- * nibbles are values 4i + j of the block and high nibbles values 16 + 4i + j, as in GGUF; Q8_0
- * has 8, values 4i + j, stored + 128 (unsigned, for dpbusd); Q4_K has 3 of packed 6-bit scales
- * and mins, then 32 of quants (GGUF's order); Q6_K 32 of low nibbles, 16 of top bits, 4 of int8
- * scales (GGUF's order).
+ * reordered (zd_x16_at): first the block's f16 fields (d; for Q4_1, Q5_1, Q4_K and Q5_K then
+ * the min or dmin; Q2_K's d and dmin and Q3_K's and Q6_K's d, last in their GGUF blocks, come
+ * first here too), 16 rows side by side per field; then the rest of the block as vectors of 64
+ * bytes, vector i holding bytes 4i .. 4i + 3 of rows 0..15 (4 bytes per row). Q4_0/Q4_1 have 4
+ * such vectors of quants, whose bytes' low nibbles are values 4i + j of the block and high
+ * nibbles values 16 + 4i + j, as in GGUF; Q5_0/Q5_1 have the same 4 after one of qh (the fifth
+ * bits); Q8_0 has 8, values 4i + j, stored + 128 (unsigned, for dpbusd); Q4_K has 3 of packed
+ * 6-bit scales and mins, then 32 of quants (GGUF's order); Q5_K the same with 8 of qh between
+ * them; Q2_K, Q3_K and Q6_K their GGUF fields in GGUF's order (Q6_K: 32 of low nibbles, 16 of
+ * top bits, 4 of int8 scales).
  */
 #ifndef ZEPHYR_INTERLEAVE_H
 #define ZEPHYR_INTERLEAVE_H
@@ -35,30 +37,34 @@
 #define ZD_X16_ROWS 16
 
 /* Rows shorter than this gain from interleaving in every type; longer ones only where the
- * row-major kernel cannot keep pace with the memory: Q4_0 and Q4_1 (a scale, and a min, per 32
- * values; 7B Q4_0 decode +10-30 % here), and Q4_K and Q8_0 on Intel cores. On this project's
- * AMD Zen 4 machine a 7B model's Q8_0 and Q4_K rows stream at memory speed already (Q4_K A/B:
- * decode 6.05 tok/s interleaved, 6.06-6.46 not), and copying 4-7 GB costs 8-20 s of load in its
- * VM. On its Intel Xeon (Emerald Rapids) the row-major kernels are compute-bound: interleaved,
- * in alternating runs, 7B Q4_K_M decode went from 3.5-3.7 to 4.4-5.0 tok/s and four sequences
- * at once from 10.4-11.8 to 13.4-13.8, load from 0.25 to 2.0 s; 7B Q8_0 decode from 2.3-3.3 to
- * 3.4-3.6, four sequences from 6.4-8.5 to 11.7-12.1, load from 0.2 to 3.4-4.2 s. */
+ * row-major kernel cannot keep pace with the memory: Q4_0, Q4_1, Q5_0 and Q5_1 (a scale, and a
+ * min, per 32 values; 7B Q4_0 decode +10-30 % here), and Q4_K, Q5_K and Q8_0 on Intel cores. On
+ * this project's AMD Zen 4 machine a 7B model's Q8_0 and Q4_K rows stream at memory speed
+ * already (Q4_K A/B: decode 6.05 tok/s interleaved, 6.06-6.46 not), and copying 4-7 GB costs
+ * 8-20 s of load in its VM; Q5_K, not measured there, follows Q4_K. On its Intel Xeon (Emerald
+ * Rapids) the row-major kernels are compute-bound: interleaved, in alternating runs, 7B Q4_K_M
+ * decode went from 3.5-3.7 to 4.4-5.0 tok/s and four sequences at once from 10.4-11.8 to
+ * 13.4-13.8, load from 0.25 to 2.0 s; 7B Q8_0 decode from 2.3-3.3 to 3.4-3.6, four sequences
+ * from 6.4-8.5 to 11.7-12.1, load from 0.2 to 3.4-4.2 s. There one token's matmul from L2 (the
+ * memory reads 8-9 GB/s on one core, 15-20 on two), row-major against interleaved in the same
+ * runs: Q5_0 and Q5_1 5-14 against 27-45 GB/s on one thread, 14-26 against 51-80 on two; Q5_K
+ * 15-22 against 23-37, 30-43 against 42-62. */
 #define ZD_X16_SHORT_ROW 2048
 
 /* Whether an m x k matrix of `type` is interleaved at load for path `isa`. */
 static inline int zd_x16_wanted(int type, int isa, int64_t k) {
     if (isa != ZD_ISA_AVX512)
         return 0;
-    if (type == ZD_Q4_0 || type == ZD_Q4_1)
+    if (type == ZD_Q4_0 || type == ZD_Q4_1 || type == ZD_Q5_0 || type == ZD_Q5_1)
         return 1;
-    return (type == ZD_Q2_K || type == ZD_Q3_K || type == ZD_Q4_K || type == ZD_Q6_K || type == ZD_Q8_0)
-           && (k < ZD_X16_SHORT_ROW || zd_cpu_is_intel());
+    return (type == ZD_Q2_K || type == ZD_Q3_K || type == ZD_Q4_K || type == ZD_Q5_K || type == ZD_Q6_K
+            || type == ZD_Q8_0) && (k < ZD_X16_SHORT_ROW || zd_cpu_is_intel());
 }
 
 /* Bytes of f16 fields in a GGUF block of interleaved `type` (d, then any min). */
 static inline int zd_x16_head(int type) {
     const int base = zd_x16_base(type);
-    return base == ZD_Q4_1 || base == ZD_Q4_K || base == ZD_Q2_K ? 4 : 2;
+    return base == ZD_Q4_1 || base == ZD_Q5_1 || base == ZD_Q4_K || base == ZD_Q5_K || base == ZD_Q2_K ? 4 : 2;
 }
 
 /* Where in the GGUF block the f16 fields sit: first, or last (Q2_K, Q3_K and Q6_K keep them
@@ -245,12 +251,23 @@ ZD_INLINE void zd_x16_token_operands(const zd_tile *tile, const int T, int64_t j
     }
 }
 
+/* In each row's 4 bytes, byte b of the row's word at all 4 places (for a byte shuffle, which
+ * indexes within 128-bit lanes: 4 rows). */
+ZD_TARGET_AVX512 ZD_INLINE __m512i zd_row_byte_index_512(int b) {
+    return _mm512_add_epi32(_mm512_broadcast_i32x4(_mm_setr_epi32(0, 0x04040404, 0x08080808, 0x0c0c0c0c)),
+                            _mm512_set1_epi32(b * 0x01010101));
+}
+
 /* Legacy types, T tokens from j0: per block, each quant vector gives one slice of 16 rows
- * (Q8_0) or two (the low and high nibbles), one dpbusd per slice and token. */
+ * (Q8_0) or two (the low and high nibbles), one dpbusd per slice and token. Q5_0 and Q5_1 add
+ * 16 to each nibble whose fifth bit is set: quant vector i's byte j holds values 4i + j and
+ * 16 + 4i + j, whose bits in the row's qh word are bit 4 (i % 2) + j of its bytes i / 2 and
+ * 2 + i / 2; a shuffle copies that byte to the row's 4 bytes, a test picks byte j's bit. */
 ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tokens_512(const int type, const int T, const zd_tile *tile, int64_t j0) {
     const zd_act *x = tile->x;
     const int64_t nb = x->k / 32, bytes = 16 * zd_block_bytes(type);
-    const int head = zd_x16_head(type), quants = zd_x16_at(type, 0, head);
+    const int five = type == ZD_Q5_0 || type == ZD_Q5_1;
+    const int head = zd_x16_head(type), qh = zd_x16_at(type, 0, head), quants = qh + (five ? 64 : 0);
     const int mins = head == 4 ? zd_x16_at(type, 0, 2) : -1, nv = type == ZD_Q8_0 ? 8 : 4;
     const int8_t *q[4];
     const float *xd[4], *xs[4];
@@ -258,7 +275,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tokens_512(const int type, const int T, c
     __m512 F[4], C[4];
     for (int j = 0; j < T; j++)
         F[j] = C[j] = _mm512_setzero_ps();
-    const __m512i nibble = _mm512_set1_epi8(0x0f);
+    const __m512i nibble = _mm512_set1_epi8(0x0f), sixteen = _mm512_set1_epi8(16);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *group = tile->w + b * bytes;
         for (int64_t o = 0; o < bytes; o += 64)
@@ -269,13 +286,21 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tokens_512(const int type, const int T, c
         __m512i I[4];
         for (int j = 0; j < T; j++)
             I[j] = _mm512_setzero_si512();
+        const __m512i h = five ? _mm512_loadu_si512(group + qh) : _mm512_setzero_si512();
         for (int i = 0; i < nv; i++) {
             const __m512i v = _mm512_loadu_si512(group + quants + 64 * i);
             if (nv == 8) {
                 for (int j = 0; j < T; j++)
                     I[j] = _mm512_dpbusd_epi32(I[j], v, zd_x4_512(q[j] + 32 * b + 4 * i));
             } else {
-                const __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+                __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+                if (five) {
+                    const __m512i bits = _mm512_set1_epi32((int)(0x08040201u << 4 * (i % 2)));
+                    const __m512i h_lo = _mm512_shuffle_epi8(h, zd_row_byte_index_512(i / 2));
+                    const __m512i h_hi = _mm512_shuffle_epi8(h, zd_row_byte_index_512(2 + i / 2));
+                    lo = _mm512_mask_add_epi8(lo, _mm512_test_epi8_mask(h_lo, bits), lo, sixteen);
+                    hi = _mm512_mask_add_epi8(hi, _mm512_test_epi8_mask(h_hi, bits), hi, sixteen);
+                }
                 for (int j = 0; j < T; j++) {
                     I[j] = _mm512_dpbusd_epi32(I[j], lo, zd_x4_512(q[j] + 32 * b + 4 * i));
                     I[j] = _mm512_dpbusd_epi32(I[j], hi, zd_x4_512(q[j] + 32 * b + 16 + 4 * i));
@@ -311,17 +336,38 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q4k_scales_512(const uint8_t *group, __m5
     mn[1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(c, 4), low), _mm512_and_si512(_mm512_srli_epi32(b, 2), top));
 }
 
-/* Q4_K, T tokens from j0. Per super-block the 16 rows' 6-bit scales and mins are unpacked to
- * bytes (as zd_k4_scales_mins, on 16 rows at once); each of the 32 quant vectors gives two
- * slices (sub-blocks 2c and 2c + 1 of chunk c = i / 8), one dpbusd each per token. The high
- * nibbles are used in place (16 times their value) and the sum divided by 16 after, which is
- * exact. A sub-block's sum times its integer scale joins the super-block's integer total, then
- * one float multiply-add by d * dx; the mins meet the activations' sums per 32 values (s32).
- * Activations come in Q4_K order (zd_act.kq_order): sub-block 2c's values start at
- * 128 (c / 2) + 32 (c % 2), sub-block 2c + 1's 64 later. */
-ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q4k_tokens_512(const int T, const zd_tile *tile, int64_t j0) {
+/* Q5_K's two slices of quant vector 8 ch + i of the super-block at `group`, as bytes 0..31 (see
+ * zd_x16_kq_tokens_512). After d, dmin and 3 vectors of scales, a group holds 8 vectors of qh
+ * (from byte 256), then 32 of quants (from 768). */
+ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q5k_slices_512(const uint8_t *group, int ch, int i, __m512i *lo, __m512i *hi) {
+    const __m512i low = _mm512_set1_epi8(0x0f), sixteen = _mm512_set1_epi8(16);
+    const __m512i v = _mm512_loadu_si512(group + 768 + 64 * (8 * ch + i)), h = _mm512_loadu_si512(group + 256 + 64 * i);
+    const __m512i l = _mm512_and_si512(v, low), u = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    *lo = _mm512_mask_add_epi8(l, _mm512_test_epi8_mask(h, _mm512_set1_epi8((char)(1 << 2 * ch))), l, sixteen);
+    *hi = _mm512_mask_add_epi8(u, _mm512_test_epi8_mask(h, _mm512_set1_epi8((char)(2 << 2 * ch))), u, sixteen);
+}
+
+/* Q4_K and Q5_K, T tokens from j0. Per super-block the 16 rows' 6-bit scales and mins are
+ * unpacked to bytes (as zd_k4_scales_mins, on 16 rows at once); each of the 32 quant vectors
+ * gives two slices (sub-blocks 2c and 2c + 1 of chunk c = i / 8), one dpbusd each per token.
+ * Q4_K's high nibbles are used in place (16 times their value) and their scale divided by 16,
+ * which is exact; Q5_K's values (0..31) would not fit a byte that way, so its high nibbles are
+ * shifted down, and 16 added where the fifth bit is set: quant vector 8c + i lines up byte for
+ * byte with qh vector i (values 4i .. 4i + 3 of every sub-block), whose bits 2c and 2c + 1 are
+ * those of the two slices. A sub-block's sum times its scale joins the super-block's total in
+ * floats (each product exact, < 2^24; one multiply-add where an integer multiply, vpmulld, is
+ * two uops and an add: 64-token prefill ~5 % faster, decode the same), then one multiply-add by
+ * d * dx; the mins meet the activations' sums per 32 values (s32). Activations come in Q4_K order
+ * (zd_act.kq_order): sub-block 2c's values start at 128 (c / 2) + 32 (c % 2), sub-block 2c + 1's
+ * 64 later. Q5_K's slices can be kept in the tile's scratch for the passes after (`slices`:
+ * ZD_X16_KEEP, ZD_X16_REUSE). */
+enum { ZD_X16_EXTRACT = 0, ZD_X16_KEEP = 1, ZD_X16_REUSE = 2 };
+ZD_TARGET_AVX512 ZD_INLINE void zd_x16_kq_tokens_512(const int type, const int T, const int slices, const zd_tile *tile,
+                                                     int64_t j0) {
     const zd_act *x = tile->x;
-    const int64_t nsb = x->k / 256, bytes = 16 * sizeof(zd_block_q4_k);
+    const int five = type == ZD_Q5_K;
+    const int64_t nsb = x->k / 256, bytes = 16 * zd_block_bytes(type);
+    uint8_t *kept = (uint8_t *)tile->cbuf;   /* 128 bytes per quant vector: the panel's room */
     const int8_t *q[4];
     const float *xd[4], *xs[4];
     zd_x16_token_operands(tile, T, j0, q, xd, xs);
@@ -337,10 +383,10 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q4k_tokens_512(const int T, const zd_tile
         const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(group + 32)));
         __m512i sc[2], mn[2];
         zd_x16_q4k_scales_512(group, sc, mn);
-        __m512i acc[4];
+        __m512 acc[4];
         __m512 m[4];
         for (int j = 0; j < T; j++) {
-            acc[j] = _mm512_setzero_si512();
+            acc[j] = _mm512_setzero_ps();
             m[j] = _mm512_setzero_ps();
         }
         for (int s = 0; s < 8; s++) {
@@ -354,20 +400,37 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q4k_tokens_512(const int T, const zd_tile
                 I[j] = H[j] = _mm512_setzero_si512();
             const int64_t at = 256 * sb + 128 * (ch / 2) + 32 * (ch % 2);
             for (int i = 0; i < 8; i++) {
-                const __m512i v = _mm512_loadu_si512(group + 256 + 64 * (8 * ch + i));
-                const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(v, high);
+                __m512i lo, hi;
+                uint8_t *slot = kept + 128 * (32 * sb + 8 * ch + i);
+                if (slices == ZD_X16_REUSE) {
+                    lo = _mm512_loadu_si512(slot);
+                    hi = _mm512_loadu_si512(slot + 64);
+                } else if (five) {
+                    zd_x16_q5k_slices_512(group, ch, i, &lo, &hi);
+                    if (slices == ZD_X16_KEEP) {
+                        _mm512_storeu_si512(slot, lo);
+                        _mm512_storeu_si512(slot + 64, hi);
+                    }
+                } else {
+                    const __m512i v = _mm512_loadu_si512(group + 256 + 64 * (8 * ch + i));
+                    lo = _mm512_and_si512(v, low);
+                    hi = _mm512_and_si512(v, high);
+                }
                 for (int j = 0; j < T; j++) {
                     I[j] = _mm512_dpbusd_epi32(I[j], lo, zd_x4_512(q[j] + at + 4 * i));
                     H[j] = _mm512_dpbusd_epi32(H[j], hi, zd_x4_512(q[j] + at + 64 + 4 * i));
                 }
             }
-            const __m512i s_lo = zd_lane_byte_512(sc[ch / 2], 2 * (ch % 2)), s_hi = zd_lane_byte_512(sc[ch / 2], 2 * (ch % 2) + 1);
-            for (int j = 0; j < T; j++)
-                acc[j] = _mm512_add_epi32(_mm512_add_epi32(acc[j], _mm512_mullo_epi32(I[j], s_lo)),
-                                          _mm512_mullo_epi32(_mm512_srai_epi32(H[j], 4), s_hi));
+            const __m512 s_lo = _mm512_cvtepi32_ps(zd_lane_byte_512(sc[ch / 2], 2 * (ch % 2)));
+            const __m512 s_hi = _mm512_mul_ps(_mm512_cvtepi32_ps(zd_lane_byte_512(sc[ch / 2], 2 * (ch % 2) + 1)),
+                                              _mm512_set1_ps(five ? 1.0f : 1.0f / 16));
+            for (int j = 0; j < T; j++) {
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(H[j]), s_hi, acc[j]);
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(I[j]), s_lo, acc[j]);
+            }
         }
         for (int j = 0; j < T; j++) {
-            F[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[j]), _mm512_mul_ps(d, _mm512_set1_ps(xd[j][sb])), F[j]);
+            F[j] = _mm512_fmadd_ps(acc[j], _mm512_mul_ps(d, _mm512_set1_ps(xd[j][sb])), F[j]);
             C[j] = _mm512_fmadd_ps(dmin, m[j], C[j]);
         }
     }
@@ -557,9 +620,10 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q6k_tokens_512(const int T, const zd_tile
 }
 
 /* One pass over the tile's weights for T tokens from j0. */
-ZD_TARGET_AVX512 ZD_INLINE void zd_x16_pass_512(const int type, const int T, const zd_tile *tile, int64_t j0) {
-    if (type == ZD_Q4_K)
-        zd_x16_q4k_tokens_512(T, tile, j0);
+ZD_TARGET_AVX512 ZD_INLINE void zd_x16_pass_512(const int type, const int T, const int slices, const zd_tile *tile,
+                                                int64_t j0) {
+    if (type == ZD_Q4_K || type == ZD_Q5_K)
+        zd_x16_kq_tokens_512(type, T, slices, tile, j0);
     else if (type == ZD_Q6_K)
         zd_x16_q6k_tokens_512(T, tile, j0);
     else if (type == ZD_Q2_K || type == ZD_Q3_K)
@@ -644,12 +708,26 @@ ZD_TARGET_AVX512 static void zd_x16_unpack_rows_512(int type, const uint8_t *gro
     }
 }
 
-/* Tokens 4 at a time, then the 1-3 left in one pass (each pass unpacks the weights once). A
- * prompt's batch instead takes its rows back to GGUF order once and runs the panel kernel
- * (panel.h): it unpacks the tile once for every token, where a pass re-reads it per 4 tokens
- * (a 64-token Q6_K matmul: 2-2.7x the time). */
+/* Tokens 4 at a time from j, then the 1-3 left in one pass (each pass unpacks the weights once). */
+ZD_TARGET_AVX512 ZD_INLINE void zd_x16_passes_512(const int type, const int slices, const zd_tile *tile, int64_t j) {
+    for (; j < tile->nt; j += 4) {
+        switch (zd_min64(4, tile->nt - j)) {   /* constant token counts, so each pass is unrolled */
+        case 4: zd_x16_pass_512(type, 4, slices, tile, j); break;
+        case 3: zd_x16_pass_512(type, 3, slices, tile, j); break;
+        case 2: zd_x16_pass_512(type, 2, slices, tile, j); break;
+        default: zd_x16_pass_512(type, 1, slices, tile, j);
+        }
+    }
+}
+
+/* A tile of 16 rows, every token. A prompt's batch (the panel kernels' sizes, panel.h) fills
+ * the panel once for all its tokens, where a pass re-reads the group per 4 tokens (a 64-token
+ * Q6_K matmul: 2-2.7x the time): Q4_K and Q6_K straight from the group, the others from their
+ * rows taken back to GGUF order. Q5_K tiles of more than 4 tokens instead keep the first pass's
+ * slices for the others, which would each take the fifth bits apart again (64 tokens: 0.7x the
+ * panel kernel's speed that way, 0.91-1.06x kept). */
 ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tile_512(const int type, const zd_tile *tile) {
-    const zd_tile_fn panel = zd_panel_kernel(type, ZD_ISA_AVX512, tile->nt);
+    const zd_tile_fn panel = type == ZD_Q5_K ? 0 : zd_panel_kernel(type, ZD_ISA_AVX512, tile->nt);
     if (panel && (type == ZD_Q4_K || type == ZD_Q6_K)) {
         const zd_panel p = zd_panel_at(tile->cbuf, tile->x->k);
         if (type == ZD_Q4_K)
@@ -657,23 +735,17 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tile_512(const int type, const zd_tile *t
         else
             zd_x16_q6k_panel_fill(tile, &p);
         zd_panel_run(1, type, tile, &p);
-        return;
-    }
-    if (panel) {
+    } else if (panel) {
         const int64_t k = tile->x->k;
         zd_tile rows = *tile;
         rows.w = (const uint8_t *)(tile->cbuf + zd_panel_floats(k));
         zd_x16_unpack_rows_512(type, tile->w, k, (uint8_t *)rows.w);
         panel(&rows);
-        return;
-    }
-    for (int64_t j = 0; j < tile->nt; j += 4) {
-        switch (zd_min64(4, tile->nt - j)) {   /* constant token counts, so each pass is unrolled */
-        case 4: zd_x16_pass_512(type, 4, tile, j); break;
-        case 3: zd_x16_pass_512(type, 3, tile, j); break;
-        case 2: zd_x16_pass_512(type, 2, tile, j); break;
-        default: zd_x16_pass_512(type, 1, tile, j);
-        }
+    } else if (type == ZD_Q5_K && tile->nt > 4) {
+        zd_x16_pass_512(type, 4, ZD_X16_KEEP, tile, 0);
+        zd_x16_passes_512(type, ZD_X16_REUSE, tile, 4);
+    } else {
+        zd_x16_passes_512(type, ZD_X16_EXTRACT, tile, 0);
     }
 }
 #endif
@@ -689,8 +761,11 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tile_512(const int type, const zd_tile *t
 #endif
 ZD_X16_KERNELS(zd_x16_q4_0, ZD_Q4_0)
 ZD_X16_KERNELS(zd_x16_q4_1, ZD_Q4_1)
+ZD_X16_KERNELS(zd_x16_q5_0, ZD_Q5_0)
+ZD_X16_KERNELS(zd_x16_q5_1, ZD_Q5_1)
 ZD_X16_KERNELS(zd_x16_q8_0, ZD_Q8_0)
 ZD_X16_KERNELS(zd_x16_q4_k, ZD_Q4_K)
+ZD_X16_KERNELS(zd_x16_q5_k, ZD_Q5_K)
 ZD_X16_KERNELS(zd_x16_q6_k, ZD_Q6_K)
 ZD_X16_KERNELS(zd_x16_q2_k, ZD_Q2_K)
 ZD_X16_KERNELS(zd_x16_q3_k, ZD_Q3_K)
@@ -705,8 +780,11 @@ static zd_tile_fn zd_x16_kernel(int type, int isa) {
     switch (type) {
     case ZD_X16 | ZD_Q4_0: return ZD_X16_PICK(zd_x16_q4_0, isa);
     case ZD_X16 | ZD_Q4_1: return ZD_X16_PICK(zd_x16_q4_1, isa);
+    case ZD_X16 | ZD_Q5_0: return ZD_X16_PICK(zd_x16_q5_0, isa);
+    case ZD_X16 | ZD_Q5_1: return ZD_X16_PICK(zd_x16_q5_1, isa);
     case ZD_X16 | ZD_Q8_0: return ZD_X16_PICK(zd_x16_q8_0, isa);
     case ZD_X16 | ZD_Q4_K: return ZD_X16_PICK(zd_x16_q4_k, isa);
+    case ZD_X16 | ZD_Q5_K: return ZD_X16_PICK(zd_x16_q5_k, isa);
     case ZD_X16 | ZD_Q6_K: return ZD_X16_PICK(zd_x16_q6_k, isa);
     case ZD_X16 | ZD_Q2_K: return ZD_X16_PICK(zd_x16_q2_k, isa);
     case ZD_X16 | ZD_Q3_K: return ZD_X16_PICK(zd_x16_q3_k, isa);
