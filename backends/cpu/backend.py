@@ -80,7 +80,7 @@ class CPUBackend(HostBackend):
     # -- memory ---------------------------------------------------------------------------
     def load_weight(self, weight: Weight):
         """Check the weight once and keep a flat view of its bytes; matrices the current path
-        interleaves (Q4_0, Q4_1, Q5_0, Q5_1, short-row Q8_0, Q4_K and Q5_K on AVX-512,
+        interleaves (Q4_0, Q4_1, Q5_0, Q5_1, and Q8_0 and the k-quants with short rows or on Intel, on AVX-512,
         kernels/interleave.h) are copied into that layout instead, and the file pages they came
         from are released (they would otherwise count twice in RSS)."""
         if type(weight) is _CPUWeight:
