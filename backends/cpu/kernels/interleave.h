@@ -239,15 +239,15 @@ static void zd_x16_tile_scalar(int type, const zd_tile *tile) {
 
 #if ZD_X86
 /* Tokens j0 .. j0 + T - 1 of the tile: their activation quants, block scales and d * sums per
- * 32 values. */
-ZD_INLINE void zd_x16_token_operands(const zd_tile *tile, const int T, int64_t j0, const int8_t **q, const float **xd,
-                                     const float **xs) {
+ * 32 values, or per 16 (`per16`: the k-quants with a scale per 16 values). */
+ZD_INLINE void zd_x16_token_operands(const zd_tile *tile, const int T, int64_t j0, const int per16, const int8_t **q,
+                                     const float **xd, const float **xs) {
     const zd_act *x = tile->x;
     for (int j = 0; j < T; j++) {
         const int64_t t = tile->t0 + j0 + j;
         q[j] = x->q + t * x->q_stride;
         xd[j] = x->d + t * x->d_stride;
-        xs[j] = x->s32 + t * x->s_stride;
+        xs[j] = (per16 ? x->s16 : x->s32) + t * x->s_stride;
     }
 }
 
@@ -271,7 +271,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tokens_512(const int type, const int T, c
     const int mins = head == 4 ? zd_x16_at(type, 0, 2) : -1, nv = type == ZD_Q8_0 ? 8 : 4;
     const int8_t *q[4];
     const float *xd[4], *xs[4];
-    zd_x16_token_operands(tile, T, j0, q, xd, xs);
+    zd_x16_token_operands(tile, T, j0, 0, q, xd, xs);
     __m512 F[4], C[4];
     for (int j = 0; j < T; j++)
         F[j] = C[j] = _mm512_setzero_ps();
@@ -370,7 +370,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_kq_tokens_512(const int type, const int T
     uint8_t *kept = (uint8_t *)tile->cbuf;   /* 128 bytes per quant vector: the panel's room */
     const int8_t *q[4];
     const float *xd[4], *xs[4];
-    zd_x16_token_operands(tile, T, j0, q, xd, xs);
+    zd_x16_token_operands(tile, T, j0, 0, q, xd, xs);
     __m512 F[4], C[4];
     for (int j = 0; j < T; j++)
         F[j] = C[j] = _mm512_setzero_ps();
@@ -455,9 +455,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q23k_tokens_512(const int type, const int
     const int64_t nsb = x->k / 256, bytes = 16 * zd_block_bytes(type);
     const int8_t *q[4];
     const float *xd[4], *xs[4];
-    zd_x16_token_operands(tile, T, j0, q, xd, xs);
-    for (int j = 0; j < T; j++)
-        xs[j] = x->s16 + (tile->t0 + j0 + j) * x->s_stride;
+    zd_x16_token_operands(tile, T, j0, 1, q, xd, xs);
     __m512 F[4], C[4];
     for (int j = 0; j < T; j++)
         F[j] = C[j] = _mm512_setzero_ps();
@@ -567,9 +565,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q6k_tokens_512(const int T, const zd_tile
     const int64_t nsb = x->k / 256, bytes = 16 * sizeof(zd_block_q6_k);
     const int8_t *q[4];
     const float *xd[4], *xs[4];
-    zd_x16_token_operands(tile, T, j0, q, xd, xs);
-    for (int j = 0; j < T; j++)
-        xs[j] = x->s16 + (tile->t0 + j0 + j) * x->s_stride;
+    zd_x16_token_operands(tile, T, j0, 1, q, xd, xs);
     __m512 F[4], C[4];
     for (int j = 0; j < T; j++)
         F[j] = C[j] = _mm512_setzero_ps();
