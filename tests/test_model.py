@@ -8,10 +8,12 @@ from zephyr.testing.compare import greedy_flip_is_a_near_tie, relative_error
 from zephyr.testing.synthetic import LAYOUTS, write_llama_model
 
 # Both backends round activations to 8-bit blocks before each quantised matmul. A float-rounding
-# difference upstream can move one activation across a rounding boundary, which shifts a random
-# model's logits by about 1 %: op-level tests (tests/backends) hold 1e-4; whole models hold this,
-# evaluated on the same tokens, and their greedy picks must agree but at near-ties. A wrong kernel
-# is off by far more.
+# difference upstream can move one activation across a rounding boundary, and a random model's
+# logits then move by 1-2 % (measured: the reference backend against itself with every matmul
+# output scaled by 1 + 1e-6 differs by up to 2.2 % and flips a greedy pick; the CPU kernels' sums
+# differ from the reference's by ~3e-7 of the largest output). Op-level tests (tests/backends) hold
+# 1e-5; whole models hold this, evaluated on the same tokens, and a greedy pick may flip only where
+# the reference's top two are closer than it. A wrong kernel is off by far more (>= 0.14).
 MODEL_TOLERANCE = 5e-2
 
 PROMPT = [1, 415, 2936, 9060, 285, 1142, 461, 10575, 754, 272, 17898, 3914]
@@ -50,7 +52,7 @@ def assert_matches(path, backend, reference="reference", **kwargs):
     got_logits, _ = run(path, backend, tokens=want_tokens, **kwargs)
     for step, (got, want) in enumerate(zip(got_logits, want_logits)):
         assert relative_error(got, want) < MODEL_TOLERANCE, f"{path.name}: step {step} differs"
-        assert greedy_flip_is_a_near_tie(got, want), f"{path.name}: step {step} picks another token"
+        assert greedy_flip_is_a_near_tie(got, want, MODEL_TOLERANCE), f"{path.name}: step {step} picks another token"
     return want_logits, want_tokens
 
 
@@ -75,7 +77,7 @@ def test_mixed_placement_matches_single_backend(model_dir, gpu_layers):
     want_logits, want_tokens = run(path, "reference")
     mixed_logits, _ = run(path, "cpu", tokens=want_tokens, gpu_layers=gpu_layers, gpu_backend="reference")
     for got, want in zip(mixed_logits, want_logits):
-        assert relative_error(got, want) < MODEL_TOLERANCE and greedy_flip_is_a_near_tie(got, want)
+        assert relative_error(got, want) < MODEL_TOLERANCE and greedy_flip_is_a_near_tie(got, want, MODEL_TOLERANCE)
 
 
 def test_placement_plan(model_dir):
