@@ -2,8 +2,8 @@
 import numpy as np
 
 # Two engines that round activations to 8 bits can see one value land on either side of a rounding
-# boundary; the logits then differ by 1-2 % (random models), and a greedy pick can flip where the top two logits are
-# closer than this fraction of the logit scale. A wrong kernel is off by far more.
+# boundary; the logits then differ by 1-2 % (random models), and a greedy pick can flip where the
+# top two logits are closer than this fraction of the logit scale. A wrong kernel is off by far more.
 NEAR_TIE = 0.01
 
 
