@@ -4,6 +4,7 @@ ZEPHYR_PORTABLE=1 builds without -march=native (for wheels that run on other x86
 """
 import glob
 import os
+import shlex
 import sys
 import tempfile
 
@@ -29,7 +30,9 @@ def openmp_flags():
             f.write("#include <omp.h>\nint main(void) { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
         try:
             objects = compiler.compile([source], output_dir=tmp, extra_postargs=["-fopenmp"])
-            compiler.link_executable(objects, os.path.join(tmp, "omp"), extra_postargs=["-fopenmp"])
+            # LDFLAGS as the extension's link gets them (an ASan build's -fsanitize=address, say)
+            linked = ["-fopenmp", *shlex.split(os.environ.get("LDFLAGS", ""))]
+            compiler.link_executable(objects, os.path.join(tmp, "omp"), extra_postargs=linked)
         except Exception:  # noqa: BLE001 - any failure means: no OpenMP here
             print("warning: the C compiler has no OpenMP; the CPU backend will run on one thread", file=sys.stderr)
             return [], []
