@@ -24,6 +24,7 @@ import operator
 import re
 import threading
 
+import numpy as np
 from tokenizers import AddedToken, Regex
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, normalizers, pre_tokenizers
@@ -630,16 +631,17 @@ def _spm_merges(tokens, scores, types):
     MAX_MERGED_PIECE_CHARS are left out (SentencePiece's own default limit is 16).
     """
     normal = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == NORMAL}
-    ranked = []
+    ids, cuts = [], []   # the merges as (piece, cut): no strings kept until the order is known
     for piece, i in normal.items():
         if len(piece) > MAX_MERGED_PIECE_CHARS:
             continue   # every cut costs a copy: a megabyte-long piece would take minutes
         for cut in range(1, len(piece)):
-            left, right = piece[:cut], piece[cut:]
-            if left in normal and right in normal:
-                ranked.append((-scores[i], i, cut, left, right))
-    ranked.sort()
-    return [(left, right) for _, _, _, left, right in ranked]
+            if piece[:cut] in normal and piece[cut:] in normal:
+                ids.append(i)
+                cuts.append(cut)
+    ids, cuts = np.array(ids, np.int64), np.array(cuts, np.int64)
+    order = np.lexsort((cuts, ids, -np.asarray(scores, np.float64)[ids]))   # last key first
+    return [(tokens[i][:cut], tokens[i][cut:]) for i, cut in zip(ids[order].tolist(), cuts[order].tolist())]
 
 
 def _build_gpt2(vocab):
