@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from zephyr.cli import main
+from zephyr.cli import main, serve_options, server_spec
 from zephyr.testing.synthetic import write_llama_model
 
 
@@ -72,3 +72,9 @@ def test_errors_are_messages_not_tracebacks(capsys, tmp_path):
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "zephyr.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "generate" in result.stdout and "backends" in result.stdout
+
+
+def test_repack_flags_reach_the_load_options():
+    assert server_spec(serve_options(["demo"])).load_options["repack"] is None
+    assert server_spec(serve_options(["demo", "--repack"])).load_options["repack"] is True
+    assert server_spec(serve_options(["demo", "--no-repack"])).load_options["repack"] is False

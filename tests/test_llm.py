@@ -7,6 +7,7 @@ import pytest
 
 from zephyr import AutoModelForCausalLM, Config, ContextOverflowError, ZephyrError
 from zephyr.testing.synthetic import write_llama_model
+from zephyr_backends.cpu import _ops
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 REFERENCE = json.loads((Path(__file__).parent / "data" / "smollm2_greedy_reference.json").read_text())
@@ -175,6 +176,29 @@ def test_context_overflow_is_an_error_not_garbage(tiny_path):
 def test_unknown_keyword_is_a_type_error(tiny_path):
     with pytest.raises(TypeError, match="gpu_layer"):
         AutoModelForCausalLM.from_pretrained(str(tiny_path), gpu_layer=3)
+
+
+def test_repack_chooses_the_cpu_layout_and_is_refused_where_it_does_nothing(tiny_path):
+    """repack=False keeps every matrix in GGUF order, repack=True interleaves what has a kernel for it
+    (the AVX-512 path), and both compute what the host's own choice does, to the rounding of the sums."""
+    tokens = list(range(3, 12))
+
+    def run(**kwargs):
+        with AutoModelForCausalLM.from_pretrained(str(tiny_path), **kwargs) as llm:
+            llm.eval(tokens)
+            codes = {w.code != int(w.type) for b in llm.model.blocks for w in (b.wq, b.w_down)}
+            return llm.logits.copy(), codes
+    chosen, _ = run()
+    kept, kept_codes = run(repack=False)
+    repacked, repacked_codes = run(repack=True)
+    assert kept_codes == {False}
+    assert repacked_codes == ({True} if "avx512" in _ops.available_isas() else {False})
+    for logits in (kept, repacked):
+        assert np.max(np.abs(logits - chosen)) < 5e-2 * np.max(np.abs(chosen))
+    with pytest.raises(ValueError, match="repack must be"):
+        AutoModelForCausalLM.from_pretrained(str(tiny_path), repack="yes")
+    with pytest.raises(ValueError, match="no backend of this placement"):
+        AutoModelForCausalLM.from_pretrained(str(tiny_path), backend="reference", repack=True)
 
 
 def test_model_type_is_checked(tiny_path):

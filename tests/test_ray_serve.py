@@ -237,6 +237,9 @@ def test_serve_run_arguments_are_read_as_zephyr_serve_reads_its_options(monkeypa
     assert built == {"spec": expected, "replicas": 2}
     assert expected.load_options["threads"] == 1 and expected.app_options["cors_origins"] == ("https://a.example",
                                                                                              "https://b.example")
+    for switch in (True, False):
+        ray_serve.build({"model": "demo", "repack": switch})
+        assert built["spec"].load_options["repack"] is switch
     with pytest.raises(ValueError, match="invalid int value"):
         ray_serve.build({"model": "demo", "threads": "many"})
     with pytest.raises(ValueError, match="port: set by `serve run`"):

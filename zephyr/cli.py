@@ -45,6 +45,9 @@ def _parser(parser_class=argparse.ArgumentParser):
         p.add_argument("--context-length", type=int, default=-1)
         p.add_argument("--kv-cache-type", default="f16", choices=list(KV_CACHE_TYPES),
                        help="how the KV cache stores keys and values (default f16; q8_0 holds twice the context)")
+        p.add_argument("--repack", action=argparse.BooleanOptionalAction, default=None,
+                       help="interleave every CPU weight type that has a faster kernel so (--no-repack: none; "
+                            "default: this CPU's choice; see docs/api.md)")
         p.add_argument("--backend", help="backend for the non-GPU layers (see `zephyr backends`)")
         p.add_argument("--chat-format", help="override the chat template (e.g. zephyr, chatml, llama-2)")
 
@@ -95,8 +98,8 @@ def _model_path(args):
 def _load_options(args) -> dict:
     """The loading options as `from_pretrained` keyword arguments."""
     return dict(model_file=args.model_file, threads=args.threads, gpu_layers=args.gpu_layers,
-                context_length=args.context_length, kv_cache_type=args.kv_cache_type, backend=args.backend,
-                chat_format=args.chat_format)
+                context_length=args.context_length, kv_cache_type=args.kv_cache_type, repack=args.repack,
+                backend=args.backend, chat_format=args.chat_format)
 
 
 def _load(args):

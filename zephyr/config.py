@@ -221,8 +221,10 @@ class Config:
     """Run settings, with ctransformers 0.2.27's names and defaults, except batch_size: 512 (llama.cpp's
     n_batch) rather than 8, since prompts evaluate several times faster in large batches. Beyond
     ctransformers: `kv_cache_type` ("f16", llama.cpp's default; "q8_0" holds twice the context in
-    the same memory; "f32") and `sequences` (how many conversations the KV cache holds at once,
-    each of context_length positions: the server's --parallel)."""
+    the same memory; "f32"), `sequences` (how many conversations the KV cache holds at once,
+    each of context_length positions: the server's --parallel) and `repack` (the CPU backend's
+    weights interleaved at load for its fastest kernels: None lets it choose per host, True
+    repacks every type it can, as llama.cpp does, False none; see docs/api.md)."""
 
     top_k: int = 40
     top_p: float = 0.95
@@ -242,6 +244,7 @@ class Config:
     mlock: bool = False
     kv_cache_type: str = "f16"
     sequences: int = 1
+    repack: Optional[bool] = None
 
     def __post_init__(self):
         # ctransformers' switches for how weights are held, accepted for its users' code; zephyr has one way.

@@ -49,8 +49,16 @@ class LLM:
             if isinstance(self.config.sequences, bool) or not isinstance(self.config.sequences, int) \
                     or self.config.sequences < 1:
                 raise ValueError(f"sequences must be a positive integer, got {self.config.sequences!r}")
+            if self.config.repack not in (None, True, False):
+                raise ValueError(f"repack must be True, False or None (the backend's choice), got "
+                                 f"{self.config.repack!r}")
             placement = plan_placement(self.model_config.n_layers, backend=backend, gpu_layers=self.config.gpu_layers,
-                                       gpu_backend=gpu_backend, options={"threads": self.config.threads})
+                                       gpu_backend=gpu_backend,
+                                       options={"threads": self.config.threads, "repack": self.config.repack})
+            if self.config.repack is not None and not any("repack" in b.options for b in placement.backends):
+                names = ", ".join(sorted({b.name for b in placement.backends}))
+                raise ValueError(f"repack={self.config.repack} has no effect here: no backend of this placement "
+                                 f"({names}) repacks weights; leave repack out")
             self.placement = placement
             with load_progress(progress, self.model_config.n_layers, f"loading {Path(model_path).name}") as report:
                 self.model = LlamaModel(self._file, self.model_config, placement, n_ctx, self.config.sequences,

@@ -42,7 +42,7 @@ cdef extern from "tile.h" nogil:
 
 cdef extern from "interleave.h" nogil:
     int ZD_X16, ZD_X16_ROWS
-    int zd_x16_wanted(int type, int isa, int64_t k)
+    int zd_x16_wanted(int type, int isa, int64_t k, int repack)
     int64_t zd_x16_bytes(int type, int64_t m, int64_t k)
     zd_tile_fn zd_x16_kernel(int type, int isa)
     void zd_x16_pack(int type, int isa, const uint8_t *src, int64_t m, int64_t k, uint8_t *dst, int64_t g0, int64_t g1)
@@ -195,16 +195,22 @@ def _prefaulted(int64_t nbytes):
     return np.frombuffer(buffer, dtype=np.uint8)
 
 
-def interleaves(int wtype, int64_t k):
+cdef int _repack_mode(repack):
+    """interleave.h's repack argument: None (this host's choice), True (always), False (never)."""
+    return -1 if repack is None else int(bool(repack))
+
+
+def interleaves(int wtype, int64_t k, repack=None):
     """Whether `interleave` copies matrices of GGML type `wtype` with rows of k values on the
-    current path."""
-    return bool(zd_x16_wanted(wtype, _isa, k))
+    current path (`repack` as for interleave)."""
+    return bool(zd_x16_wanted(wtype, _isa, k, _repack_mode(repack)))
 
 
-def interleave(const uint8_t[::1] w, int wtype, int64_t m, int64_t k, int threads):
+def interleave(const uint8_t[::1] w, int wtype, int64_t m, int64_t k, int threads, repack=None):
     """The m x k GGUF matrix `w` of type `wtype` interleaved for the current path (interleave.h),
-    as (type code, new uint8 array); None when this path keeps the type as it is."""
-    if not zd_x16_wanted(wtype, _isa, k):
+    as (type code, new uint8 array); None when this path keeps the type as it is. `repack`:
+    None for this host's choice, True for every type with an interleaved kernel, False for none."""
+    if not zd_x16_wanted(wtype, _isa, k, _repack_mode(repack)):
         return None
     return _interleaved(w, wtype, m, k, threads, _isa)
 

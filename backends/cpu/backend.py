@@ -58,7 +58,7 @@ class CPUBackend(HostBackend):
     device = "cpu"
     score = 10
     supported_types = SUPPORTED_TYPES
-    options = ("threads",)
+    options = ("threads", "repack")
     features = frozenset(FEATURES)
 
     @classmethod
@@ -68,11 +68,16 @@ class CPUBackend(HostBackend):
                                        f"reinstall zephyr")
         return Availability(True)
 
-    def __init__(self, threads: int = 0):
-        """threads <= 0: choose (OMP_NUM_THREADS, else every core this process may use)."""
+    def __init__(self, threads: int = 0, repack=None):
+        """threads <= 0: choose (OMP_NUM_THREADS, else every core this process may use).
+        repack: interleave at load every matrix whose type has an interleaved kernel (True), none
+        (False), or those that are faster so on this host (None; kernels/interleave.h)."""
         if _IMPORT_ERROR is not None:
             raise BackendError(self.availability().reason)
+        if repack not in (None, True, False):
+            raise BackendError(f"repack must be True, False or None (this host's choice), got {repack!r}")
         self.threads = _openmp.resolve_threads(int(threads))
+        self.repack = repack
         self._layers = {}                      # (id(weights), id(cache), layer, params) -> _LayerPlan
         self._scratch = _ops.LayerScratch()    # run state shared by every layer, grown on demand
         self._loaded = weakref.WeakValueDictionary()   # (address, size, type, shape) -> handle
@@ -80,9 +85,10 @@ class CPUBackend(HostBackend):
     # -- memory ---------------------------------------------------------------------------
     def load_weight(self, weight: Weight):
         """Check the weight once and keep a flat view of its bytes; matrices the current path
-        interleaves (Q4_0, Q4_1, Q5_0, Q5_1, and Q8_0 and the k-quants with short rows or on Intel, on AVX-512,
-        kernels/interleave.h) are copied into that layout instead, and the file pages they came
-        from are released (they would otherwise count twice in RSS)."""
+        interleaves (on AVX-512: Q4_0, Q4_1, Q5_0, Q5_1, and Q8_0 and the k-quants with short rows
+        or on Intel; all of them with repack=True, none with repack=False; kernels/interleave.h)
+        are copied into that layout instead, and the file pages they came from are released (they
+        would otherwise count twice in RSS)."""
         if type(weight) is _CPUWeight:
             return weight
         weight = check_weight(weight, self.name, self.supported_types)
@@ -97,9 +103,10 @@ class CPUBackend(HostBackend):
             return loaded
         handle = _CPUWeight(weight.name, GGMLType(weight.type), tuple(weight.shape), data.reshape(-1))
         interleaved = None
-        if rows > 1 and _ops.interleaves(handle.code, handle.cols):
-            require(data.size, f"an interleaved copy of {weight.name!r}", "free some memory or load a smaller model")
-            interleaved = _ops.interleave(handle.data, handle.code, rows, handle.cols, self.threads)
+        if rows > 1 and _ops.interleaves(handle.code, handle.cols, self.repack):
+            require(data.size, f"an interleaved copy of {weight.name!r}",
+                    "free some memory, load a smaller model or turn repacking off (repack=False)")
+            interleaved = _ops.interleave(handle.data, handle.code, rows, handle.cols, self.threads, self.repack)
         if interleaved is not None:
             handle.code, handle.data = interleaved
             release_pages(data)

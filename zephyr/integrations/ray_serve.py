@@ -53,8 +53,8 @@ def build(args: dict) -> "serve.Application":
     """The application builder for `serve run` and Serve config files (`import_path: ...ray_serve:build`).
 
     The keys are `zephyr serve`'s options without their dashes (`model`, `threads`, `gpu-layers`,
-    `api-key`, ...; `_` may stand for `-`), read as the command reads them, and `replicas`. The host,
-    port and log level are Serve's own settings there.
+    `api-key`, ...; `_` may stand for `-`; a switch such as `repack` takes true or false), read as the
+    command reads them, and `replicas`. The host, port and log level are Serve's own settings there.
     """
     from ..cli import serve_options, server_spec
     options = {str(key).replace("_", "-"): value for key, value in args.items()}
@@ -68,7 +68,10 @@ def build(args: dict) -> "serve.Application":
     argv = [str(options.pop("model"))]
     for key, value in options.items():
         for item in value if isinstance(value, (list, tuple)) else [value]:
-            argv += [f"--{key}", str(item)]
+            if isinstance(item, bool):   # a switch (`repack: false` in a config file): --repack / --no-repack
+                argv.append(f"--{key}" if item else f"--no-{key}")
+            else:
+                argv += [f"--{key}", str(item)]
     return application(server_spec(serve_options(argv)), replicas=replicas)
 
 

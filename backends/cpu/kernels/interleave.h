@@ -51,14 +51,15 @@
  * 15-22 against 23-37, 30-43 against 42-62. */
 #define ZD_X16_SHORT_ROW 2048
 
-/* Whether an m x k matrix of `type` is interleaved at load for path `isa`. */
-static inline int zd_x16_wanted(int type, int isa, int64_t k) {
-    if (isa != ZD_ISA_AVX512)
+/* Whether an m x k matrix of `type` is interleaved at load for path `isa`. `repack`: 1 for
+ * every type that has an interleaved kernel, 0 for none, -1 for this host's choice (above). */
+static inline int zd_x16_wanted(int type, int isa, int64_t k, int repack) {
+    if (isa != ZD_ISA_AVX512 || repack == 0)
         return 0;
     if (type == ZD_Q4_0 || type == ZD_Q4_1 || type == ZD_Q5_0 || type == ZD_Q5_1)
         return 1;
     return (type == ZD_Q2_K || type == ZD_Q3_K || type == ZD_Q4_K || type == ZD_Q5_K || type == ZD_Q6_K
-            || type == ZD_Q8_0) && (k < ZD_X16_SHORT_ROW || zd_cpu_is_intel());
+            || type == ZD_Q8_0) && (repack == 1 || k < ZD_X16_SHORT_ROW || zd_cpu_is_intel());
 }
 
 /* Bytes of f16 fields in a GGUF block of interleaved `type` (d, then any min). */
