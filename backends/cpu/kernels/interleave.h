@@ -252,6 +252,26 @@ ZD_INLINE void zd_x16_token_operands(const zd_tile *tile, const int T, int64_t j
     }
 }
 
+/* Group i of the tile (`bytes` long), the bytes a few groups on prefetched; its first 16 halves
+ * (every interleaved type's d) in *d. */
+ZD_TARGET_AVX512 ZD_INLINE const uint8_t *zd_x16_group_512(const zd_tile *tile, int64_t i, int64_t bytes, __m512 *d) {
+    const uint8_t *group = tile->w + i * bytes;
+    for (int64_t o = 0; o < bytes; o += 64)
+        _mm_prefetch((const char *)(group + ZD_PREFETCH_BYTES + o), ZD_PREFETCH_HINT);
+    *d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)group));
+    return group;
+}
+
+/* A k-quant super-block's sums into the row totals: F += acc d xd (the quants), C += cw m (the
+ * offsets or mins, each kernel's weight side cw times the activations' side m). */
+ZD_TARGET_AVX512 ZD_INLINE void zd_x16_fold_512(const int T, const __m512i *acc, const __m512 *m, __m512 d, __m512 cw,
+                                                const float **xd, int64_t sb, __m512 *F, __m512 *C) {
+    for (int j = 0; j < T; j++) {
+        F[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[j]), _mm512_mul_ps(d, _mm512_set1_ps(xd[j][sb])), F[j]);
+        C[j] = _mm512_fmadd_ps(cw, m[j], C[j]);
+    }
+}
+
 /* In each row's 4 bytes, byte b of the row's word at all 4 places (for a byte shuffle, which
  * indexes within 128-bit lanes: 4 rows). */
 ZD_TARGET_AVX512 ZD_INLINE __m512i zd_row_byte_index_512(int b) {
@@ -278,10 +298,8 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tokens_512(const int type, const int T, c
         F[j] = C[j] = _mm512_setzero_ps();
     const __m512i nibble = _mm512_set1_epi8(0x0f), sixteen = _mm512_set1_epi8(16);
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *group = tile->w + b * bytes;
-        for (int64_t o = 0; o < bytes; o += 64)
-            _mm_prefetch((const char *)(group + ZD_PREFETCH_BYTES + o), ZD_PREFETCH_HINT);
-        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)group));
+        __m512 dw;
+        const uint8_t *group = zd_x16_group_512(tile, b, bytes, &dw);
         /* the correction's weight side: the mins, or d (times -offset at the end) */
         const __m512 cw = mins >= 0 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(group + mins))) : dw;
         __m512i I[4];
@@ -377,10 +395,8 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_kq_tokens_512(const int type, const int T
         F[j] = C[j] = _mm512_setzero_ps();
     const __m512i low = _mm512_set1_epi8(0x0f), high = _mm512_set1_epi8((char)0xf0);
     for (int64_t sb = 0; sb < nsb; sb++) {
-        const uint8_t *group = tile->w + sb * bytes;
-        for (int64_t o = 0; o < bytes; o += 64)
-            _mm_prefetch((const char *)(group + ZD_PREFETCH_BYTES + o), ZD_PREFETCH_HINT);
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)group));
+        __m512 d;
+        const uint8_t *group = zd_x16_group_512(tile, sb, bytes, &d);
         const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(group + 32)));
         __m512i sc[2], mn[2];
         zd_x16_q4k_scales_512(group, sc, mn);
@@ -462,10 +478,8 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q23k_tokens_512(const int type, const int
         F[j] = C[j] = _mm512_setzero_ps();
     const __m512i three = _mm512_set1_epi8(3), four = _mm512_set1_epi8(4), nibble = _mm512_set1_epi8(0x0f);
     for (int64_t sb = 0; sb < nsb; sb++) {
-        const uint8_t *group = tile->w + sb * bytes;
-        for (int64_t o = 0; o < bytes; o += 64)
-            _mm_prefetch((const char *)(group + ZD_PREFETCH_BYTES + o), ZD_PREFETCH_HINT);
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)group));
+        __m512 d;
+        const uint8_t *group = zd_x16_group_512(tile, sb, bytes, &d);
         const uint8_t *body = group + 16 * zd_x16_head(type);
         const uint8_t *hmask = body, *qs = body + (q3 ? 8 : 4) * 64, *packed = q3 ? qs + 16 * 64 : body;
         /* lane r, byte b of S[v] (M[v]): the scale (min) of 16-value group 4v + b */
@@ -530,10 +544,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q23k_tokens_512(const int type, const int
         /* the offsets: dmin per min (Q2_K), 4 d per scale (Q3_K) */
         const __m512 cw = q3 ? _mm512_mul_ps(d, _mm512_set1_ps(4.0f))
                              : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(group + 32)));
-        for (int j = 0; j < T; j++) {
-            F[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[j]), _mm512_mul_ps(d, _mm512_set1_ps(xd[j][sb])), F[j]);
-            C[j] = _mm512_fmadd_ps(cw, m[j], C[j]);
-        }
+        zd_x16_fold_512(T, acc, m, d, cw, xd, sb, F, C);
     }
     for (int j = 0; j < T; j++)
         zd_rows16_store(tile, j0 + j, _mm512_sub_ps(F[j], C[j]));
@@ -571,10 +582,8 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q6k_tokens_512(const int T, const zd_tile
     for (int j = 0; j < T; j++)
         F[j] = C[j] = _mm512_setzero_ps();
     for (int64_t sb = 0; sb < nsb; sb++) {
-        const uint8_t *group = tile->w + sb * bytes;
-        for (int64_t o = 0; o < bytes; o += 64)
-            _mm_prefetch((const char *)(group + ZD_PREFETCH_BYTES + o), ZD_PREFETCH_HINT);
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)group));
+        __m512 d;
+        const uint8_t *group = zd_x16_group_512(tile, sb, bytes, &d);
         const uint8_t *ql = group + 32, *qh = ql + 64 * 32, *scales = qh + 64 * 16;
         __m512i acc[4];
         __m512 m[4];
@@ -607,10 +616,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q6k_tokens_512(const int T, const zd_tile
                     }
                 }
             }
-        for (int j = 0; j < T; j++) {
-            F[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[j]), _mm512_mul_ps(d, _mm512_set1_ps(xd[j][sb])), F[j]);
-            C[j] = _mm512_fmadd_ps(d, m[j], C[j]);
-        }
+        zd_x16_fold_512(T, acc, m, d, d, xd, sb, F, C);
     }
     for (int j = 0; j < T; j++)
         zd_rows16_store(tile, j0 + j, _mm512_fmadd_ps(C[j], _mm512_set1_ps(-32.0f), F[j]));
