@@ -2,7 +2,8 @@
 token under load, and the prefix cache across conversations.
 
     python benchmarks/bench_serve.py [--model demo] [--threads 2] [--parallel 8] [--clients 8]
-                                     [--max-tokens 128] [--rounds 3] [--out docs/benchmarks.md]
+                                     [--max-tokens 128] [--rounds 3] [--repack | --no-repack]
+                                     [--out docs/benchmarks.md]
 
 It starts `zephyr serve MODEL --parallel P --threads T` and measures, with streaming chat requests at
 temperature 0 through the official openai client:
@@ -117,9 +118,18 @@ def report(args, machine, result) -> str:
         f"- Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
         f"- Machine: {machine['cpu']}, {machine['cores']} logical CPUs; zephyr {zephyr_revision()}",
         f"- Command: `python benchmarks/bench_serve.py {' '.join(sys.argv[1:])}`",
-        f"- `zephyr serve {args.model} --parallel {args.parallel} --threads {args.threads}`; greedy streaming chats "
+        f"- `zephyr serve {' '.join(server_command(args))}`; greedy streaming chats "
         f"of up to {args.max_tokens} tokens through the openai client", "",
         markdown_table(["measure", "value", "ratio", "target"], rows), ""])
+
+
+def repack_flag(args) -> list:
+    return [] if args.repack is None else ["--repack" if args.repack else "--no-repack"]
+
+
+def server_command(args) -> list:
+    """The serve command's model and options, as the report names them."""
+    return [args.model, "--parallel", str(args.parallel), "--threads", str(args.threads), *repack_flag(args)]
 
 
 def main(argv=None) -> int:
@@ -131,11 +141,13 @@ def main(argv=None) -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--context-length", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of one stream and of all (medians)")
+    parser.add_argument("--repack", action=argparse.BooleanOptionalAction, default=None,
+                        help="passed to zephyr serve (default: neither, the CPU's choice)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     machine = machine_description()
     with tempfile.TemporaryDirectory() as tmp, serving(args.model, args.threads, None, Path(tmp) / "serve.log", (
-            "--parallel", str(args.parallel), "--context-length", str(args.context_length))) as url:
+            "--parallel", str(args.parallel), "--context-length", str(args.context_length), *repack_flag(args))) as url:
         result = measure(url, args.clients, args.max_tokens, args.rounds)
     section = report(args, machine, result)
     print(section)
