@@ -975,8 +975,9 @@ def markdown_section(args, machine, versions, kernel, measured, skipped, rows, p
 def kernel_section(args, machine, versions, threads_list, memory_rates, kernel, rates) -> str:
     budget = int((machine["l2_bytes"] or 0) * KERNEL_L2_SHARE)
     memory = ", ".join(f"{t} thread{'s' * (t > 1)} {memory_rates[t] / GB:.1f} GB/s" for t in threads_list)
+    named = "" if args.section == KERNEL_RATES_SECTION else f", {args.section}"
     lines = [
-        f"## Decode matvec rates from L2{'' if args.section == KERNEL_RATES_SECTION else f', {args.section}'} (generated)",
+        f"## Decode matvec rates from L2{named} (generated)",
         "",
         f"- Date: {now()}",
         f"- Host: {host_line(machine)}",
