@@ -29,6 +29,11 @@ enum { ZD_ISA_SCALAR = 0, ZD_ISA_AVX2 = 1, ZD_ISA_AVX512 = 2, ZD_ISA_COUNT = 3 }
 #define ZD_INLINE static inline
 #endif
 
+/* Unroll the loop that follows completely. The SIMD kernels keep arrays of vector registers
+ * indexed by token and by vector; a loop gcc leaves rolled turns such an array into stack
+ * memory (an interleaved Q6_K pass over 2 tokens ran at 14 GB/s from L2, unrolled at 34). */
+#define ZD_UNROLL _Pragma("GCC unroll 16")
+
 /* Whether this CPU (and OS: libgcc checks the saved vector state) can run path `isa`. */
 static int zd_isa_supported(int isa) {
     if (isa == ZD_ISA_SCALAR)

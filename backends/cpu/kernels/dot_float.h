@@ -55,35 +55,35 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_float_tile_512(const int type, const int R, c
     const int64_t k = x->k;
     const uint8_t *row[ZD_TILE_MAX_R];
     const float *xf[ZD_TILE_MAX_T];
-#pragma GCC unroll 8
+    ZD_UNROLL
     for (int r = 0; r < R; r++)
         row[r] = zd_tile_row(tile, r);
-#pragma GCC unroll 8
+    ZD_UNROLL
     for (int j = 0; j < T; j++)
         xf[j] = x->f + zd_tile_token(tile, j) * x->f_stride;
     __m512 F[ZD_TILE_MAX_R][ZD_TILE_MAX_T];
-#pragma GCC unroll 8
+    ZD_UNROLL
     for (int r = 0; r < R; r++)
-#pragma GCC unroll 8
+        ZD_UNROLL
         for (int j = 0; j < T; j++)
             F[r][j] = _mm512_setzero_ps();
     for (int64_t i = 0; i < k; i += 16) {
         const __mmask16 valid = k - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - i)) - 1);
         __m512 W[ZD_TILE_MAX_R];
-#pragma GCC unroll 8
+        ZD_UNROLL
         for (int r = 0; r < R; r++)
             W[r] = zd_float_load_512(type, row[r], i, valid);
-#pragma GCC unroll 8
+        ZD_UNROLL
         for (int j = 0; j < T; j++) {
             const __m512 X = _mm512_maskz_loadu_ps(valid, xf[j] + i);
-#pragma GCC unroll 8
+            ZD_UNROLL
             for (int r = 0; r < R; r++)
                 F[r][j] = _mm512_fmadd_ps(W[r], X, F[r][j]);
         }
     }
-#pragma GCC unroll 8
+    ZD_UNROLL
     for (int r = 0; r < R; r++)
-#pragma GCC unroll 8
+        ZD_UNROLL
         for (int j = 0; j < T; j++)
             if (r < tile->rows && j < tile->nt)
                 zd_tile_store(tile, r, j, _mm512_reduce_add_ps(F[r][j]));
@@ -107,32 +107,34 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_float_tile_256(const int type, const int R, con
     const int64_t k = x->k, whole = k / 8 * 8;
     const uint8_t *row[ZD_TILE_MAX_R];
     const float *xf[ZD_TILE_MAX_T];
+    ZD_UNROLL
     for (int r = 0; r < R; r++)
         row[r] = zd_tile_row(tile, r);
+    ZD_UNROLL
     for (int j = 0; j < T; j++)
         xf[j] = x->f + zd_tile_token(tile, j) * x->f_stride;
     __m256 F[ZD_TILE_MAX_R][ZD_TILE_MAX_T];
-#pragma GCC unroll 8
+    ZD_UNROLL
     for (int r = 0; r < R; r++)
-#pragma GCC unroll 8
+        ZD_UNROLL
         for (int j = 0; j < T; j++)
             F[r][j] = _mm256_setzero_ps();
     for (int64_t i = 0; i < whole; i += 8) {
         __m256 W[ZD_TILE_MAX_R];
-#pragma GCC unroll 8
+        ZD_UNROLL
         for (int r = 0; r < R; r++)
             W[r] = zd_float_load_256(type, row[r], i);
-#pragma GCC unroll 8
+        ZD_UNROLL
         for (int j = 0; j < T; j++) {
             const __m256 X = _mm256_loadu_ps(xf[j] + i);
-#pragma GCC unroll 8
+            ZD_UNROLL
             for (int r = 0; r < R; r++)
                 F[r][j] = _mm256_fmadd_ps(W[r], X, F[r][j]);
         }
     }
-#pragma GCC unroll 8
+    ZD_UNROLL
     for (int r = 0; r < R; r++)
-#pragma GCC unroll 8
+        ZD_UNROLL
         for (int j = 0; j < T; j++)
             if (r < tile->rows && j < tile->nt) {
                 float value = zd_hsum_256(F[r][j]);

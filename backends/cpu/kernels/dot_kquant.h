@@ -278,11 +278,13 @@ ZD_TARGET_AVX512 ZD_INLINE float zd_kq_prep_512(int type, const uint8_t *block, 
     if (type == ZD_Q4_K || type == ZD_Q5_K) {
         _mm256_storeu_ps(corr, _mm512_castps512_ps256(c));
         const __m512i wide = _mm512_castsi128_si512(_mm_cvtepu8_epi16(bytes));
+        ZD_UNROLL
         for (int h = 0; h < 2; h++)
             S[h] = _mm512_permutexvar_epi16(zd_scale32_index_512(h), wide);
     } else {
         _mm512_storeu_ps(corr, c);
         const __m512i wide = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(bytes));
+        ZD_UNROLL
         for (int h = 0; h < 2; h++)
             S[h] = _mm512_permutexvar_epi16(zd_scale16_index_512(h), wide);
     }
@@ -313,8 +315,10 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_kq_unpack4_512(int type, const uint8_t *block
          * come from the same 32 bytes at shifts 2e and 2e + 4 */
         const uint8_t *qs = type == ZD_Q2_K ? ((const zd_block_q2_k *)block)->qs : ((const zd_block_q3_k *)block)->qs;
         const __m512i hm = type == ZD_Q3_K ? zd_broadcast_256_512(((const zd_block_q3_k *)block)->hmask) : _mm512_setzero_si512();
+        ZD_UNROLL
         for (int h = 0; h < 2; h++) {
             const __m512i q = zd_broadcast_256_512(qs + 32 * h);
+            ZD_UNROLL
             for (int e = 0; e < 2; e++) {
                 __m512i v = _mm512_and_si512(_mm512_srlv_epi16(q, zd_halves_epi16_512(2 * e, 2 * e + 4)), _mm512_set1_epi8(3));
                 if (type == ZD_Q3_K) {
@@ -332,11 +336,13 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_kq_unpack4_512(int type, const uint8_t *block
         /* 64 bytes of qs (chunks 2h, 2h+1): low nibbles are sub-blocks (4h, 4h+2), high (4h+1, 4h+3) */
         const uint8_t *qs = type == ZD_Q4_K ? ((const zd_block_q4_k *)block)->qs : ((const zd_block_q5_k *)block)->qs;
         const __m512i qh = type == ZD_Q5_K ? zd_broadcast_256_512(((const zd_block_q5_k *)block)->qh) : _mm512_setzero_si512();
+        ZD_UNROLL
         for (int h = 0; h < 2; h++) {
             const __m512i q = _mm512_loadu_si512(qs + 64 * h);
             W[2 * h] = _mm512_and_si512(q, nibble);
             W[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(q, 4), nibble);
             if (type == ZD_Q5_K)
+                ZD_UNROLL
                 for (int e = 0; e < 2; e++) {
                     const int j = 4 * h + e;   /* sub-blocks j, j + 2: bits j, j + 2 of qh[l] */
                     const __mmask64 high = _mm512_test_epi8_mask(qh, zd_halves_epi8_512(1 << j, 1 << (j + 2)));
@@ -347,8 +353,10 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_kq_unpack4_512(int type, const uint8_t *block
     }
     default: {   /* ZD_Q6_K: half h, group k = 32 values; W[2h+e] = groups (e, e + 2) */
         const zd_block_q6_k *b = (const zd_block_q6_k *)block;
+        ZD_UNROLL
         for (int h = 0; h < 2; h++) {
             const __m512i qh = zd_broadcast_256_512(b->qh + 32 * h);
+            ZD_UNROLL
             for (int e = 0; e < 2; e++) {
                 /* low bits: ql[64h + 32e + l], low nibble for group e, high nibble for e + 2 */
                 __m512i ql = zd_broadcast_256_512(b->ql + 64 * h + 32 * e);
@@ -375,9 +383,9 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_kq_tile_512(const int type, const int R, cons
     const float *xd[ZD_TILE_MAX_T];
     zd_tile_operands(tile, R, T, row, xq, xd);
     __m512 F[ZD_TILE_MAX_R][ZD_TILE_MAX_T];
-#pragma GCC unroll 8
+    ZD_UNROLL
     for (int r = 0; r < R; r++)
-#pragma GCC unroll 8
+        ZD_UNROLL
         for (int j = 0; j < T; j++)
             F[r][j] = _mm512_setzero_ps();
     /* The tiles ahead follow this one: fetch one as fast as this tile is consumed. */
@@ -387,17 +395,18 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_kq_tile_512(const int type, const int R, cons
             _mm_prefetch((const char *)(next + sb * R * bytes + o), ZD_PREFETCH_HINT);
         __m512i W[ZD_TILE_MAX_R][4], S[ZD_TILE_MAX_R][2];
         float d[ZD_TILE_MAX_R];
-#pragma GCC unroll 8
+        ZD_UNROLL
         for (int r = 0; r < R; r++) {
             d[r] = zd_kq_prep_512(type, row[r] + sb * bytes, S[r], tile->cbuf + r * cstride + sb * nc);
             zd_kq_unpack4_512(type, row[r] + sb * bytes, W[r]);
         }
-#pragma GCC unroll 8
+        ZD_UNROLL
         for (int j = 0; j < T; j++) {
             const int8_t *q = xq[j] + 256 * sb;
-#pragma GCC unroll 8
+            ZD_UNROLL
             for (int r = 0; r < R; r++) {
                 __m512i I[4];
+                ZD_UNROLL
                 for (int v = 0; v < 4; v++)
                     I[v] = _mm512_dpbusd_epi32(zd_zero_512(), W[r][v], _mm512_loadu_si512(q + 64 * v));
                 const __m512i A = _mm512_dpwssd_epi32(_mm512_madd_epi16(_mm512_packs_epi32(I[0], I[1]), S[r][0]),
@@ -406,9 +415,9 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_kq_tile_512(const int type, const int R, cons
             }
         }
     }
-#pragma GCC unroll 8
+    ZD_UNROLL
     for (int r = 0; r < R; r++)
-#pragma GCC unroll 8
+        ZD_UNROLL
         for (int j = 0; j < T; j++)
             if (r < tile->rows && j < tile->nt) {
                 const float *s = (nc == 8 ? x->s32 : x->s16) + (tile->t0 + j) * x->s_stride;
@@ -431,6 +440,7 @@ ZD_TARGET_AVX2 ZD_INLINE float zd_kq_prep_256(int type, const uint8_t *block, __
         const zd_block_q4_k *b = (const zd_block_q4_k *)block;
         uint64_t scales, mins;
         zd_k4_scales_mins(b->scales, &scales, &mins);
+        ZD_UNROLL
         for (int s = 0; s < 8; s++)
             S[s] = _mm256_set1_epi16((short)((scales >> (8 * s)) & 0xff));
         const __m256 m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)mins)));
@@ -442,6 +452,7 @@ ZD_TARGET_AVX2 ZD_INLINE float zd_kq_prep_256(int type, const uint8_t *block, __
         float d, factor;
         if (type == ZD_Q2_K) {
             const zd_block_q2_k *b = (const zd_block_q2_k *)block;
+            ZD_UNROLL
             for (int i = 0; i < 16; i++)
                 scales[i] = (int8_t)(b->scales[i] & 0x0f);
             const __m128i packed = _mm_loadu_si128((const __m128i *)b->scales);
@@ -465,6 +476,7 @@ ZD_TARGET_AVX2 ZD_INLINE float zd_kq_prep_256(int type, const uint8_t *block, __
             _mm256_storeu_ps(corr + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(packed, 8))),
                                                      _mm256_set1_ps(factor)));
         }
+        ZD_UNROLL
         for (int s = 0; s < 8; s++)
             S[s] = zd_scale_pair_256(scales[2 * s], scales[2 * s + 1]);
         return d;
@@ -522,43 +534,46 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_kq_tile_256(const int type, const int R, const 
     const float *xd[ZD_TILE_MAX_T];
     zd_tile_operands(tile, R, T, row, xq, xd);
     __m256 F[ZD_TILE_MAX_R][ZD_TILE_MAX_T];
+    ZD_UNROLL
     for (int r = 0; r < R; r++)
+        ZD_UNROLL
         for (int j = 0; j < T; j++)
             F[r][j] = _mm256_setzero_ps();
     for (int64_t sb = 0; sb < nsb; sb++) {
         __m256i S[ZD_TILE_MAX_R][8];
         float d[ZD_TILE_MAX_R];
+        ZD_UNROLL
         for (int r = 0; r < R; r++)
             d[r] = zd_kq_prep_256(type, row[r] + sb * bytes, S[r], tile->cbuf + r * cstride + sb * nc);
         __m256i A[ZD_TILE_MAX_R][ZD_TILE_MAX_T];
-#pragma GCC unroll 4
+        ZD_UNROLL
         for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
+            ZD_UNROLL
             for (int j = 0; j < T; j++)
                 A[r][j] = _mm256_setzero_si256();
-#pragma GCC unroll 8
+        ZD_UNROLL
         for (int s = 0; s < 8; s++) {
             __m256i W[ZD_TILE_MAX_R];
-#pragma GCC unroll 4
+            ZD_UNROLL
             for (int r = 0; r < R; r++)
                 W[r] = zd_kq_unpack_256(type, row[r] + sb * bytes, s);
-#pragma GCC unroll 4
+            ZD_UNROLL
             for (int j = 0; j < T; j++) {
                 const __m256i X = _mm256_loadu_si256((const __m256i *)(xq[j] + 256 * sb + 32 * s));
-#pragma GCC unroll 4
+                ZD_UNROLL
                 for (int r = 0; r < R; r++)
                     A[r][j] = _mm256_add_epi32(A[r][j], _mm256_madd_epi16(_mm256_maddubs_epi16(W[r], X), S[r][s]));
             }
         }
-#pragma GCC unroll 4
+        ZD_UNROLL
         for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
+            ZD_UNROLL
             for (int j = 0; j < T; j++)
                 F[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(A[r][j]), _mm256_set1_ps(d[r] * xd[j][sb]), F[r][j]);
     }
-#pragma GCC unroll 4
+    ZD_UNROLL
     for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
+        ZD_UNROLL
         for (int j = 0; j < T; j++)
             if (r < tile->rows && j < tile->nt) {
                 const float *s = (nc == 8 ? x->s32 : x->s16) + (tile->t0 + j) * x->s_stride;

@@ -178,9 +178,9 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_legacy_tile_512(const int type, const int R, 
     const float *xd[ZD_TILE_MAX_T];
     zd_tile_operands(tile, R, T, row, xq, xd);
     __m512 F[ZD_TILE_MAX_R][ZD_TILE_MAX_T];
-#pragma GCC unroll 8
+    ZD_UNROLL
     for (int r = 0; r < R; r++)
-#pragma GCC unroll 8
+        ZD_UNROLL
         for (int j = 0; j < T; j++)
             F[r][j] = _mm512_setzero_ps();
     /* The tiles ahead follow this one: fetch one as fast as this tile is consumed. */
@@ -190,7 +190,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_legacy_tile_512(const int type, const int R, 
         for (int64_t o = 0; o < R * gbytes; o += 64)
             _mm_prefetch((const char *)(next + g * R * gbytes + o), ZD_PREFETCH_HINT);
         __m256 dw[ZD_TILE_MAX_R], dx[ZD_TILE_MAX_T];
-#pragma GCC unroll 8
+        ZD_UNROLL
         for (int r = 0; r < R; r++) {
             const uint8_t *group = row[r] + g * gbytes;
             dw[r] = zd_legacy_halves_512(group, bytes, 0, n);
@@ -202,10 +202,10 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_legacy_tile_512(const int type, const int R, 
                 _mm256_mask_storeu_ps(corr, valid, _mm256_mul_ps(dw[r], _mm256_set1_ps(-zd_legacy_offset(type))));
         }
         __m256 P[ZD_TILE_MAX_R][ZD_TILE_MAX_T];
-#pragma GCC unroll 8
+        ZD_UNROLL
         for (int j = 0; j < T; j++) {
             dx[j] = _mm256_loadu_ps(xd[j] + 8 * g);   /* zero past the row's blocks (zd_quantize_blocks) */
-#pragma GCC unroll 8
+            ZD_UNROLL
             for (int r = 0; r < R; r++)
                 P[r][j] = _mm256_mul_ps(dw[r], dx[j]);
         }
@@ -219,9 +219,9 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_legacy_tile_512(const int type, const int R, 
                 ZD_LEGACY_STEP_512(s, 2 * s + 1 < n);
         }
     }
-#pragma GCC unroll 8
+    ZD_UNROLL
     for (int r = 0; r < R; r++)
-#pragma GCC unroll 8
+        ZD_UNROLL
         for (int j = 0; j < T; j++)
             if (r < tile->rows && j < tile->nt) {
                 const float *s = x->s32 + (tile->t0 + j) * x->s_stride;
@@ -262,26 +262,26 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_legacy_tile_256(const int type, const int R, co
     const float *xd[ZD_TILE_MAX_T];
     zd_tile_operands(tile, R, T, row, xq, xd);
     __m256 F[ZD_TILE_MAX_R][ZD_TILE_MAX_T];
-#pragma GCC unroll 8
+    ZD_UNROLL
     for (int r = 0; r < R; r++)
-#pragma GCC unroll 8
+        ZD_UNROLL
         for (int j = 0; j < T; j++)
             F[r][j] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         __m256i W[ZD_TILE_MAX_R];
         float dw[ZD_TILE_MAX_R];
-#pragma GCC unroll 8
+        ZD_UNROLL
         for (int r = 0; r < R; r++) {
             const uint8_t *block = row[r] + b * bytes;
             dw[r] = _cvtsh_ss(zd_u16_at(block));
             tile->cbuf[r * cstride + b] = type == ZD_Q8_0 ? 0.0f : zd_legacy_corr(type, block, dw[r]);
             W[r] = zd_legacy_unpack_256(type, block);
         }
-#pragma GCC unroll 8
+        ZD_UNROLL
         for (int j = 0; j < T; j++) {
             const __m256i X = _mm256_loadu_si256((const __m256i *)(xq[j] + 32 * b));
             const float dx = xd[j][b];
-#pragma GCC unroll 8
+            ZD_UNROLL
             for (int r = 0; r < R; r++) {
                 const __m256i P = type == ZD_Q8_0 ? _mm256_maddubs_epi16(_mm256_abs_epi8(W[r]), _mm256_sign_epi8(X, W[r]))
                                                   : _mm256_maddubs_epi16(W[r], X);
@@ -290,9 +290,9 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_legacy_tile_256(const int type, const int R, co
             }
         }
     }
-#pragma GCC unroll 8
+    ZD_UNROLL
     for (int r = 0; r < R; r++)
-#pragma GCC unroll 8
+        ZD_UNROLL
         for (int j = 0; j < T; j++)
             if (r < tile->rows && j < tile->nt) {
                 float value = zd_hsum_256(F[r][j]);

@@ -244,6 +244,7 @@ static void zd_x16_tile_scalar(int type, const zd_tile *tile) {
 ZD_INLINE void zd_x16_token_operands(const zd_tile *tile, const int T, int64_t j0, const int per16, const int8_t **q,
                                      const float **xd, const float **xs) {
     const zd_act *x = tile->x;
+    ZD_UNROLL
     for (int j = 0; j < T; j++) {
         const int64_t t = tile->t0 + j0 + j;
         q[j] = x->q + t * x->q_stride;
@@ -266,6 +267,7 @@ ZD_TARGET_AVX512 ZD_INLINE const uint8_t *zd_x16_group_512(const zd_tile *tile, 
  * offsets or mins, each kernel's weight side cw times the activations' side m). */
 ZD_TARGET_AVX512 ZD_INLINE void zd_x16_fold_512(const int T, const __m512i *acc, const __m512 *m, __m512 d, __m512 cw,
                                                 const float **xd, int64_t sb, __m512 *F, __m512 *C) {
+    ZD_UNROLL
     for (int j = 0; j < T; j++) {
         F[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[j]), _mm512_mul_ps(d, _mm512_set1_ps(xd[j][sb])), F[j]);
         C[j] = _mm512_fmadd_ps(cw, m[j], C[j]);
@@ -294,6 +296,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tokens_512(const int type, const int T, c
     const float *xd[4], *xs[4];
     zd_x16_token_operands(tile, T, j0, 0, q, xd, xs);
     __m512 F[4], C[4];
+    ZD_UNROLL
     for (int j = 0; j < T; j++)
         F[j] = C[j] = _mm512_setzero_ps();
     const __m512i nibble = _mm512_set1_epi8(0x0f), sixteen = _mm512_set1_epi8(16);
@@ -303,12 +306,15 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tokens_512(const int type, const int T, c
         /* the correction's weight side: the mins, or d (times -offset at the end) */
         const __m512 cw = mins >= 0 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(group + mins))) : dw;
         __m512i I[4];
+        ZD_UNROLL
         for (int j = 0; j < T; j++)
             I[j] = _mm512_setzero_si512();
         const __m512i h = five ? _mm512_loadu_si512(group + qh) : _mm512_setzero_si512();
+        ZD_UNROLL
         for (int i = 0; i < nv; i++) {
             const __m512i v = _mm512_loadu_si512(group + quants + 64 * i);
             if (nv == 8) {
+                ZD_UNROLL
                 for (int j = 0; j < T; j++)
                     I[j] = _mm512_dpbusd_epi32(I[j], v, zd_x4_512(q[j] + 32 * b + 4 * i));
             } else {
@@ -320,18 +326,21 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tokens_512(const int type, const int T, c
                     lo = _mm512_mask_add_epi8(lo, _mm512_test_epi8_mask(h_lo, bits), lo, sixteen);
                     hi = _mm512_mask_add_epi8(hi, _mm512_test_epi8_mask(h_hi, bits), hi, sixteen);
                 }
+                ZD_UNROLL
                 for (int j = 0; j < T; j++) {
                     I[j] = _mm512_dpbusd_epi32(I[j], lo, zd_x4_512(q[j] + 32 * b + 4 * i));
                     I[j] = _mm512_dpbusd_epi32(I[j], hi, zd_x4_512(q[j] + 32 * b + 16 + 4 * i));
                 }
             }
         }
+        ZD_UNROLL
         for (int j = 0; j < T; j++) {
             F[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(I[j]), _mm512_mul_ps(dw, _mm512_set1_ps(xd[j][b])), F[j]);
             C[j] = _mm512_fmadd_ps(cw, _mm512_set1_ps(xs[j][b]), C[j]);
         }
     }
     const __m512 factor = _mm512_set1_ps(mins >= 0 ? 1.0f : -zd_legacy_offset(zd_x16_base(type)));
+    ZD_UNROLL
     for (int j = 0; j < T; j++)
         zd_rows16_store(tile, j0 + j, _mm512_fmadd_ps(C[j], factor, F[j]));
 }
@@ -391,6 +400,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_kq_tokens_512(const int type, const int T
     const float *xd[4], *xs[4];
     zd_x16_token_operands(tile, T, j0, 0, q, xd, xs);
     __m512 F[4], C[4];
+    ZD_UNROLL
     for (int j = 0; j < T; j++)
         F[j] = C[j] = _mm512_setzero_ps();
     const __m512i low = _mm512_set1_epi8(0x0f), high = _mm512_set1_epi8((char)0xf0);
@@ -402,20 +412,26 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_kq_tokens_512(const int type, const int T
         zd_x16_q4k_scales_512(group, sc, mn);
         __m512 acc[4];
         __m512 m[4];
+        ZD_UNROLL
         for (int j = 0; j < T; j++) {
             acc[j] = _mm512_setzero_ps();
             m[j] = _mm512_setzero_ps();
         }
+        ZD_UNROLL
         for (int s = 0; s < 8; s++) {
             const __m512 mins = _mm512_cvtepi32_ps(zd_lane_byte_512(mn[s / 4], s % 4));
+            ZD_UNROLL
             for (int j = 0; j < T; j++)
                 m[j] = _mm512_fmadd_ps(mins, _mm512_set1_ps(xs[j][8 * sb + s]), m[j]);
         }
+        ZD_UNROLL
         for (int ch = 0; ch < 4; ch++) {
             __m512i I[4], H[4];
+            ZD_UNROLL
             for (int j = 0; j < T; j++)
                 I[j] = H[j] = _mm512_setzero_si512();
             const int64_t at = 256 * sb + 128 * (ch / 2) + 32 * (ch % 2);
+            ZD_UNROLL
             for (int i = 0; i < 8; i++) {
                 __m512i lo, hi;
                 uint8_t *slot = kept + 128 * (32 * sb + 8 * ch + i);
@@ -433,6 +449,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_kq_tokens_512(const int type, const int T
                     lo = _mm512_and_si512(v, low);
                     hi = _mm512_and_si512(v, high);
                 }
+                ZD_UNROLL
                 for (int j = 0; j < T; j++) {
                     I[j] = _mm512_dpbusd_epi32(I[j], lo, zd_x4_512(q[j] + at + 4 * i));
                     H[j] = _mm512_dpbusd_epi32(H[j], hi, zd_x4_512(q[j] + at + 64 + 4 * i));
@@ -441,16 +458,19 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_kq_tokens_512(const int type, const int T
             const __m512 s_lo = _mm512_cvtepi32_ps(zd_lane_byte_512(sc[ch / 2], 2 * (ch % 2)));
             const __m512 s_hi = _mm512_mul_ps(_mm512_cvtepi32_ps(zd_lane_byte_512(sc[ch / 2], 2 * (ch % 2) + 1)),
                                               _mm512_set1_ps(five ? 1.0f : 1.0f / 16));
+            ZD_UNROLL
             for (int j = 0; j < T; j++) {
                 acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(H[j]), s_hi, acc[j]);
                 acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(I[j]), s_lo, acc[j]);
             }
         }
+        ZD_UNROLL
         for (int j = 0; j < T; j++) {
             F[j] = _mm512_fmadd_ps(acc[j], _mm512_mul_ps(d, _mm512_set1_ps(xd[j][sb])), F[j]);
             C[j] = _mm512_fmadd_ps(dmin, m[j], C[j]);
         }
     }
+    ZD_UNROLL
     for (int j = 0; j < T; j++)
         zd_rows16_store(tile, j0 + j, _mm512_sub_ps(F[j], C[j]));
 }
@@ -474,6 +494,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q23k_tokens_512(const int type, const int
     const float *xd[4], *xs[4];
     zd_x16_token_operands(tile, T, j0, 1, q, xd, xs);
     __m512 F[4], C[4];
+    ZD_UNROLL
     for (int j = 0; j < T; j++)
         F[j] = C[j] = _mm512_setzero_ps();
     const __m512i three = _mm512_set1_epi8(3), four = _mm512_set1_epi8(4), nibble = _mm512_set1_epi8(0x0f);
@@ -487,6 +508,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q23k_tokens_512(const int type, const int
         if (q3) {
             const __m512i a = _mm512_loadu_si512(packed), b = _mm512_loadu_si512(packed + 64);
             const __m512i h = _mm512_loadu_si512(packed + 128);
+            ZD_UNROLL
             for (int v = 0; v < 4; v++) {
                 const __m512i src = v % 2 ? b : a;
                 const __m512i lowbits = _mm512_and_si512(v < 2 ? src : _mm512_srli_epi32(src, 4), nibble);
@@ -494,6 +516,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q23k_tokens_512(const int type, const int
                 S[v] = _mm512_or_si512(lowbits, _mm512_slli_epi32(top, 4));
             }
         } else {
+            ZD_UNROLL
             for (int v = 0; v < 4; v++) {
                 const __m512i both = _mm512_loadu_si512(packed + 64 * v);
                 S[v] = _mm512_and_si512(both, nibble);
@@ -502,17 +525,22 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q23k_tokens_512(const int type, const int
         }
         __m512i acc[4];
         __m512 m[4];
+        ZD_UNROLL
         for (int j = 0; j < T; j++) {
             acc[j] = _mm512_setzero_si512();
             m[j] = _mm512_setzero_ps();
         }
+        ZD_UNROLL
         for (int n = 0; n < 2; n++)
+            ZD_UNROLL
             for (int sh = 0; sh < 4; sh++) {
                 const int s = 4 * n + sh;
                 const int64_t at = 256 * sb + 64 * (2 * (s / 4) + s % 2) + 32 * ((s % 4) / 2);   /* Q4_K order */
                 __m512i I[4][2];
+                ZD_UNROLL
                 for (int j = 0; j < T; j++)
                     I[j][0] = I[j][1] = _mm512_setzero_si512();
+                ZD_UNROLL
                 for (int i = 0; i < 8; i++) {
                     const __m512i v = _mm512_loadu_si512(qs + 64 * (8 * n + i));
                     /* Q2_K's 2 bits in place (4^sh times their value; the sums are divided after) */
@@ -523,18 +551,22 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q23k_tokens_512(const int type, const int
                         const __m512i bit = s < 2 ? _mm512_slli_epi32(hm, 2 - s) : _mm512_srli_epi32(hm, s - 2);
                         u = _mm512_ternarylogic_epi32(u, bit, four, 0xF8);   /* u | (bit & four) */
                     }
+                    ZD_UNROLL
                     for (int j = 0; j < T; j++)
                         I[j][i / 4] = _mm512_dpbusd_epi32(I[j][i / 4], u, zd_x4_512(q[j] + at + 4 * i));
                 }
                 if (!q3 && sh)
+                    ZD_UNROLL
                     for (int j = 0; j < T; j++)
                         I[j][0] = _mm512_srai_epi32(I[j][0], 2 * sh), I[j][1] = _mm512_srai_epi32(I[j][1], 2 * sh);
+                ZD_UNROLL
                 for (int e = 0; e < 2; e++) {
                     const int g = 2 * s + e;
                     __m512i sc = zd_lane_byte_512(S[g / 4], g % 4);
                     if (q3)
                         sc = _mm512_sub_epi32(sc, _mm512_set1_epi32(32));
                     const __m512 c = _mm512_cvtepi32_ps(q3 ? sc : zd_lane_byte_512(M[g / 4], g % 4));
+                    ZD_UNROLL
                     for (int j = 0; j < T; j++) {
                         acc[j] = _mm512_add_epi32(acc[j], _mm512_mullo_epi32(I[j][e], sc));
                         m[j] = _mm512_fmadd_ps(c, _mm512_set1_ps(xs[j][16 * sb + g]), m[j]);
@@ -546,6 +578,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q23k_tokens_512(const int type, const int
                              : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(group + 32)));
         zd_x16_fold_512(T, acc, m, d, cw, xd, sb, F, C);
     }
+    ZD_UNROLL
     for (int j = 0; j < T; j++)
         zd_rows16_store(tile, j0 + j, _mm512_sub_ps(F[j], C[j]));
 }
@@ -579,6 +612,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q6k_tokens_512(const int T, const zd_tile
     const float *xd[4], *xs[4];
     zd_x16_token_operands(tile, T, j0, 1, q, xd, xs);
     __m512 F[4], C[4];
+    ZD_UNROLL
     for (int j = 0; j < T; j++)
         F[j] = C[j] = _mm512_setzero_ps();
     for (int64_t sb = 0; sb < nsb; sb++) {
@@ -587,29 +621,37 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q6k_tokens_512(const int T, const zd_tile
         const uint8_t *ql = group + 32, *qh = ql + 64 * 32, *scales = qh + 64 * 16;
         __m512i acc[4];
         __m512 m[4];
+        ZD_UNROLL
         for (int j = 0; j < T; j++) {
             acc[j] = _mm512_setzero_si512();
             m[j] = _mm512_setzero_ps();
         }
+        ZD_UNROLL
         for (int h = 0; h < 2; h++)
+            ZD_UNROLL
             for (int c = 0; c < 2; c++) {
                 __m512i I[4][4];   /* token, then (low, high) x (values 0-15, 16-31) */
+                ZD_UNROLL
                 for (int j = 0; j < T; j++)
                     I[j][0] = I[j][1] = I[j][2] = I[j][3] = _mm512_setzero_si512();
                 const int64_t at = 256 * sb + 128 * h + 64 * c;
+                ZD_UNROLL
                 for (int i = 0; i < 8; i++) {
                     __m512i lo, hi;
                     zd_x16_q6k_unpack_512(ql, qh, h, c, i, &lo, &hi);
+                    ZD_UNROLL
                     for (int j = 0; j < T; j++) {
                         I[j][i / 4] = _mm512_dpbusd_epi32(I[j][i / 4], lo, zd_x4_512(q[j] + at + 4 * i));
                         I[j][2 + i / 4] = _mm512_dpbusd_epi32(I[j][2 + i / 4], hi, zd_x4_512(q[j] + at + 32 + 4 * i));
                     }
                 }
                 /* the chunk's 4 groups: 2 of the low sub-block, 2 of the high one */
+                ZD_UNROLL
                 for (int e = 0; e < 4; e++) {
                     const int g = 2 * (4 * h + c + 2 * (e / 2)) + e % 2;
                     const __m512i sc = zd_lane_int8_512(_mm512_loadu_si512(scales + 64 * (g / 4)), g % 4);
                     const __m512 f = _mm512_cvtepi32_ps(sc);
+                    ZD_UNROLL
                     for (int j = 0; j < T; j++) {
                         acc[j] = _mm512_add_epi32(acc[j], _mm512_mullo_epi32(I[j][e], sc));
                         m[j] = _mm512_fmadd_ps(f, _mm512_set1_ps(xs[j][16 * sb + g]), m[j]);
@@ -618,6 +660,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q6k_tokens_512(const int T, const zd_tile
             }
         zd_x16_fold_512(T, acc, m, d, d, xd, sb, F, C);
     }
+    ZD_UNROLL
     for (int j = 0; j < T; j++)
         zd_rows16_store(tile, j0 + j, _mm512_fmadd_ps(C[j], _mm512_set1_ps(-32.0f), F[j]));
 }

@@ -60,17 +60,20 @@ static inline zd_panel zd_panel_at(float *scratch, int64_t k) {
 /* Transpose 16 vectors of 16 int32 in place: r[i] lane j <-> r[j] lane i. */
 ZD_TARGET_AVX512 ZD_INLINE void zd_transpose16_512(__m512i r[16]) {
     __m512i t[16], u[16];
+    ZD_UNROLL
     for (int i = 0; i < 8; i++) {
         t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
         t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
     }
     /* u[4i + m], 128-bit lane L: column 4L + m of rows 4i .. 4i + 3 */
+    ZD_UNROLL
     for (int i = 0; i < 4; i++) {
         u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
         u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
         u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
         u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
     }
+    ZD_UNROLL
     for (int m = 0; m < 4; m++) {
         const __m512i a = _mm512_shuffle_i32x4(u[m], u[4 + m], 0x88), b = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0x88);
         const __m512i c = _mm512_shuffle_i32x4(u[m], u[4 + m], 0xdd), d = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0xdd);
@@ -91,6 +94,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_panel_put(void *dst, __m512i rows[16], int n)
 
 ZD_TARGET_AVX512 ZD_INLINE void zd_panel_put_floats(float *dst, const __m512 rows[16], int n) {
     __m512i v[16];
+    ZD_UNROLL
     for (int r = 0; r < 16; r++)
         v[r] = _mm512_castps_si512(rows[r]);
     zd_panel_put(dst, v, n);
@@ -117,14 +121,17 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_panel_fill_kq(int type, const zd_tile *tile, 
     for (int64_t sb = 0; sb < nsb; sb++) {
         __m512i W[4][16];
         __m512 scale[16], corr[16];
+        ZD_UNROLL
         for (int r = 0; r < ZD_PANEL_ROWS; r++) {
             const uint8_t *block = zd_tile_row(tile, r) + sb * bytes;
             __m512i w[4];
             zd_kq_unpack4_512(type, block, w);
+            ZD_UNROLL
             for (int v = 0; v < 4; v++)
                 W[v][r] = w[v];
             zd_kq_row_scales_512(type, block, &scale[r], &corr[r]);
         }
+        ZD_UNROLL
         for (int v = 0; v < 4; v++)
             zd_panel_put(p->u + (64 * sb + 16 * v) * 64, W[v], 16);
         zd_panel_put_floats(p->scale + 16 * sb * ZD_PANEL_ROWS, scale, 16);
@@ -139,6 +146,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_panel_fill_legacy(int type, const zd_tile *ti
     for (int64_t b0 = 0; b0 < nb; b0 += 16) {
         const int n = (int)zd_min64(16, nb - b0);
         __m512 dw[16], corr[16];
+        ZD_UNROLL
         for (int r = 0; r < ZD_PANEL_ROWS; r++) {
             const uint8_t *group = zd_tile_row(tile, r) + b0 * bytes;
             const int n0 = n < 8 ? n : 8, n1 = n - n0;
@@ -155,6 +163,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_panel_fill_legacy(int type, const zd_tile *ti
         for (int64_t b = b0; b < b0 + n; b += 2) {
             const int two = b + 1 < nb;
             __m512i W[16];
+            ZD_UNROLL
             for (int r = 0; r < ZD_PANEL_ROWS; r++)
                 W[r] = zd_legacy_unpack_512(type, zd_tile_row(tile, r) + b * bytes, 0, two);
             zd_panel_put(p->u + 8 * b * 64, W, two ? 16 : 8);   /* a lone last block: 8 slices */

@@ -147,10 +147,10 @@ static inline int64_t zd_tile_token(const zd_tile *tile, int j) {
  * activation quants and block scales (stand-ins past the tile's end, as above). */
 ZD_INLINE void zd_tile_operands(const zd_tile *tile, const int R, const int T, const uint8_t **row, const int8_t **xq,
                                 const float **xd) {
-#pragma GCC unroll 8
+    ZD_UNROLL
     for (int r = 0; r < R; r++)
         row[r] = zd_tile_row(tile, r);
-#pragma GCC unroll 8
+    ZD_UNROLL
     for (int j = 0; j < T; j++) {
         const int64_t t = zd_tile_token(tile, j);
         xq[j] = tile->x->q + t * tile->x->q_stride;
