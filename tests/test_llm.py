@@ -201,6 +201,19 @@ def test_repack_chooses_the_cpu_layout_and_is_refused_where_it_does_nothing(tiny
         AutoModelForCausalLM.from_pretrained(str(tiny_path), backend="reference", repack=True)
 
 
+
+def test_a_cache_of_several_sequences_repacks_every_type_unless_told(tiny_path):
+    """Left to the backend, sequences > 1 asks the CPU backend for every type interleaved (batches of
+    sequences run faster so); an explicit repack still rules, and a backend without the option loads."""
+    def cpu_repack(**kwargs):
+        with AutoModelForCausalLM.from_pretrained(str(tiny_path), **kwargs) as llm:
+            return {b.repack for b in llm.placement.backends if hasattr(b, "repack")}
+    assert cpu_repack() == {None}
+    assert cpu_repack(sequences=2) == {True}
+    assert cpu_repack(sequences=2, repack=False) == {False}
+    with AutoModelForCausalLM.from_pretrained(str(tiny_path), backend="reference", sequences=2) as llm:
+        assert [b.name for b in llm.placement.backends] == ["reference"]
+
 def test_model_type_is_checked(tiny_path):
     AutoModelForCausalLM.from_pretrained(str(tiny_path), model_type="mistral").close()
     with pytest.raises(ValueError, match="whose architecture is 'llama'"):

@@ -223,8 +223,9 @@ class Config:
     ctransformers: `kv_cache_type` ("f16", llama.cpp's default; "q8_0" holds twice the context in
     the same memory; "f32"), `sequences` (how many conversations the KV cache holds at once,
     each of context_length positions: the server's --parallel) and `repack` (the CPU backend's
-    weights interleaved at load for its fastest kernels: None lets it choose per host, True
-    repacks every type it can, as llama.cpp does, False none; see docs/api.md)."""
+    weights interleaved at load for its fastest kernels: None lets it choose per host, or every
+    type when sequences > 1, True repacks every type it can, as llama.cpp does, False none; see
+    docs/api.md)."""
 
     top_k: int = 40
     top_p: float = 0.95
