@@ -765,9 +765,10 @@ def fastest_per_call(calls, round_s=0.005, rounds=7) -> list:
     return best
 
 
-def measure_kernel_rates(threads_list, l2_bytes, seed=0) -> list:
+def measure_kernel_rates(threads_list, l2_bytes, seed=0, repack=None) -> list:
     """KernelRate of the CPU backend's one-token matmul for each type of KERNEL_TYPES, row length of
-    KERNEL_ROW_VALUES and thread count, weights small enough to stay in one core's L2."""
+    KERNEL_ROW_VALUES and thread count, weights small enough to stay in one core's L2, in the layouts
+    the backend's `repack` option gives (None: this host's choice)."""
     from zephyr.backend import Weight
     from zephyr.quants import GGMLType, TYPE_INFO
     from zephyr.testing.blocks import random_blocks
@@ -775,7 +776,7 @@ def measure_kernel_rates(threads_list, l2_bytes, seed=0) -> list:
     from zephyr_backends.cpu.backend import CPUBackend
 
     rng = np.random.default_rng(seed)
-    backends = {threads: CPUBackend(threads=threads) for threads in threads_list}
+    backends = {threads: CPUBackend(threads=threads, repack=repack) for threads in threads_list}
     budget = int(l2_bytes * KERNEL_L2_SHARE)
     rates = []
     for name in KERNEL_TYPES:
@@ -785,7 +786,7 @@ def measure_kernel_rates(threads_list, l2_bytes, seed=0) -> list:
             x = rng.standard_normal((1, k), dtype=np.float32)                 # one token: [1, k]
             matrices = [Weight(f"{name} {m}x{k}", wtype, (m, k), random_blocks(wtype, (m, k), rng))
                         for m in kernel_matrix_rows(row_bytes, budget)]
-            layout = "interleaved" if _ops.interleaves(int(wtype), k) else "row-major"
+            layout = "interleaved" if _ops.interleaves(int(wtype), k, repack) else "row-major"
             for threads, backend in backends.items():
                 seconds = fastest_per_call([functools.partial(backend.matmul, x, backend.load_weight(w))
                                             for w in matrices])
@@ -986,7 +987,8 @@ def kernel_section(args, machine, versions, threads_list, memory_rates, kernel, 
         f"- Memory read rate: {memory} (median of {BANDWIDTH_PASSES} passes over {args.bandwidth_gib:g} GiB, "
         f"{kernel}); 1 thread is the per-core rate",
         "",
-        f"Method: `CPUBackend(threads=T).matmul` of one token against random valid blocks "
+        f"Method: `CPUBackend(threads=T{'' if args.repack is None else f', repack={args.repack}'}).matmul` of one "
+        f"token against random valid blocks "
         f"(`zephyr.testing.blocks.random_blocks`) loaded through `load_weight`, so each type runs the kernel "
         f"and layout decode uses; rows of the 7B model's lengths ({' and '.join(map(str, KERNEL_ROW_VALUES))} "
         f"values); {KERNEL_SIZES} matrix sizes up to {budget >> 10} KB ({KERNEL_L2_SHARE:g} of one core's L2, "
@@ -1038,6 +1040,9 @@ def parse_args(argv=None):
     parser.add_argument("--kernel-rates", action="store_true",
                         help="measure the decode matvec's rate from L2 per weight type on 1 and --threads "
                              "threads, against the memory read rate, instead of running the engines")
+    parser.add_argument("--repack", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --kernel-rates: every type interleaved where a kernel reads it so (--no-repack: "
+                             "none; default: this host's choice, as zephyr's repack option)")
     parser.add_argument("--out", type=Path, help="Markdown file whose generated section gets the results "
                                                  "(e.g. docs/benchmarks.md)")
     parser.add_argument("--section", help="name of the generated section of --out to write (default: the "
@@ -1093,7 +1098,7 @@ def kernel_rates_main(args, machine) -> int:
         print(f"memory read rate, {threads} thread{'s' * (threads > 1)}: {memory_rates[threads] / GB:.1f} GB/s",
               flush=True)
     try:
-        rates = measure_kernel_rates(threads_list, machine["l2_bytes"])
+        rates = measure_kernel_rates(threads_list, machine["l2_bytes"], repack=args.repack)
     except KeyboardInterrupt:
         print("\ninterrupted: nothing written")
         return 130

@@ -96,6 +96,12 @@ def test_kernel_rates_write_their_own_section(bench):
     assert bench.parse_args(["--kernel-rates", "--section", "rates-intel"]).section == "rates-intel"
 
 
+def test_kernel_rates_take_the_repack_option(bench):
+    assert bench.parse_args(["--kernel-rates"]).repack is None
+    assert bench.parse_args(["--kernel-rates", "--repack"]).repack is True
+    assert bench.parse_args(["--kernel-rates", "--no-repack"]).repack is False
+
+
 # -- targets ------------------------------------------------------------------------------------
 def test_long_context_targets_are_issue_13s(bench):
     demo, q4_k_m = bench.MODELS["demo"], bench.MODELS["q4_k_m"]
