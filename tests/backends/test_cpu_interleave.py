@@ -1,5 +1,6 @@
 """Weights the CPU backend interleaves at load (kernels/interleave.h: Q4_0, Q4_1, Q5_0, Q5_1, and
-Q8_0 and the k-quants with short rows or on Intel CPUs, on the AVX-512 path).
+Q8_0 and the k-quants with short rows or on Intel CPUs, on the AVX-512 path; Q4_0, Q4_1, Q4_K and
+Q6_K on the AVX2 path, interleave_avx2.h).
 
 The interleaved kernels are checked against the reference backend on awkward shapes (a partial
 group of 16 rows, one block, an odd number of blocks, token counts with remainders), on every
@@ -115,10 +116,47 @@ def test_which_matrices_are_interleaved():
             assert _ops.interleaves(int(type), 1536)
             assert _ops.interleaves(int(type), 4096) == cpu_is_intel()
         assert not _ops.interleaves(int(GGMLType.F16), 1536)
-        _ops.set_isa("avx2")
-        assert not _ops.interleaves(int(GGMLType.Q4_0), 576)
+        _ops.set_isa("avx2")   # the types with an AVX2 kernel, any row length
+        for type in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K, GGMLType.Q6_K):
+            assert _ops.interleaves(int(type), 4096) and _ops.interleaves(int(type), 14336)
+            assert not _ops.interleaves(int(type), 4096, False)
+        for type in (GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q5_K):
+            assert not _ops.interleaves(int(type), 576) and not _ops.interleaves(int(type), 576, True)
+        _ops.set_isa("scalar")
+        assert not _ops.interleaves(int(GGMLType.Q4_0), 576, True)
     finally:
         _ops.set_isa()
+
+
+@needs_avx512
+@pytest.mark.parametrize("isa", _ops.available_isas())
+@pytest.mark.parametrize("type", [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K, GGMLType.Q6_K], ids=lambda t: t.name)
+def test_interleaved_kernels_hold_the_largest_sums(isa, type):
+    """Every quant at its largest value against activations at full scale of either sign: the AVX2
+    kernels add byte products in 16 bits before widening them, and must not overflow there."""
+    m, k = 16, 512
+    info = quants.TYPE_INFO[type]
+    blocks = np.full((m, k // info.block_size, info.type_size), 0xFF, np.uint8)
+    scale = np.array([0.5], np.float16).view(np.uint8)   # every f16 field (d, min) 0.5; Q6_K's int8 scales -1
+    if type == GGMLType.Q6_K:
+        blocks[:, :, -2:] = scale
+    else:
+        blocks[:, :, :2] = scale
+        if type != GGMLType.Q4_0:
+            blocks[:, :, 2:4] = scale
+    data = blocks.reshape(-1)
+    code, packed = interleaved(data, m, k, type)
+    w = quants.dequantize(data, type, (m, k)).astype(np.float64)
+    for sign in (1.0, -1.0):
+        x = np.full((3, k), sign * 3.0, np.float32)
+        got = np.empty((3, m), np.float32)
+        _ops.set_isa(isa)
+        try:
+            _ops.matmul(x, packed, code, m, got, 1)
+        finally:
+            _ops.set_isa()
+        want = activation_rounding(type, x).astype(np.float64) @ w.T
+        np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 @needs_avx512

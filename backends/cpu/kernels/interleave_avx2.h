@@ -1,0 +1,290 @@
+/* The interleaved layouts (interleave.h) on the AVX2 path: 8 rows per 256-bit vector.
+ *
+ * AVX2 has no dpbusd: a vector of byte products is one maddubs (unsigned weight x signed
+ * activation bytes -> 16-bit sums of pairs) and a row's 4 products one madd by ones more. A
+ * block's pair sums stay in 16 bits until the block's end (Q4_0/Q4_1: 8 maddubs of at most
+ * 2 x 15 x 127 each, 30,480 in all; a Q4_K sub-block the same), so a block costs one madd per
+ * 8 rows, and its scale is one vector for the 8 rows, where the row-major kernels reduce and
+ * scale every row's block on its own (dot_legacy.h, dot_kquant.h). Each 64-byte vector of a
+ * group holds 4 bytes of rows 0..15: half h (32 bytes) is rows 8h .. 8h + 7. The two halves are
+ * two passes over the tile, the second reading the group from cache.
+ *
+ * Types with an AVX2 kernel here: Q4_0, Q4_1, Q4_K, Q6_K (zd_x16_has_256). Q8_0's stored bytes
+ * (value + 128) would overflow maddubs' 16-bit pairs; the others keep their row-major kernels
+ * on this path.
+ */
+#ifndef ZEPHYR_INTERLEAVE_AVX2_H
+#define ZEPHYR_INTERLEAVE_AVX2_H
+
+#if ZD_X86
+/* 4 activation quants broadcast to every 32-bit lane (8 rows). */
+ZD_TARGET_AVX2 ZD_INLINE __m256i zd_x4_256(const int8_t *q) {
+    int32_t v;
+    memcpy(&v, q, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* Store (or add) rows 8h .. 8h + 7 of token j's results, those of them the tile holds. */
+ZD_TARGET_AVX2 ZD_INLINE void zd_rows8_store(const zd_tile *tile, int64_t j, int h, __m256 v) {
+    const int valid = (int)zd_min64(8, tile->rows - 8 * h);
+    float *dst = tile->out + j * tile->ldo + 8 * h;
+    if (valid == 8) {
+        if (tile->accumulate)
+            v = _mm256_add_ps(v, _mm256_loadu_ps(dst));
+        _mm256_storeu_ps(dst, v);
+        return;
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, v);
+    for (int r = 0; r < valid; r++)
+        dst[r] = tile->accumulate ? dst[r] + lanes[r] : lanes[r];
+}
+
+/* The 8 f16 fields of half h at `at` in a group (d or the mins of 16 rows), as floats. */
+ZD_TARGET_AVX2 ZD_INLINE __m256 zd_x16_halves_256(const uint8_t *group, int at, int h) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(group + at + 16 * h)));
+}
+
+/* Q4_0 and Q4_1, rows 8h .. 8h + 7, T tokens from j0: per block, quant vector i's half gives
+ * the low nibbles (values 4i + j) and the high ones (16 + 4i + j) of 8 rows. */
+ZD_TARGET_AVX2 ZD_INLINE void zd_x16_q4_tokens_256(const int type, const int T, const zd_tile *tile, int64_t j0,
+                                                    const int h) {
+    const zd_act *x = tile->x;
+    const int64_t nb = x->k / 32, bytes = 16 * zd_block_bytes(type);
+    const int head = zd_x16_head(type), quants = zd_x16_at(type, 0, head);
+    const int mins = head == 4 ? zd_x16_at(type, 0, 2) : -1;
+    const float offset = -zd_legacy_offset(type);
+    const int8_t *q[4];
+    const float *xd[4], *xs[4];
+    zd_x16_token_operands(tile, T, j0, 0, q, xd, xs);
+    const __m256i nibble = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    __m256 F[4];
+    ZD_UNROLL
+    for (int j = 0; j < T; j++)
+        F[j] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *group = tile->w + b * bytes;
+        if (h == 0)
+            for (int64_t o = 0; o < bytes; o += 64)
+                _mm_prefetch((const char *)(group + ZD_PREFETCH_BYTES + o), ZD_PREFETCH_HINT);
+        __m256i P[4];
+        ZD_UNROLL
+        for (int j = 0; j < T; j++)
+            P[j] = _mm256_setzero_si256();
+        ZD_UNROLL
+        for (int i = 0; i < 4; i++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(group + quants + 64 * i + 32 * h));
+            const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+            ZD_UNROLL
+            for (int j = 0; j < T; j++) {
+                P[j] = _mm256_add_epi16(P[j], _mm256_maddubs_epi16(lo, zd_x4_256(q[j] + 32 * b + 4 * i)));
+                P[j] = _mm256_add_epi16(P[j], _mm256_maddubs_epi16(hi, zd_x4_256(q[j] + 32 * b + 16 + 4 * i)));
+            }
+        }
+        const __m256 dw = zd_x16_halves_256(group, 0, h);
+        const __m256 mw = mins >= 0 ? zd_x16_halves_256(group, mins, h) : dw;
+        ZD_UNROLL
+        for (int j = 0; j < T; j++) {
+            const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(P[j], ones));
+            /* Q4_0: d (xd sums - 8 xs); Q4_1: d xd sums + min xs */
+            if (mins >= 0)
+                F[j] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xs[j][b]),
+                                       _mm256_fmadd_ps(sums, _mm256_mul_ps(dw, _mm256_set1_ps(xd[j][b])), F[j]));
+            else
+                F[j] = _mm256_fmadd_ps(dw, _mm256_fmadd_ps(sums, _mm256_set1_ps(xd[j][b]),
+                                                           _mm256_set1_ps(offset * xs[j][b])), F[j]);
+        }
+    }
+    ZD_UNROLL
+    for (int j = 0; j < T; j++)
+        zd_rows8_store(tile, j0 + j, h, F[j]);
+}
+
+/* Q4_K, rows 8h .. 8h + 7, T tokens from j0. Per super-block (the layout of interleave.h's
+ * zd_x16_kq_tokens_512): 3 vectors of packed 6-bit scales and mins, then 32 quant vectors,
+ * vector 8c + i holding values 4i .. 4i + 3 of sub-blocks 2c (low nibbles) and 2c + 1 (high).
+ * A sub-block's 8 maddubs add up in 16 bits; its scale multiplies the 32-bit row sums in
+ * floats, as the AVX-512 kernel does; the mins meet the activations' sums per 32 values. The
+ * activations keep their natural order here (zd_act.kq_order is for the AVX-512 path). */
+ZD_TARGET_AVX2 ZD_INLINE void zd_x16_q4k_tokens_256(const int T, const zd_tile *tile, int64_t j0, const int h) {
+    const zd_act *x = tile->x;
+    const int64_t nsb = x->k / 256, bytes = 16 * zd_block_bytes(ZD_Q4_K);
+    const int8_t *q[4];
+    const float *xd[4], *xs[4];
+    zd_x16_token_operands(tile, T, j0, 0, q, xd, xs);
+    const __m256i nibble = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const __m256i six = _mm256_set1_epi8(0x3f), top = _mm256_set1_epi8(0x30);
+    __m256 F[4];
+    ZD_UNROLL
+    for (int j = 0; j < T; j++)
+        F[j] = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *group = tile->w + sb * bytes;
+        if (h == 0)
+            for (int64_t o = 0; o < bytes; o += 64)
+                _mm_prefetch((const char *)(group + ZD_PREFETCH_BYTES + o), ZD_PREFETCH_HINT);
+        /* lane r, byte s of sc[0] (mn[0]): sub-block s's scale (min); sc[1] (mn[1]): s + 4's */
+        const __m256i a = _mm256_loadu_si256((const __m256i *)(group + 64 + 32 * h));
+        const __m256i bm = _mm256_loadu_si256((const __m256i *)(group + 128 + 32 * h));
+        const __m256i c = _mm256_loadu_si256((const __m256i *)(group + 192 + 32 * h));
+        const __m256i sc[2] = {_mm256_and_si256(a, six),
+                               _mm256_or_si256(_mm256_and_si256(c, nibble),
+                                               _mm256_and_si256(_mm256_srli_epi32(a, 2), top))};
+        const __m256i mn[2] = {_mm256_and_si256(bm, six),
+                               _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(c, 4), nibble),
+                                               _mm256_and_si256(_mm256_srli_epi32(bm, 2), top))};
+        const __m256 d = zd_x16_halves_256(group, 0, h), dmin = zd_x16_halves_256(group, 32, h);
+        __m256 acc[4], m[4];
+        ZD_UNROLL
+        for (int j = 0; j < T; j++)
+            acc[j] = m[j] = _mm256_setzero_ps();
+        ZD_UNROLL
+        for (int s = 0; s < 8; s++) {
+            /* byte s % 4 of each lane, as an int32: sub-block s's scale and min for 8 rows */
+            const int shift = 8 * (s % 4);
+            const __m256i byte = _mm256_set1_epi32(0xff);
+            const __m256 scale = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(sc[s / 4], shift), byte));
+            const __m256 min = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(mn[s / 4], shift), byte));
+            const int ch = s / 2, high = s % 2;
+            const int64_t at = 256 * sb + 32 * s;   /* activations in natural order on this path */
+            __m256i P[4];
+            ZD_UNROLL
+            for (int j = 0; j < T; j++)
+                P[j] = _mm256_setzero_si256();
+            ZD_UNROLL
+            for (int i = 0; i < 8; i++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(group + 256 + 64 * (8 * ch + i) + 32 * h));
+                const __m256i u = high ? _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble) : _mm256_and_si256(v, nibble);
+                ZD_UNROLL
+                for (int j = 0; j < T; j++)
+                    P[j] = _mm256_add_epi16(P[j], _mm256_maddubs_epi16(u, zd_x4_256(q[j] + at + 4 * i)));
+            }
+            ZD_UNROLL
+            for (int j = 0; j < T; j++) {
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(P[j], ones)), scale, acc[j]);
+                m[j] = _mm256_fmadd_ps(min, _mm256_set1_ps(xs[j][8 * sb + s]), m[j]);
+            }
+        }
+        ZD_UNROLL
+        for (int j = 0; j < T; j++)
+            F[j] = _mm256_fnmadd_ps(dmin, m[j], _mm256_fmadd_ps(acc[j], _mm256_mul_ps(d, _mm256_set1_ps(xd[j][sb])), F[j]));
+    }
+    ZD_UNROLL
+    for (int j = 0; j < T; j++)
+        zd_rows8_store(tile, j0 + j, h, F[j]);
+}
+
+/* Q6_K, rows 8h .. 8h + 7, T tokens from j0 (at most 2: AVX2 has 16 vector registers). The
+ * layout and unpacking are zd_x16_q6k_tokens_512's: per half hf of a super-block and chunk c,
+ * quant vector i gives values 128 hf + 32 c + 4i + j (low nibbles) and 64 later (high), 6 bits
+ * with their top 2 from qh. Pair sums of 6-bit values reach 2 x 63 x 127 = 16,002, so two
+ * maddubs add in 16 bits, and the madd that widens them multiplies by the 16-value group's int8
+ * scale (in both 16-bit halves of each row's lane) on the way. The offset -32 meets the
+ * activations' sums per 16 values (s16). */
+ZD_TARGET_AVX2 ZD_INLINE void zd_x16_q6k_tokens_256(const int T, const zd_tile *tile, int64_t j0, const int h) {
+    const zd_act *x = tile->x;
+    const int64_t nsb = x->k / 256, bytes = 16 * zd_block_bytes(ZD_Q6_K);
+    const int8_t *q[4];
+    const float *xd[4], *xs[4];
+    zd_x16_token_operands(tile, T, j0, 1, q, xd, xs);
+    const __m256i low = _mm256_set1_epi8(0x0f), two = _mm256_set1_epi8(0x30);
+    __m256 F[2];
+    ZD_UNROLL
+    for (int j = 0; j < T; j++)
+        F[j] = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *group = tile->w + sb * bytes;
+        if (h == 0)
+            for (int64_t o = 0; o < bytes; o += 64)
+                _mm_prefetch((const char *)(group + ZD_PREFETCH_BYTES + o), ZD_PREFETCH_HINT);
+        const uint8_t *ql = group + 32, *qh = ql + 64 * 32, *scales = qh + 64 * 16;
+        __m256i acc[2];
+        __m256 m[2];
+        ZD_UNROLL
+        for (int j = 0; j < T; j++) {
+            acc[j] = _mm256_setzero_si256();
+            m[j] = _mm256_setzero_ps();
+        }
+        ZD_UNROLL
+        for (int hf = 0; hf < 2; hf++)
+            ZD_UNROLL
+            for (int c = 0; c < 2; c++)
+                ZD_UNROLL
+                for (int e = 0; e < 2; e++) {   /* vectors 4e .. 4e + 3: one group of the low and one of the high values */
+                    const int g_lo = 8 * hf + 2 * c + e, g_hi = g_lo + 4;
+                    __m256i sc16[2];
+                    ZD_UNROLL
+                    for (int k = 0; k < 2; k++) {
+                        const int g = k ? g_hi : g_lo;
+                        const __m256i v = _mm256_loadu_si256((const __m256i *)(scales + 64 * (g / 4) + 32 * h));
+                        const __m256i sc = _mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * (g % 4)), 24);
+                        sc16[k] = _mm256_blend_epi16(sc, _mm256_slli_epi32(sc, 16), 0xAA);
+                        const __m256 f = _mm256_cvtepi32_ps(sc);
+                        ZD_UNROLL
+                        for (int j = 0; j < T; j++)
+                            m[j] = _mm256_fmadd_ps(f, _mm256_set1_ps(xs[j][16 * sb + g]), m[j]);
+                    }
+                    ZD_UNROLL
+                    for (int pair = 0; pair < 2; pair++) {
+                        __m256i P[2][2];   /* token, low or high values */
+                        ZD_UNROLL
+                        for (int t = 0; t < 2; t++) {
+                            const int i = 4 * e + 2 * pair + t;
+                            const __m256i v = _mm256_loadu_si256((const __m256i *)(ql + 64 * (16 * hf + 8 * c + i) + 32 * h));
+                            const __m256i bits = _mm256_loadu_si256((const __m256i *)(qh + 64 * (8 * hf + i) + 32 * h));
+                            const __m256i top_lo = _mm256_and_si256(c == 0 ? _mm256_slli_epi32(bits, 4) : _mm256_slli_epi32(bits, 2), two);
+                            const __m256i top_hi = _mm256_and_si256(c == 0 ? bits : _mm256_srli_epi32(bits, 2), two);
+                            const __m256i lo = _mm256_or_si256(_mm256_and_si256(v, low), top_lo);
+                            const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(v, 4), low), top_hi);
+                            const int64_t at = 256 * sb + 128 * hf + 32 * c + 4 * i;
+                            ZD_UNROLL
+                            for (int j = 0; j < T; j++) {
+                                const __m256i a = _mm256_maddubs_epi16(lo, zd_x4_256(q[j] + at));
+                                const __m256i b = _mm256_maddubs_epi16(hi, zd_x4_256(q[j] + at + 64));
+                                P[j][0] = t ? _mm256_add_epi16(P[j][0], a) : a;
+                                P[j][1] = t ? _mm256_add_epi16(P[j][1], b) : b;
+                            }
+                        }
+                        ZD_UNROLL
+                        for (int j = 0; j < T; j++)
+                            acc[j] = _mm256_add_epi32(acc[j], _mm256_add_epi32(_mm256_madd_epi16(P[j][0], sc16[0]),
+                                                                               _mm256_madd_epi16(P[j][1], sc16[1])));
+                    }
+                }
+        const __m256 d = zd_x16_halves_256(group, 0, h);
+        ZD_UNROLL
+        for (int j = 0; j < T; j++)
+            F[j] = _mm256_fmadd_ps(d, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[j]), _mm256_set1_ps(xd[j][sb]),
+                                                      _mm256_mul_ps(m[j], _mm256_set1_ps(-32.0f))), F[j]);
+    }
+    ZD_UNROLL
+    for (int j = 0; j < T; j++)
+        zd_rows8_store(tile, j0 + j, h, F[j]);
+}
+
+/* One pass over half h of the tile's weights for T tokens from j0. */
+ZD_TARGET_AVX2 ZD_INLINE void zd_x16_pass_256(const int type, const int T, const zd_tile *tile, int64_t j0, int h) {
+    if (type == ZD_Q6_K)
+        zd_x16_q6k_tokens_256(T < 2 ? T : 2, tile, j0, h);
+    else if (type == ZD_Q4_K)
+        zd_x16_q4k_tokens_256(T, tile, j0, h);
+    else
+        zd_x16_q4_tokens_256(type, T, tile, j0, h);
+}
+
+/* A tile of 16 rows, every token: per 4 tokens, one pass per half of the rows (prompts too:
+ * the row-major AVX2 kernels also unpack a row once per 4 tokens). */
+ZD_TARGET_AVX2 ZD_INLINE void zd_x16_tile_256(const int type, const zd_tile *tile) {
+    const int step = type == ZD_Q6_K ? 2 : 4;
+    for (int64_t j = 0; j < tile->nt; j += step)
+        for (int h = 0; h < 2 && 8 * h < tile->rows; h++)
+            switch (zd_min64(step, tile->nt - j)) {   /* constant token counts, so each pass is unrolled */
+            case 4: zd_x16_pass_256(type, 4, tile, j, h); break;
+            case 3: zd_x16_pass_256(type, 3, tile, j, h); break;
+            case 2: zd_x16_pass_256(type, 2, tile, j, h); break;
+            default: zd_x16_pass_256(type, 1, tile, j, h);
+            }
+}
+#endif
+
+#endif
