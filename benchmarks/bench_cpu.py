@@ -1043,6 +1043,8 @@ def parse_args(argv=None):
     parser.add_argument("--repack", action=argparse.BooleanOptionalAction, default=None,
                         help="with --kernel-rates: every type interleaved where a kernel reads it so (--no-repack: "
                              "none; default: this host's choice, as zephyr's repack option)")
+    parser.add_argument("--isa", help="with --kernel-rates: force the kernels' instruction-set path (avx2, "
+                                      "scalar) to measure what a CPU without the best one runs")
     parser.add_argument("--out", type=Path, help="Markdown file whose generated section gets the results "
                                                  "(e.g. docs/benchmarks.md)")
     parser.add_argument("--section", help="name of the generated section of --out to write (default: the "
@@ -1060,6 +1062,8 @@ def parse_args(argv=None):
         if unknown or not keys:
             parser.error(f"unknown model(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(MODELS)}")
         args.models = keys
+        if args.isa is not None and not args.kernel_rates:
+            parser.error("--isa applies to --kernel-rates only")
         if args.section is None and args.kernel_rates:
             args.section = KERNEL_RATES_SECTION
         if args.section is not None and not re.fullmatch(r"[a-z0-9][a-z0-9-]*", args.section):
@@ -1118,6 +1122,9 @@ def main(argv=None) -> int:
         return child_main(args.child)
 
     import zephyr
+    if args.isa:
+        from zephyr_backends.cpu import _ops
+        _ops.set_isa(args.isa)   # before the machine's description, which names the path
     machine = machine_description()
     print(f"host: {host_line(machine)}")
     if args.kernel_rates:

@@ -100,6 +100,9 @@ def test_kernel_rates_take_the_repack_option(bench):
     assert bench.parse_args(["--kernel-rates"]).repack is None
     assert bench.parse_args(["--kernel-rates", "--repack"]).repack is True
     assert bench.parse_args(["--kernel-rates", "--no-repack"]).repack is False
+    assert bench.parse_args(["--kernel-rates", "--isa", "avx2"]).isa == "avx2"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--isa", "avx2"])
 
 
 # -- targets ------------------------------------------------------------------------------------
