@@ -9,7 +9,7 @@
  * group holds 4 bytes of rows 0..15: half h (32 bytes) is rows 8h .. 8h + 7. The two halves are
  * two passes over the tile, the second reading the group from cache.
  *
- * Types with an AVX2 kernel here: Q4_0, Q4_1, Q4_K, Q6_K (zd_x16_has_256). Q8_0's stored bytes
+ * Types with an AVX2 kernel here: Q4_0, Q4_1, Q4_K, Q5_K, Q6_K (zd_x16_has_256). Q8_0's stored bytes
  * (value + 128) would overflow maddubs' 16-bit pairs; the others keep their row-major kernels
  * on this path.
  */
@@ -100,15 +100,19 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_x16_q4_tokens_256(const int type, const int T, 
         zd_rows8_store(tile, j0 + j, h, F[j]);
 }
 
-/* Q4_K, rows 8h .. 8h + 7, T tokens from j0. Per super-block (the layout of interleave.h's
- * zd_x16_kq_tokens_512): 3 vectors of packed 6-bit scales and mins, then 32 quant vectors,
- * vector 8c + i holding values 4i .. 4i + 3 of sub-blocks 2c (low nibbles) and 2c + 1 (high).
- * A sub-block's 8 maddubs add up in 16 bits; its scale multiplies the 32-bit row sums in
- * floats, as the AVX-512 kernel does; the mins meet the activations' sums per 32 values. The
- * activations keep their natural order here (zd_act.kq_order is for the AVX-512 path). */
-ZD_TARGET_AVX2 ZD_INLINE void zd_x16_q4k_tokens_256(const int T, const zd_tile *tile, int64_t j0, const int h) {
+/* Q4_K and Q5_K, rows 8h .. 8h + 7, T tokens from j0. Per super-block (the layout of
+ * interleave.h's zd_x16_kq_tokens_512): 3 vectors of packed 6-bit scales and mins, for Q5_K 8
+ * vectors of qh, then 32 quant vectors, vector 8c + i holding values 4i .. 4i + 3 of sub-blocks
+ * 2c (low nibbles) and 2c + 1 (high); Q5_K's fifth bit of sub-block s is bit s of the qh byte
+ * in the same place of qh vector i. A sub-block's maddubs add up in 16 bits (Q4_K: 8 of at most
+ * 2 x 15 x 127; Q5_K's values reach 31, so 4 at a time); its scale multiplies the 32-bit row
+ * sums in floats, as the AVX-512 kernel does; the mins meet the activations' sums per 32 values.
+ * The activations keep their natural order here (zd_act.kq_order is for the AVX-512 path). */
+ZD_TARGET_AVX2 ZD_INLINE void zd_x16_kq_tokens_256(const int type, const int T, const zd_tile *tile, int64_t j0,
+                                                    const int h) {
     const zd_act *x = tile->x;
-    const int64_t nsb = x->k / 256, bytes = 16 * zd_block_bytes(ZD_Q4_K);
+    const int five = type == ZD_Q5_K, quants = five ? 768 : 256, run = five ? 4 : 8;
+    const int64_t nsb = x->k / 256, bytes = 16 * zd_block_bytes(type);
     const int8_t *q[4];
     const float *xd[4], *xs[4];
     zd_x16_token_operands(tile, T, j0, 0, q, xd, xs);
@@ -146,22 +150,34 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_x16_q4k_tokens_256(const int T, const zd_tile *
             const __m256 scale = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(sc[s / 4], shift), byte));
             const __m256 min = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(mn[s / 4], shift), byte));
             const int ch = s / 2, high = s % 2;
-            const int64_t at = 256 * sb + 32 * s;   /* activations in natural order on this path */
-            __m256i P[4];
+            const __m256i bit = _mm256_set1_epi8((char)(1 << s));
+            __m256i S[4];   /* 32-bit row sums */
             ZD_UNROLL
-            for (int j = 0; j < T; j++)
-                P[j] = _mm256_setzero_si256();
-            ZD_UNROLL
-            for (int i = 0; i < 8; i++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(group + 256 + 64 * (8 * ch + i) + 32 * h));
-                const __m256i u = high ? _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble) : _mm256_and_si256(v, nibble);
+            for (int i0 = 0; i0 < 8; i0 += run) {
+                __m256i P[4];
                 ZD_UNROLL
                 for (int j = 0; j < T; j++)
-                    P[j] = _mm256_add_epi16(P[j], _mm256_maddubs_epi16(u, zd_x4_256(q[j] + at + 4 * i)));
+                    P[j] = _mm256_setzero_si256();
+                ZD_UNROLL
+                for (int i = i0; i < i0 + run; i++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(group + quants + 64 * (8 * ch + i) + 32 * h));
+                    __m256i u = high ? _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble) : _mm256_and_si256(v, nibble);
+                    if (five) {   /* bit s of each qh byte moved to bit 4 (16), within its byte */
+                        const __m256i hb = _mm256_and_si256(
+                            _mm256_loadu_si256((const __m256i *)(group + 256 + 64 * i + 32 * h)), bit);
+                        u = _mm256_or_si256(u, s < 4 ? _mm256_slli_epi16(hb, 4 - s) : _mm256_srli_epi16(hb, s - 4));
+                    }
+                    ZD_UNROLL
+                    for (int j = 0; j < T; j++)
+                        P[j] = _mm256_add_epi16(P[j], _mm256_maddubs_epi16(u, zd_x4_256(q[j] + 256 * sb + 32 * s + 4 * i)));
+                }
+                ZD_UNROLL
+                for (int j = 0; j < T; j++)
+                    S[j] = i0 ? _mm256_add_epi32(S[j], _mm256_madd_epi16(P[j], ones)) : _mm256_madd_epi16(P[j], ones);
             }
             ZD_UNROLL
             for (int j = 0; j < T; j++) {
-                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(P[j], ones)), scale, acc[j]);
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(S[j]), scale, acc[j]);
                 m[j] = _mm256_fmadd_ps(min, _mm256_set1_ps(xs[j][8 * sb + s]), m[j]);
             }
         }
@@ -266,8 +282,8 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_x16_q6k_tokens_256(const int T, const zd_tile *
 ZD_TARGET_AVX2 ZD_INLINE void zd_x16_pass_256(const int type, const int T, const zd_tile *tile, int64_t j0, int h) {
     if (type == ZD_Q6_K)
         zd_x16_q6k_tokens_256(T < 2 ? T : 2, tile, j0, h);
-    else if (type == ZD_Q4_K)
-        zd_x16_q4k_tokens_256(T, tile, j0, h);
+    else if (type == ZD_Q4_K || type == ZD_Q5_K)
+        zd_x16_kq_tokens_256(type, T, tile, j0, h);
     else
         zd_x16_q4_tokens_256(type, T, tile, j0, h);
 }
