@@ -53,7 +53,8 @@
 
 /* Whether the AVX2 path has an interleaved kernel for `type` (a GGML type; interleave_avx2.h). */
 static inline int zd_x16_has_256(int type) {
-    return type == ZD_Q4_0 || type == ZD_Q4_1 || type == ZD_Q4_K || type == ZD_Q5_K || type == ZD_Q6_K;
+    return type == ZD_Q4_0 || type == ZD_Q4_1 || type == ZD_Q2_K || type == ZD_Q3_K || type == ZD_Q4_K
+           || type == ZD_Q5_K || type == ZD_Q6_K;
 }
 
 /* Whether an m x k matrix of `type` is interleaved at load for path `isa`. `repack`: 1 for
@@ -834,6 +835,8 @@ ZD_X16_KERNEL_256(zd_x16_q4_1, ZD_Q4_1)
 ZD_X16_KERNEL_256(zd_x16_q4_k, ZD_Q4_K)
 ZD_X16_KERNEL_256(zd_x16_q5_k, ZD_Q5_K)
 ZD_X16_KERNEL_256(zd_x16_q6_k, ZD_Q6_K)
+ZD_X16_KERNEL_256(zd_x16_q2_k, ZD_Q2_K)
+ZD_X16_KERNEL_256(zd_x16_q3_k, ZD_Q3_K)
 #endif
 
 /* The kernel for an interleaved type code on path `isa`, or NULL for a code no kernel reads. */
@@ -854,8 +857,8 @@ static zd_tile_fn zd_x16_kernel(int type, int isa) {
     case ZD_X16 | ZD_Q4_K: return ZD_X16_PICK_256(zd_x16_q4_k, isa);
     case ZD_X16 | ZD_Q5_K: return ZD_X16_PICK_256(zd_x16_q5_k, isa);
     case ZD_X16 | ZD_Q6_K: return ZD_X16_PICK_256(zd_x16_q6_k, isa);
-    case ZD_X16 | ZD_Q2_K: return ZD_X16_PICK(zd_x16_q2_k, isa);
-    case ZD_X16 | ZD_Q3_K: return ZD_X16_PICK(zd_x16_q3_k, isa);
+    case ZD_X16 | ZD_Q2_K: return ZD_X16_PICK_256(zd_x16_q2_k, isa);
+    case ZD_X16 | ZD_Q3_K: return ZD_X16_PICK_256(zd_x16_q3_k, isa);
     default: return 0;
     }
 }

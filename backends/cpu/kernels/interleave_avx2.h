@@ -9,7 +9,7 @@
  * group holds 4 bytes of rows 0..15: half h (32 bytes) is rows 8h .. 8h + 7. The two halves are
  * two passes over the tile, the second reading the group from cache.
  *
- * Types with an AVX2 kernel here: Q4_0, Q4_1, Q4_K, Q5_K, Q6_K (zd_x16_has_256). Q8_0's stored bytes
+ * Types with an AVX2 kernel here: Q4_0, Q4_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (zd_x16_has_256). Q8_0's stored bytes
  * (value + 128) would overflow maddubs' 16-bit pairs; the others keep their row-major kernels
  * on this path.
  */
@@ -278,10 +278,119 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_x16_q6k_tokens_256(const int T, const zd_tile *
         zd_rows8_store(tile, j0 + j, h, F[j]);
 }
 
+/* Q2_K and Q3_K, rows 8h .. 8h + 7, T tokens from j0 (at most 2). The layout is
+ * zd_x16_q23k_tokens_512's: quant vector i of half n holds at bits 2 sh the values 4i .. 4i + 3
+ * of sub-block s = 4n + sh, whose 16-value groups 2s and 2s + 1 take vectors 0-3 and 4-7; Q3_K's
+ * third bit of sub-block s is bit s of hmask vector i. The 2- or 3-bit values are taken down to
+ * bits 0-2 (pairs of products at most 2 x 7 x 127), a group's 4 maddubs add in 16 bits, and the
+ * madd that widens them multiplies by the group's scale (Q2_K's nibble, Q3_K's 6 bits - 32). The
+ * mins (Q2_K) or the offset 4 (Q3_K) meet the activations' sums per 16 values (s16). */
+ZD_TARGET_AVX2 ZD_INLINE void zd_x16_q23k_tokens_256(const int type, const int T, const zd_tile *tile, int64_t j0,
+                                                      const int h) {
+    const zd_act *x = tile->x;
+    const int q3 = type == ZD_Q3_K;
+    const int64_t nsb = x->k / 256, bytes = 16 * zd_block_bytes(type);
+    const int8_t *q[4];
+    const float *xd[4], *xs[4];
+    zd_x16_token_operands(tile, T, j0, 1, q, xd, xs);
+    const __m256i three = _mm256_set1_epi8(3), four = _mm256_set1_epi8(4), nibble = _mm256_set1_epi8(0x0f);
+    __m256 F[2];
+    ZD_UNROLL
+    for (int j = 0; j < T; j++)
+        F[j] = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *group = tile->w + sb * bytes;
+        if (h == 0)
+            for (int64_t o = 0; o < bytes; o += 64)
+                _mm_prefetch((const char *)(group + ZD_PREFETCH_BYTES + o), ZD_PREFETCH_HINT);
+        const uint8_t *body = group + 16 * zd_x16_head(type);
+        const uint8_t *hmask = body, *qs = body + (q3 ? 8 : 4) * 64, *packed = q3 ? qs + 16 * 64 : body;
+        /* lane r, byte b of S[v] (M[v]): the scale (min) of 16-value group 4v + b */
+        __m256i S[4], M[4];
+        if (q3) {
+            const __m256i a = _mm256_loadu_si256((const __m256i *)(packed + 32 * h));
+            const __m256i b = _mm256_loadu_si256((const __m256i *)(packed + 64 + 32 * h));
+            const __m256i hi = _mm256_loadu_si256((const __m256i *)(packed + 128 + 32 * h));
+            ZD_UNROLL
+            for (int v = 0; v < 4; v++) {
+                const __m256i src = v % 2 ? b : a;
+                const __m256i lowbits = _mm256_and_si256(v < 2 ? src : _mm256_srli_epi32(src, 4), nibble);
+                const __m256i top = _mm256_and_si256(_mm256_srli_epi32(hi, 2 * v), three);
+                S[v] = _mm256_or_si256(lowbits, _mm256_slli_epi32(top, 4));
+            }
+        } else {
+            ZD_UNROLL
+            for (int v = 0; v < 4; v++) {
+                const __m256i both = _mm256_loadu_si256((const __m256i *)(packed + 64 * v + 32 * h));
+                S[v] = _mm256_and_si256(both, nibble);
+                M[v] = _mm256_and_si256(_mm256_srli_epi32(both, 4), nibble);
+            }
+        }
+        __m256i acc[2];
+        __m256 m[2];
+        ZD_UNROLL
+        for (int j = 0; j < T; j++) {
+            acc[j] = _mm256_setzero_si256();
+            m[j] = _mm256_setzero_ps();
+        }
+        ZD_UNROLL
+        for (int n = 0; n < 2; n++)
+            ZD_UNROLL
+            for (int sh = 0; sh < 4; sh++) {
+                const int s = 4 * n + sh;
+                ZD_UNROLL
+                for (int e = 0; e < 2; e++) {
+                    const int g = 2 * s + e;
+                    /* the group's scale as an int32 per row, and in both 16-bit halves for the madd */
+                    __m256i sc = _mm256_and_si256(_mm256_srli_epi32(S[g / 4], 8 * (g % 4)), _mm256_set1_epi32(0xff));
+                    if (q3)
+                        sc = _mm256_sub_epi32(sc, _mm256_set1_epi32(32));
+                    const __m256i sc16 = _mm256_blend_epi16(sc, _mm256_slli_epi32(sc, 16), 0xAA);
+                    const __m256 c = _mm256_cvtepi32_ps(
+                        q3 ? sc : _mm256_and_si256(_mm256_srli_epi32(M[g / 4], 8 * (g % 4)), _mm256_set1_epi32(0xff)));
+                    __m256i P[2];
+                    ZD_UNROLL
+                    for (int j = 0; j < T; j++)
+                        P[j] = _mm256_setzero_si256();
+                    ZD_UNROLL
+                    for (int i = 4 * e; i < 4 * e + 4; i++) {
+                        const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 64 * (8 * n + i) + 32 * h));
+                        __m256i u = _mm256_and_si256(sh ? _mm256_srli_epi16(v, 2 * sh) : v, three);
+                        if (q3) {   /* bit s of the hmask byte moved to bit 2, within its byte */
+                            const __m256i hm = _mm256_loadu_si256((const __m256i *)(hmask + 64 * i + 32 * h));
+                            const __m256i bit = s < 2 ? _mm256_slli_epi16(hm, 2 - s) : s > 2 ? _mm256_srli_epi16(hm, s - 2) : hm;
+                            u = _mm256_or_si256(u, _mm256_and_si256(bit, four));
+                        }
+                        ZD_UNROLL
+                        for (int j = 0; j < T; j++)
+                            P[j] = _mm256_add_epi16(P[j], _mm256_maddubs_epi16(u, zd_x4_256(q[j] + 256 * sb + 32 * s + 4 * i)));
+                    }
+                    ZD_UNROLL
+                    for (int j = 0; j < T; j++) {
+                        acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(P[j], sc16));
+                        m[j] = _mm256_fmadd_ps(c, _mm256_set1_ps(xs[j][16 * sb + g]), m[j]);
+                    }
+                }
+            }
+        /* the offsets: dmin per min (Q2_K), 4 d per scale (Q3_K) */
+        const __m256 d = zd_x16_halves_256(group, 0, h);
+        const __m256 cw = q3 ? _mm256_mul_ps(d, _mm256_set1_ps(4.0f)) : zd_x16_halves_256(group, 32, h);
+        ZD_UNROLL
+        for (int j = 0; j < T; j++)
+            F[j] = _mm256_fnmadd_ps(cw, m[j], _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[j]),
+                                                              _mm256_mul_ps(d, _mm256_set1_ps(xd[j][sb])), F[j]));
+    }
+    ZD_UNROLL
+    for (int j = 0; j < T; j++)
+        zd_rows8_store(tile, j0 + j, h, F[j]);
+}
+
 /* One pass over half h of the tile's weights for T tokens from j0. */
 ZD_TARGET_AVX2 ZD_INLINE void zd_x16_pass_256(const int type, const int T, const zd_tile *tile, int64_t j0, int h) {
     if (type == ZD_Q6_K)
         zd_x16_q6k_tokens_256(T < 2 ? T : 2, tile, j0, h);
+    else if (type == ZD_Q2_K || type == ZD_Q3_K)
+        zd_x16_q23k_tokens_256(type, T < 2 ? T : 2, tile, j0, h);
     else if (type == ZD_Q4_K || type == ZD_Q5_K)
         zd_x16_kq_tokens_256(type, T, tile, j0, h);
     else
@@ -291,7 +400,7 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_x16_pass_256(const int type, const int T, const
 /* A tile of 16 rows, every token: per 4 tokens, one pass per half of the rows (prompts too:
  * the row-major AVX2 kernels also unpack a row once per 4 tokens). */
 ZD_TARGET_AVX2 ZD_INLINE void zd_x16_tile_256(const int type, const zd_tile *tile) {
-    const int step = type == ZD_Q6_K ? 2 : 4;
+    const int step = type == ZD_Q6_K || type == ZD_Q2_K || type == ZD_Q3_K ? 2 : 4;   /* 16 registers */
     for (int64_t j = 0; j < tile->nt; j += step)
         for (int h = 0; h < 2 && 8 * h < tile->rows; h++)
             switch (zd_min64(step, tile->nt - j)) {   /* constant token counts, so each pass is unrolled */
