@@ -1,5 +1,5 @@
-"""Weights the CPU backend interleaves at load (kernels/interleave.h: Q4_0, Q4_1, Q5_0, Q5_1, and
-Q8_0 and the k-quants with short rows or on Intel CPUs, on the AVX-512 path; Q4_0, Q4_1 and the
+"""Weights the CPU backend interleaves at load (kernels/interleave.h: Q4_0, Q4_1, Q5_0, Q5_1, Q2_K,
+Q3_K, and Q8_0 and the other k-quants with short rows or on Intel CPUs, on the AVX-512 path; Q4_0, Q4_1 and the
 k-quants on the AVX2 path, interleave_avx2.h).
 
 The interleaved kernels are checked against the reference backend on awkward shapes (a partial
@@ -109,10 +109,9 @@ def cpu_is_intel() -> bool:
 def test_which_matrices_are_interleaved():
     _ops.set_isa("avx512")
     try:
-        for type in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1):   # always
-            assert _ops.interleaves(int(type), 4096) and _ops.interleaves(int(type), 14336)
-        k_quants = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
-        for type in (GGMLType.Q8_0,) + k_quants:   # short rows always, long ones on Intel only
+        for type in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q2_K, GGMLType.Q3_K):
+            assert _ops.interleaves(int(type), 4096) and _ops.interleaves(int(type), 14336)   # always
+        for type in (GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K):   # short rows always, long on Intel
             assert _ops.interleaves(int(type), 1536)
             assert _ops.interleaves(int(type), 4096) == cpu_is_intel()
         assert not _ops.interleaves(int(GGMLType.F16), 1536)
