@@ -1,17 +1,18 @@
 /* The interleaved layouts (interleave.h) on the AVX2 path: 8 rows per 256-bit vector.
  *
  * AVX2 has no dpbusd: a vector of byte products is one maddubs (unsigned weight x signed
- * activation bytes -> 16-bit sums of pairs) and a row's 4 products one madd by ones more. A
- * block's pair sums stay in 16 bits until the block's end (Q4_0/Q4_1: 8 maddubs of at most
- * 2 x 15 x 127 each, 30,480 in all; a Q4_K sub-block the same), so a block costs one madd per
- * 8 rows, and its scale is one vector for the 8 rows, where the row-major kernels reduce and
- * scale every row's block on its own (dot_legacy.h, dot_kquant.h). Each 64-byte vector of a
- * group holds 4 bytes of rows 0..15: half h (32 bytes) is rows 8h .. 8h + 7. The two halves are
- * two passes over the tile, the second reading the group from cache.
+ * activation bytes -> 16-bit sums of pairs) and a row's 4 products one madd more. The pair sums
+ * of a block or 16-value group stay in 16 bits while they fit (4-bit values: 8 maddubs of at
+ * most 2 x 15 x 127, 30,480 in all; 5-bit: 4; 6-bit: 2), so a block costs one madd per 8 rows,
+ * which for Q2_K, Q3_K and Q6_K also applies the group's scale, and a block's float scale is one
+ * vector for the 8 rows, where the row-major kernels reduce and scale every row's block on its
+ * own (dot_legacy.h, dot_kquant.h). Each 64-byte vector of a group holds 4 bytes of rows 0..15:
+ * half h (32 bytes) is rows 8h .. 8h + 7, and the two halves are two passes over the tile, the
+ * second reading the group from cache.
  *
- * Types with an AVX2 kernel here: Q4_0, Q4_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (zd_x16_has_256). Q8_0's stored bytes
- * (value + 128) would overflow maddubs' 16-bit pairs; the others keep their row-major kernels
- * on this path.
+ * Types with a kernel here (zd_x16_has_256): Q4_0, Q4_1 and the k-quants. Q8_0's stored bytes
+ * (value + 128) would overflow maddubs' pairs, and Q5_0/Q5_1 would take their fifth bits apart
+ * per row byte; those keep their row-major kernels on this path.
  */
 #ifndef ZEPHYR_INTERLEAVE_AVX2_H
 #define ZEPHYR_INTERLEAVE_AVX2_H
@@ -45,6 +46,27 @@ ZD_TARGET_AVX2 ZD_INLINE __m256 zd_x16_halves_256(const uint8_t *group, int at, 
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(group + at + 16 * h)));
 }
 
+/* Group i of the tile (`bytes` long); on the first half's pass, the bytes a few groups on
+ * prefetched (the second half's pass finds them in cache). */
+ZD_TARGET_AVX2 ZD_INLINE const uint8_t *zd_x16_group_256(const zd_tile *tile, int64_t i, int64_t bytes, int h) {
+    const uint8_t *group = tile->w + i * bytes;
+    if (h == 0)
+        for (int64_t o = 0; o < bytes; o += 64)
+            _mm_prefetch((const char *)(group + ZD_PREFETCH_BYTES + o), ZD_PREFETCH_HINT);
+    return group;
+}
+
+/* Byte s (0..3) of each 32-bit lane, as an int32 per lane (an unsigned scale or min of 8 rows). */
+ZD_TARGET_AVX2 ZD_INLINE __m256i zd_lane_byte_256(__m256i v, int s) {
+    return _mm256_and_si256(_mm256_srli_epi32(v, 8 * s), _mm256_set1_epi32(0xff));
+}
+
+/* A small int32 per lane copied into both of the lane's 16-bit halves: the multiplier of a madd
+ * that scales a row's two pair sums. */
+ZD_TARGET_AVX2 ZD_INLINE __m256i zd_both_halves_256(__m256i v) {
+    return _mm256_blend_epi16(v, _mm256_slli_epi32(v, 16), 0xAA);
+}
+
 /* Q4_0 and Q4_1, rows 8h .. 8h + 7, T tokens from j0: per block, quant vector i's half gives
  * the low nibbles (values 4i + j) and the high ones (16 + 4i + j) of 8 rows. */
 ZD_TARGET_AVX2 ZD_INLINE void zd_x16_q4_tokens_256(const int type, const int T, const zd_tile *tile, int64_t j0,
@@ -63,10 +85,7 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_x16_q4_tokens_256(const int type, const int T, 
     for (int j = 0; j < T; j++)
         F[j] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *group = tile->w + b * bytes;
-        if (h == 0)
-            for (int64_t o = 0; o < bytes; o += 64)
-                _mm_prefetch((const char *)(group + ZD_PREFETCH_BYTES + o), ZD_PREFETCH_HINT);
+        const uint8_t *group = zd_x16_group_256(tile, b, bytes, h);
         __m256i P[4];
         ZD_UNROLL
         for (int j = 0; j < T; j++)
@@ -123,10 +142,7 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_x16_kq_tokens_256(const int type, const int T, 
     for (int j = 0; j < T; j++)
         F[j] = _mm256_setzero_ps();
     for (int64_t sb = 0; sb < nsb; sb++) {
-        const uint8_t *group = tile->w + sb * bytes;
-        if (h == 0)
-            for (int64_t o = 0; o < bytes; o += 64)
-                _mm_prefetch((const char *)(group + ZD_PREFETCH_BYTES + o), ZD_PREFETCH_HINT);
+        const uint8_t *group = zd_x16_group_256(tile, sb, bytes, h);
         /* lane r, byte s of sc[0] (mn[0]): sub-block s's scale (min); sc[1] (mn[1]): s + 4's */
         const __m256i a = _mm256_loadu_si256((const __m256i *)(group + 64 + 32 * h));
         const __m256i bm = _mm256_loadu_si256((const __m256i *)(group + 128 + 32 * h));
@@ -144,11 +160,8 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_x16_kq_tokens_256(const int type, const int T, 
             acc[j] = m[j] = _mm256_setzero_ps();
         ZD_UNROLL
         for (int s = 0; s < 8; s++) {
-            /* byte s % 4 of each lane, as an int32: sub-block s's scale and min for 8 rows */
-            const int shift = 8 * (s % 4);
-            const __m256i byte = _mm256_set1_epi32(0xff);
-            const __m256 scale = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(sc[s / 4], shift), byte));
-            const __m256 min = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(mn[s / 4], shift), byte));
+            const __m256 scale = _mm256_cvtepi32_ps(zd_lane_byte_256(sc[s / 4], s % 4));   /* sub-block s's */
+            const __m256 min = _mm256_cvtepi32_ps(zd_lane_byte_256(mn[s / 4], s % 4));
             const int ch = s / 2, high = s % 2;
             const __m256i bit = _mm256_set1_epi8((char)(1 << s));
             __m256i S[4];   /* 32-bit row sums */
@@ -209,10 +222,7 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_x16_q6k_tokens_256(const int T, const zd_tile *
     for (int j = 0; j < T; j++)
         F[j] = _mm256_setzero_ps();
     for (int64_t sb = 0; sb < nsb; sb++) {
-        const uint8_t *group = tile->w + sb * bytes;
-        if (h == 0)
-            for (int64_t o = 0; o < bytes; o += 64)
-                _mm_prefetch((const char *)(group + ZD_PREFETCH_BYTES + o), ZD_PREFETCH_HINT);
+        const uint8_t *group = zd_x16_group_256(tile, sb, bytes, h);
         const uint8_t *ql = group + 32, *qh = ql + 64 * 32, *scales = qh + 64 * 16;
         __m256i acc[2];
         __m256 m[2];
@@ -234,7 +244,7 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_x16_q6k_tokens_256(const int T, const zd_tile *
                         const int g = k ? g_hi : g_lo;
                         const __m256i v = _mm256_loadu_si256((const __m256i *)(scales + 64 * (g / 4) + 32 * h));
                         const __m256i sc = _mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * (g % 4)), 24);
-                        sc16[k] = _mm256_blend_epi16(sc, _mm256_slli_epi32(sc, 16), 0xAA);
+                        sc16[k] = zd_both_halves_256(sc);
                         const __m256 f = _mm256_cvtepi32_ps(sc);
                         ZD_UNROLL
                         for (int j = 0; j < T; j++)
@@ -299,10 +309,7 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_x16_q23k_tokens_256(const int type, const int T
     for (int j = 0; j < T; j++)
         F[j] = _mm256_setzero_ps();
     for (int64_t sb = 0; sb < nsb; sb++) {
-        const uint8_t *group = tile->w + sb * bytes;
-        if (h == 0)
-            for (int64_t o = 0; o < bytes; o += 64)
-                _mm_prefetch((const char *)(group + ZD_PREFETCH_BYTES + o), ZD_PREFETCH_HINT);
+        const uint8_t *group = zd_x16_group_256(tile, sb, bytes, h);
         const uint8_t *body = group + 16 * zd_x16_head(type);
         const uint8_t *hmask = body, *qs = body + (q3 ? 8 : 4) * 64, *packed = q3 ? qs + 16 * 64 : body;
         /* lane r, byte b of S[v] (M[v]): the scale (min) of 16-value group 4v + b */
@@ -341,13 +348,12 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_x16_q23k_tokens_256(const int type, const int T
                 ZD_UNROLL
                 for (int e = 0; e < 2; e++) {
                     const int g = 2 * s + e;
-                    /* the group's scale as an int32 per row, and in both 16-bit halves for the madd */
-                    __m256i sc = _mm256_and_si256(_mm256_srli_epi32(S[g / 4], 8 * (g % 4)), _mm256_set1_epi32(0xff));
+                    /* the group's scale as an int32 per row, and as the madd's multiplier */
+                    __m256i sc = zd_lane_byte_256(S[g / 4], g % 4);
                     if (q3)
                         sc = _mm256_sub_epi32(sc, _mm256_set1_epi32(32));
-                    const __m256i sc16 = _mm256_blend_epi16(sc, _mm256_slli_epi32(sc, 16), 0xAA);
-                    const __m256 c = _mm256_cvtepi32_ps(
-                        q3 ? sc : _mm256_and_si256(_mm256_srli_epi32(M[g / 4], 8 * (g % 4)), _mm256_set1_epi32(0xff)));
+                    const __m256i sc16 = zd_both_halves_256(sc);
+                    const __m256 c = _mm256_cvtepi32_ps(q3 ? sc : zd_lane_byte_256(M[g / 4], g % 4));
                     __m256i P[2];
                     ZD_UNROLL
                     for (int j = 0; j < T; j++)
@@ -397,8 +403,9 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_x16_pass_256(const int type, const int T, const
         zd_x16_q4_tokens_256(type, T, tile, j0, h);
 }
 
-/* A tile of 16 rows, every token: per 4 tokens, one pass per half of the rows (prompts too:
- * the row-major AVX2 kernels also unpack a row once per 4 tokens). */
+/* A tile of 16 rows, every token: per 4 tokens (2 for the types whose passes keep more sums
+ * than 16 registers hold for 4), one pass per half of the rows. Prompts too: the row-major AVX2
+ * kernels also unpack a row once per 4 tokens, and there is no AVX2 panel (panel.h). */
 ZD_TARGET_AVX2 ZD_INLINE void zd_x16_tile_256(const int type, const zd_tile *tile) {
     const int step = type == ZD_Q6_K || type == ZD_Q2_K || type == ZD_Q3_K ? 2 : 4;   /* 16 registers */
     for (int64_t j = 0; j < tile->nt; j += step)
