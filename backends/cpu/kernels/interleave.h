@@ -55,8 +55,8 @@
 
 /* Whether the AVX2 path has an interleaved kernel for `type` (a GGML type; interleave_avx2.h). */
 static inline int zd_x16_has_256(int type) {
-    return type == ZD_Q4_0 || type == ZD_Q4_1 || type == ZD_Q2_K || type == ZD_Q3_K || type == ZD_Q4_K
-           || type == ZD_Q5_K || type == ZD_Q6_K;
+    return type == ZD_Q4_0 || type == ZD_Q4_1 || type == ZD_Q8_0 || type == ZD_Q2_K || type == ZD_Q3_K
+           || type == ZD_Q4_K || type == ZD_Q5_K || type == ZD_Q6_K;
 }
 
 /* Whether an m x k matrix of `type` is interleaved at load for path `isa`. `repack`: 1 for
@@ -834,6 +834,7 @@ ZD_X16_KERNELS(zd_x16_q3_k, ZD_Q3_K)
     ZD_TARGET_AVX2 static void NAME##_256(const zd_tile *t) { zd_x16_tile_256(TYPE, t); }
 ZD_X16_KERNEL_256(zd_x16_q4_0, ZD_Q4_0)
 ZD_X16_KERNEL_256(zd_x16_q4_1, ZD_Q4_1)
+ZD_X16_KERNEL_256(zd_x16_q8_0, ZD_Q8_0)
 ZD_X16_KERNEL_256(zd_x16_q4_k, ZD_Q4_K)
 ZD_X16_KERNEL_256(zd_x16_q5_k, ZD_Q5_K)
 ZD_X16_KERNEL_256(zd_x16_q6_k, ZD_Q6_K)
@@ -855,7 +856,7 @@ static zd_tile_fn zd_x16_kernel(int type, int isa) {
     case ZD_X16 | ZD_Q4_1: return ZD_X16_PICK_256(zd_x16_q4_1, isa);
     case ZD_X16 | ZD_Q5_0: return ZD_X16_PICK(zd_x16_q5_0, isa);
     case ZD_X16 | ZD_Q5_1: return ZD_X16_PICK(zd_x16_q5_1, isa);
-    case ZD_X16 | ZD_Q8_0: return ZD_X16_PICK(zd_x16_q8_0, isa);
+    case ZD_X16 | ZD_Q8_0: return ZD_X16_PICK_256(zd_x16_q8_0, isa);
     case ZD_X16 | ZD_Q4_K: return ZD_X16_PICK_256(zd_x16_q4_k, isa);
     case ZD_X16 | ZD_Q5_K: return ZD_X16_PICK_256(zd_x16_q5_k, isa);
     case ZD_X16 | ZD_Q6_K: return ZD_X16_PICK_256(zd_x16_q6_k, isa);

@@ -3,16 +3,15 @@
  * AVX2 has no dpbusd: a vector of byte products is one maddubs (unsigned weight x signed
  * activation bytes -> 16-bit sums of pairs) and a row's 4 products one madd more. The pair sums
  * of a block or 16-value group stay in 16 bits while they fit (4-bit values: 8 maddubs of at
- * most 2 x 15 x 127, 30,480 in all; 5-bit: 4; 6-bit: 2), so a block costs one madd per 8 rows,
- * which for Q2_K, Q3_K and Q6_K also applies the group's scale, and a block's float scale is one
- * vector for the 8 rows, where the row-major kernels reduce and scale every row's block on its
- * own (dot_legacy.h, dot_kquant.h). Each 64-byte vector of a group holds 4 bytes of rows 0..15:
- * half h (32 bytes) is rows 8h .. 8h + 7, and the two halves are two passes over the tile, the
- * second reading the group from cache.
+ * most 2 x 15 x 127, 30,480 in all; 5-bit: 4; 6-bit: 2; 8-bit: 1), so a block takes few madds
+ * per 8 rows (for Q2_K, Q3_K and Q6_K they also apply the group's scale), and a block's float
+ * scale is one vector for the 8 rows, where the row-major kernels reduce and scale every row's
+ * block on its own (dot_legacy.h, dot_kquant.h). Each 64-byte vector of a group holds 4 bytes of
+ * rows 0..15: half h (32 bytes) is rows 8h .. 8h + 7, and the two halves are two passes over the
+ * tile, the second reading the group from cache.
  *
- * Types with a kernel here (zd_x16_has_256): Q4_0, Q4_1 and the k-quants. Q8_0's stored bytes
- * (value + 128) would overflow maddubs' pairs, and Q5_0/Q5_1 would take their fifth bits apart
- * per row byte; those keep their row-major kernels on this path.
+ * Types with a kernel here (zd_x16_has_256): Q4_0, Q4_1, Q8_0 and the k-quants. Q5_0 and Q5_1,
+ * whose fifth bits would be taken apart per row byte, keep their row-major kernels on this path.
  */
 #ifndef ZEPHYR_INTERLEAVE_AVX2_H
 #define ZEPHYR_INTERLEAVE_AVX2_H
@@ -113,6 +112,47 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_x16_q4_tokens_256(const int type, const int T, 
                 F[j] = _mm256_fmadd_ps(dw, _mm256_fmadd_ps(sums, _mm256_set1_ps(xd[j][b]),
                                                            _mm256_set1_ps(offset * xs[j][b])), F[j]);
         }
+    }
+    ZD_UNROLL
+    for (int j = 0; j < T; j++)
+        zd_rows8_store(tile, j0 + j, h, F[j]);
+}
+
+/* Q8_0, rows 8h .. 8h + 7, T tokens from j0: per block, 8 quant vectors of values 4i .. 4i + 3
+ * stored + 128. Back to signed bytes, their magnitudes go to maddubs and their signs onto the
+ * activations (pairs of at most 2 x 128 x 127, too large to add a second in 16 bits). */
+ZD_TARGET_AVX2 ZD_INLINE void zd_x16_q8_0_tokens_256(const int T, const zd_tile *tile, int64_t j0, const int h) {
+    const zd_act *x = tile->x;
+    const int64_t nb = x->k / 32, bytes = 16 * zd_block_bytes(ZD_Q8_0);
+    const int quants = zd_x16_at(ZD_Q8_0, 0, zd_x16_head(ZD_Q8_0));
+    const int8_t *q[4];
+    const float *xd[4], *xs[4];
+    zd_x16_token_operands(tile, T, j0, 0, q, xd, xs);
+    const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    __m256 F[4];
+    ZD_UNROLL
+    for (int j = 0; j < T; j++)
+        F[j] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *group = zd_x16_group_256(tile, b, bytes, h);
+        __m256i S[4];
+        ZD_UNROLL
+        for (int j = 0; j < T; j++)
+            S[j] = _mm256_setzero_si256();
+        ZD_UNROLL
+        for (int i = 0; i < 8; i++) {
+            const __m256i w = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(group + quants + 64 * i + 32 * h)), flip);
+            const __m256i magnitude = _mm256_abs_epi8(w);
+            ZD_UNROLL
+            for (int j = 0; j < T; j++) {
+                const __m256i signed_x = _mm256_sign_epi8(zd_x4_256(q[j] + 32 * b + 4 * i), w);
+                S[j] = _mm256_add_epi32(S[j], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, signed_x), ones));
+            }
+        }
+        const __m256 dw = zd_x16_halves_256(group, 0, h);
+        ZD_UNROLL
+        for (int j = 0; j < T; j++)
+            F[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(S[j]), _mm256_mul_ps(dw, _mm256_set1_ps(xd[j][b])), F[j]);
     }
     ZD_UNROLL
     for (int j = 0; j < T; j++)
@@ -397,6 +437,8 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_x16_pass_256(const int type, const int T, const
         zd_x16_q6k_tokens_256(T < 2 ? T : 2, tile, j0, h);
     else if (type == ZD_Q2_K || type == ZD_Q3_K)
         zd_x16_q23k_tokens_256(type, T < 2 ? T : 2, tile, j0, h);
+    else if (type == ZD_Q8_0)
+        zd_x16_q8_0_tokens_256(T, tile, j0, h);
     else if (type == ZD_Q4_K || type == ZD_Q5_K)
         zd_x16_kq_tokens_256(type, T, tile, j0, h);
     else
