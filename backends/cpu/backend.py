@@ -86,10 +86,9 @@ class CPUBackend(HostBackend):
     def load_weight(self, weight: Weight):
         """Check the weight once and keep a flat view of its bytes; matrices the current path
         interleaves (on AVX-512: Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, and Q8_0 and the other
-        k-quants with short rows or on Intel, all of them with repack=True; on AVX2: Q4_0, Q4_1,
-        Q8_0 and the k-quants; none with repack=False; kernels/interleave.h) are copied into that
-        layout instead, and the file pages they came from are released (they
-        would otherwise count twice in RSS)."""
+        k-quants with short rows or on Intel, all of them with repack=True; on AVX2: all of these
+        types; none with repack=False; kernels/interleave.h) are copied into that layout instead,
+        and the file pages they came from are released (they would otherwise count twice in RSS)."""
         if type(weight) is _CPUWeight:
             return weight
         weight = check_weight(weight, self.name, self.supported_types)

@@ -1,6 +1,6 @@
 """Weights the CPU backend interleaves at load (kernels/interleave.h: Q4_0, Q4_1, Q5_0, Q5_1, Q2_K,
-Q3_K, and Q8_0 and the other k-quants with short rows or on Intel CPUs, on the AVX-512 path; Q4_0,
-Q4_1, Q8_0 and the k-quants on the AVX2 path, interleave_avx2.h).
+Q3_K, and Q8_0 and the other k-quants with short rows or on Intel CPUs, on the AVX-512 path; every
+one of these types on the AVX2 path, interleave_avx2.h).
 
 The interleaved kernels are checked against the reference backend on awkward shapes (a partial
 group of 16 rows, one block, an odd number of blocks, token counts with remainders), on every
@@ -116,12 +116,10 @@ def test_which_matrices_are_interleaved():
             assert _ops.interleaves(int(type), 4096) == cpu_is_intel()
         assert not _ops.interleaves(int(GGMLType.F16), 1536)
         _ops.set_isa("avx2")   # the types with an AVX2 kernel, any row length
-        for type in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K,
-                     GGMLType.Q5_K, GGMLType.Q6_K):
+        for type in TYPES:
             assert _ops.interleaves(int(type), 4096) and _ops.interleaves(int(type), 14336)
             assert not _ops.interleaves(int(type), 4096, False)
-        for type in (GGMLType.Q5_0, GGMLType.Q5_1):
-            assert not _ops.interleaves(int(type), 576) and not _ops.interleaves(int(type), 576, True)
+        assert not _ops.interleaves(int(GGMLType.F16), 4096, True)
         _ops.set_isa("scalar")
         assert not _ops.interleaves(int(GGMLType.Q4_0), 576, True)
     finally:
@@ -130,8 +128,7 @@ def test_which_matrices_are_interleaved():
 
 @needs_avx512
 @pytest.mark.parametrize("isa", _ops.available_isas())
-@pytest.mark.parametrize("type", [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q2_K, GGMLType.Q3_K,
-                                  GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("type", TYPES, ids=lambda t: t.name)
 def test_interleaved_kernels_hold_the_largest_sums(isa, type):
     """Every quant at its largest value against activations at full scale of either sign: the AVX2
     kernels add byte products in 16 bits before widening them, and must not overflow there."""
@@ -141,8 +138,8 @@ def test_interleaved_kernels_hold_the_largest_sums(isa, type):
     # every f16 field (d, and the min where there is one) 0.5, where the type keeps it; the bytes
     # around stay 0xFF (Q3_K's and Q6_K's scales at their most negative, every quant at its top;
     # Q8_0's quants 0x80, -128)
-    fields = {GGMLType.Q4_0: (0, 2), GGMLType.Q8_0: (0, 2), GGMLType.Q2_K: (-4, 0), GGMLType.Q3_K: (-2, 0),
-              GGMLType.Q6_K: (-2, 0)}
+    fields = {GGMLType.Q4_0: (0, 2), GGMLType.Q5_0: (0, 2), GGMLType.Q8_0: (0, 2), GGMLType.Q2_K: (-4, 0),
+              GGMLType.Q3_K: (-2, 0), GGMLType.Q6_K: (-2, 0)}
     start, end = fields.get(type, (0, 4))
     blocks[:, :, start:end or None] = np.tile(np.array([0.5], np.float16).view(np.uint8), (end - start) // 2)
     data = blocks.reshape(-1)

@@ -53,25 +53,16 @@
  * 15-22 against 23-37, 30-43 against 42-62. */
 #define ZD_X16_SHORT_ROW 2048
 
-/* Whether the AVX2 path has an interleaved kernel for `type` (a GGML type; interleave_avx2.h). */
-static inline int zd_x16_has_256(int type) {
-    return type == ZD_Q4_0 || type == ZD_Q4_1 || type == ZD_Q8_0 || type == ZD_Q2_K || type == ZD_Q3_K
-           || type == ZD_Q4_K || type == ZD_Q5_K || type == ZD_Q6_K;
-}
-
 /* Whether an m x k matrix of `type` is interleaved at load for path `isa`. `repack`: 1 for
- * every type that has an interleaved kernel, 0 for none, -1 for this host's choice (above). */
+ * every type that has an interleaved kernel, 0 for none, -1 for this host's choice (above; on
+ * AVX2 every such type: its row-major kernels are compute-bound wherever measured). */
 static inline int zd_x16_wanted(int type, int isa, int64_t k, int repack) {
-    if (repack == 0)
+    const int legacy = type == ZD_Q4_0 || type == ZD_Q4_1 || type == ZD_Q5_0 || type == ZD_Q5_1;
+    const int always = legacy || type == ZD_Q2_K || type == ZD_Q3_K;
+    const int by_host = type == ZD_Q4_K || type == ZD_Q5_K || type == ZD_Q6_K || type == ZD_Q8_0;
+    if (repack == 0 || isa == ZD_ISA_SCALAR || !(always || by_host))
         return 0;
-    if (isa == ZD_ISA_AVX2)   /* its row-major kernels are compute-bound wherever measured */
-        return zd_x16_has_256(type);
-    if (isa != ZD_ISA_AVX512)
-        return 0;
-    if (type == ZD_Q4_0 || type == ZD_Q4_1 || type == ZD_Q5_0 || type == ZD_Q5_1 || type == ZD_Q2_K || type == ZD_Q3_K)
-        return 1;
-    return (type == ZD_Q4_K || type == ZD_Q5_K || type == ZD_Q6_K || type == ZD_Q8_0)
-           && (repack == 1 || k < ZD_X16_SHORT_ROW || zd_cpu_is_intel());
+    return always || repack == 1 || isa == ZD_ISA_AVX2 || k < ZD_X16_SHORT_ROW || zd_cpu_is_intel();
 }
 
 /* Bytes of f16 fields in a GGUF block of interleaved `type` (d, then any min). */
@@ -812,12 +803,13 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_tile_512(const int type, const zd_tile *t
 
 #define ZD_X16_KERNELS(NAME, TYPE)                                                              \
     static void NAME##_scalar(const zd_tile *t) { zd_x16_tile_scalar(TYPE, t); }               \
-    ZD_X16_KERNEL_512(NAME, TYPE)
+    ZD_X16_KERNELS_SIMD(NAME, TYPE)
 #if ZD_X86
-#define ZD_X16_KERNEL_512(NAME, TYPE) \
-    ZD_TARGET_AVX512 static void NAME##_512(const zd_tile *t) { zd_x16_tile_512(TYPE, t); }
+#define ZD_X16_KERNELS_SIMD(NAME, TYPE)                                                         \
+    ZD_TARGET_AVX512 static void NAME##_512(const zd_tile *t) { zd_x16_tile_512(TYPE, t); }    \
+    ZD_TARGET_AVX2 static void NAME##_256(const zd_tile *t) { zd_x16_tile_256(TYPE, t); }
 #else
-#define ZD_X16_KERNEL_512(NAME, TYPE)
+#define ZD_X16_KERNELS_SIMD(NAME, TYPE)
 #endif
 ZD_X16_KERNELS(zd_x16_q4_0, ZD_Q4_0)
 ZD_X16_KERNELS(zd_x16_q4_1, ZD_Q4_1)
@@ -829,39 +821,26 @@ ZD_X16_KERNELS(zd_x16_q5_k, ZD_Q5_K)
 ZD_X16_KERNELS(zd_x16_q6_k, ZD_Q6_K)
 ZD_X16_KERNELS(zd_x16_q2_k, ZD_Q2_K)
 ZD_X16_KERNELS(zd_x16_q3_k, ZD_Q3_K)
-#if ZD_X86
-#define ZD_X16_KERNEL_256(NAME, TYPE) \
-    ZD_TARGET_AVX2 static void NAME##_256(const zd_tile *t) { zd_x16_tile_256(TYPE, t); }
-ZD_X16_KERNEL_256(zd_x16_q4_0, ZD_Q4_0)
-ZD_X16_KERNEL_256(zd_x16_q4_1, ZD_Q4_1)
-ZD_X16_KERNEL_256(zd_x16_q8_0, ZD_Q8_0)
-ZD_X16_KERNEL_256(zd_x16_q4_k, ZD_Q4_K)
-ZD_X16_KERNEL_256(zd_x16_q5_k, ZD_Q5_K)
-ZD_X16_KERNEL_256(zd_x16_q6_k, ZD_Q6_K)
-ZD_X16_KERNEL_256(zd_x16_q2_k, ZD_Q2_K)
-ZD_X16_KERNEL_256(zd_x16_q3_k, ZD_Q3_K)
-#endif
 
 /* The kernel for an interleaved type code on path `isa`, or NULL for a code no kernel reads. */
 #if ZD_X86
-#define ZD_X16_PICK(NAME, isa) ((isa) == ZD_ISA_AVX512 ? NAME##_512 : NAME##_scalar)
-#define ZD_X16_PICK_256(NAME, isa) ((isa) == ZD_ISA_AVX2 ? NAME##_256 : ZD_X16_PICK(NAME, isa))
+#define ZD_X16_PICK(NAME, isa) \
+    ((isa) == ZD_ISA_AVX512 ? NAME##_512 : (isa) == ZD_ISA_AVX2 ? NAME##_256 : NAME##_scalar)
 #else
 #define ZD_X16_PICK(NAME, isa) ((void)(isa), NAME##_scalar)
-#define ZD_X16_PICK_256(NAME, isa) ZD_X16_PICK(NAME, isa)
 #endif
 static zd_tile_fn zd_x16_kernel(int type, int isa) {
     switch (type) {
-    case ZD_X16 | ZD_Q4_0: return ZD_X16_PICK_256(zd_x16_q4_0, isa);
-    case ZD_X16 | ZD_Q4_1: return ZD_X16_PICK_256(zd_x16_q4_1, isa);
+    case ZD_X16 | ZD_Q4_0: return ZD_X16_PICK(zd_x16_q4_0, isa);
+    case ZD_X16 | ZD_Q4_1: return ZD_X16_PICK(zd_x16_q4_1, isa);
     case ZD_X16 | ZD_Q5_0: return ZD_X16_PICK(zd_x16_q5_0, isa);
     case ZD_X16 | ZD_Q5_1: return ZD_X16_PICK(zd_x16_q5_1, isa);
-    case ZD_X16 | ZD_Q8_0: return ZD_X16_PICK_256(zd_x16_q8_0, isa);
-    case ZD_X16 | ZD_Q4_K: return ZD_X16_PICK_256(zd_x16_q4_k, isa);
-    case ZD_X16 | ZD_Q5_K: return ZD_X16_PICK_256(zd_x16_q5_k, isa);
-    case ZD_X16 | ZD_Q6_K: return ZD_X16_PICK_256(zd_x16_q6_k, isa);
-    case ZD_X16 | ZD_Q2_K: return ZD_X16_PICK_256(zd_x16_q2_k, isa);
-    case ZD_X16 | ZD_Q3_K: return ZD_X16_PICK_256(zd_x16_q3_k, isa);
+    case ZD_X16 | ZD_Q8_0: return ZD_X16_PICK(zd_x16_q8_0, isa);
+    case ZD_X16 | ZD_Q4_K: return ZD_X16_PICK(zd_x16_q4_k, isa);
+    case ZD_X16 | ZD_Q5_K: return ZD_X16_PICK(zd_x16_q5_k, isa);
+    case ZD_X16 | ZD_Q6_K: return ZD_X16_PICK(zd_x16_q6_k, isa);
+    case ZD_X16 | ZD_Q2_K: return ZD_X16_PICK(zd_x16_q2_k, isa);
+    case ZD_X16 | ZD_Q3_K: return ZD_X16_PICK(zd_x16_q3_k, isa);
     default: return 0;
     }
 }

@@ -10,8 +10,7 @@
  * rows 0..15: half h (32 bytes) is rows 8h .. 8h + 7, and the two halves are two passes over the
  * tile, the second reading the group from cache.
  *
- * Types with a kernel here (zd_x16_has_256): Q4_0, Q4_1, Q8_0 and the k-quants. Q5_0 and Q5_1,
- * whose fifth bits would be taken apart per row byte, keep their row-major kernels on this path.
+ * Every type with an AVX-512 interleaved kernel has one here.
  */
 #ifndef ZEPHYR_INTERLEAVE_AVX2_H
 #define ZEPHYR_INTERLEAVE_AVX2_H
@@ -66,45 +65,66 @@ ZD_TARGET_AVX2 ZD_INLINE __m256i zd_both_halves_256(__m256i v) {
     return _mm256_blend_epi16(v, _mm256_slli_epi32(v, 16), 0xAA);
 }
 
-/* Q4_0 and Q4_1, rows 8h .. 8h + 7, T tokens from j0: per block, quant vector i's half gives
- * the low nibbles (values 4i + j) and the high ones (16 + 4i + j) of 8 rows. */
-ZD_TARGET_AVX2 ZD_INLINE void zd_x16_q4_tokens_256(const int type, const int T, const zd_tile *tile, int64_t j0,
-                                                    const int h) {
+/* Q4_0, Q4_1, Q5_0 and Q5_1, rows 8h .. 8h + 7, T tokens from j0: per block, quant vector i's
+ * half gives the low nibbles (values 4i + j) and the high ones (16 + 4i + j) of 8 rows. Q5_0 and
+ * Q5_1 add 16 where the fifth bit is set (interleave.h's zd_x16_tokens_512: a shuffle copies the
+ * row's qh byte to its 4 bytes, a compare picks byte j's bit), and, their values reaching 31,
+ * widen their pair sums every 2 vectors instead of once a block. */
+ZD_TARGET_AVX2 ZD_INLINE void zd_x16_legacy_tokens_256(const int type, const int T, const zd_tile *tile, int64_t j0,
+                                                        const int h) {
     const zd_act *x = tile->x;
     const int64_t nb = x->k / 32, bytes = 16 * zd_block_bytes(type);
-    const int head = zd_x16_head(type), quants = zd_x16_at(type, 0, head);
+    const int five = type == ZD_Q5_0 || type == ZD_Q5_1, run = five ? 2 : 4;
+    const int head = zd_x16_head(type), qh = zd_x16_at(type, 0, head), quants = qh + (five ? 64 : 0);
     const int mins = head == 4 ? zd_x16_at(type, 0, 2) : -1;
     const float offset = -zd_legacy_offset(type);
     const int8_t *q[4];
     const float *xd[4], *xs[4];
     zd_x16_token_operands(tile, T, j0, 0, q, xd, xs);
-    const __m256i nibble = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const __m256i nibble = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi8(16);
+    const __m256i lane_bytes = _mm256_setr_epi32(0, 0x04040404, 0x08080808, 0x0c0c0c0c, 0, 0x04040404, 0x08080808,
+                                                 0x0c0c0c0c);
     __m256 F[4];
     ZD_UNROLL
     for (int j = 0; j < T; j++)
         F[j] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *group = zd_x16_group_256(tile, b, bytes, h);
-        __m256i P[4];
+        const __m256i hv = five ? _mm256_loadu_si256((const __m256i *)(group + qh + 32 * h)) : _mm256_setzero_si256();
+        __m256i S[4];   /* 32-bit row sums */
         ZD_UNROLL
-        for (int j = 0; j < T; j++)
-            P[j] = _mm256_setzero_si256();
-        ZD_UNROLL
-        for (int i = 0; i < 4; i++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(group + quants + 64 * i + 32 * h));
-            const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+        for (int i0 = 0; i0 < 4; i0 += run) {
+            __m256i P[4];
             ZD_UNROLL
-            for (int j = 0; j < T; j++) {
-                P[j] = _mm256_add_epi16(P[j], _mm256_maddubs_epi16(lo, zd_x4_256(q[j] + 32 * b + 4 * i)));
-                P[j] = _mm256_add_epi16(P[j], _mm256_maddubs_epi16(hi, zd_x4_256(q[j] + 32 * b + 16 + 4 * i)));
+            for (int j = 0; j < T; j++)
+                P[j] = _mm256_setzero_si256();
+            ZD_UNROLL
+            for (int i = i0; i < i0 + run; i++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(group + quants + 64 * i + 32 * h));
+                __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+                if (five) {
+                    const __m256i bits = _mm256_set1_epi32((int)(0x08040201u << 4 * (i % 2)));
+                    const __m256i h_lo = _mm256_shuffle_epi8(hv, _mm256_add_epi32(lane_bytes, _mm256_set1_epi8((char)(i / 2))));
+                    const __m256i h_hi = _mm256_shuffle_epi8(hv, _mm256_add_epi32(lane_bytes, _mm256_set1_epi8((char)(2 + i / 2))));
+                    lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h_lo, bits), bits), sixteen));
+                    hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h_hi, bits), bits), sixteen));
+                }
+                ZD_UNROLL
+                for (int j = 0; j < T; j++) {
+                    P[j] = _mm256_add_epi16(P[j], _mm256_maddubs_epi16(lo, zd_x4_256(q[j] + 32 * b + 4 * i)));
+                    P[j] = _mm256_add_epi16(P[j], _mm256_maddubs_epi16(hi, zd_x4_256(q[j] + 32 * b + 16 + 4 * i)));
+                }
             }
+            ZD_UNROLL
+            for (int j = 0; j < T; j++)
+                S[j] = i0 ? _mm256_add_epi32(S[j], _mm256_madd_epi16(P[j], ones)) : _mm256_madd_epi16(P[j], ones);
         }
         const __m256 dw = zd_x16_halves_256(group, 0, h);
         const __m256 mw = mins >= 0 ? zd_x16_halves_256(group, mins, h) : dw;
         ZD_UNROLL
         for (int j = 0; j < T; j++) {
-            const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(P[j], ones));
-            /* Q4_0: d (xd sums - 8 xs); Q4_1: d xd sums + min xs */
+            const __m256 sums = _mm256_cvtepi32_ps(S[j]);
+            /* Q4_0, Q5_0: d (xd sums - offset xs); Q4_1, Q5_1: d xd sums + min xs */
             if (mins >= 0)
                 F[j] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xs[j][b]),
                                        _mm256_fmadd_ps(sums, _mm256_mul_ps(dw, _mm256_set1_ps(xd[j][b])), F[j]));
@@ -442,7 +462,7 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_x16_pass_256(const int type, const int T, const
     else if (type == ZD_Q4_K || type == ZD_Q5_K)
         zd_x16_kq_tokens_256(type, T, tile, j0, h);
     else
-        zd_x16_q4_tokens_256(type, T, tile, j0, h);
+        zd_x16_legacy_tokens_256(type, T, tile, j0, h);
 }
 
 /* A tile of 16 rows, every token: per 4 tokens (2 for the types whose passes keep more sums
