@@ -43,8 +43,8 @@ def activation_rounding(type, x):
     return quants.dequantize(quants.quantize_q8_0(x), GGMLType.Q8_0, x.shape)
 
 
-def interleaved(data, m, k, type=GGMLType.Q4_0):
-    _ops.set_isa("avx512")
+def interleaved(data, m, k, type=GGMLType.Q4_0, isa="avx512"):
+    _ops.set_isa(isa)
     try:
         return _ops.interleave(data, int(type), m, k, 2)
     finally:
@@ -88,12 +88,13 @@ def test_interleaved_rows_decode_exactly(type):
 
 
 @needs_avx512
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
 @pytest.mark.parametrize("type", TYPES, ids=lambda t: t.name)
-def test_fast_copy_matches_the_word_by_word_copy(type):
+def test_fast_copy_matches_the_word_by_word_copy(type, isa):
     rng = np.random.default_rng(10)
     for m, k in shapes(type):
         data = random_blocks(type, (m, k), rng)
-        code, packed = interleaved(data, m, k, type)
+        code, packed = interleaved(data, m, k, type, isa)
         want_code, want = _ops._interleave_reference(data, int(type), m, k)
         assert code == want_code
         np.testing.assert_array_equal(packed, want)
