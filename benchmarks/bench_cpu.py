@@ -3,7 +3,8 @@
     python benchmarks/bench_cpu.py [--models demo,q4_k_m,q4_0,q8_0,...] [--threads 2] [--repeats 3]
                                    [--prompt-tokens 64[,1500,4000]] [--demo-prompt-tokens 128[,1000,3000]]
                                    [--no-llama-cpp] [--out docs/benchmarks.md [--section NAME]]
-    python benchmarks/bench_cpu.py --kernel-rates [--threads 2] [--out docs/benchmarks.md]
+    python benchmarks/bench_cpu.py --kernel-rates [--threads 2] [--repack | --no-repack] [--isa avx2]
+                                   [--out docs/benchmarks.md [--section NAME]]
 
 Per model and prompt length (a row) it reports load time (constructor to the logits of a 1-token
 eval, page cache warm), prefill tok/s (one eval of the whole prompt), decode tok/s after that prompt
