@@ -65,6 +65,12 @@ ZD_TARGET_AVX2 ZD_INLINE __m256i zd_both_halves_256(__m256i v) {
     return _mm256_blend_epi16(v, _mm256_slli_epi32(v, 16), 0xAA);
 }
 
+/* A k-quant super-block's sums into one token's row totals (zd_x16_fold_512, per token):
+ * F + sums d xd - cw m, the quants' sums and the offsets' or mins' (cw: their weight side). */
+ZD_TARGET_AVX2 ZD_INLINE __m256 zd_x16_fold_256(__m256 F, __m256 sums, __m256 m, __m256 d, __m256 cw, float xd) {
+    return _mm256_fnmadd_ps(cw, m, _mm256_fmadd_ps(sums, _mm256_mul_ps(d, _mm256_set1_ps(xd)), F));
+}
+
 /* Q4_0, Q4_1, Q5_0 and Q5_1, rows 8h .. 8h + 7, T tokens from j0: per block, quant vector i's
  * half gives the low nibbles (values 4i + j) and the high ones (16 + 4i + j) of 8 rows. Q5_0 and
  * Q5_1 add 16 where the fifth bit is set (interleave.h's zd_x16_tokens_512: a shuffle copies the
@@ -256,7 +262,7 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_x16_kq_tokens_256(const int type, const int T, 
         }
         ZD_UNROLL
         for (int j = 0; j < T; j++)
-            F[j] = _mm256_fnmadd_ps(dmin, m[j], _mm256_fmadd_ps(acc[j], _mm256_mul_ps(d, _mm256_set1_ps(xd[j][sb])), F[j]));
+            F[j] = zd_x16_fold_256(F[j], acc[j], m[j], d, dmin, xd[j][sb]);
     }
     ZD_UNROLL
     for (int j = 0; j < T; j++)
@@ -337,11 +343,10 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_x16_q6k_tokens_256(const int T, const zd_tile *
                                                                                _mm256_madd_epi16(P[j][1], sc16[1])));
                     }
                 }
-        const __m256 d = zd_x16_halves_256(group, 0, h);
+        const __m256 d = zd_x16_halves_256(group, 0, h), cw = _mm256_mul_ps(d, _mm256_set1_ps(32.0f));
         ZD_UNROLL
         for (int j = 0; j < T; j++)
-            F[j] = _mm256_fmadd_ps(d, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[j]), _mm256_set1_ps(xd[j][sb]),
-                                                      _mm256_mul_ps(m[j], _mm256_set1_ps(-32.0f))), F[j]);
+            F[j] = zd_x16_fold_256(F[j], _mm256_cvtepi32_ps(acc[j]), m[j], d, cw, xd[j][sb]);
     }
     ZD_UNROLL
     for (int j = 0; j < T; j++)
@@ -443,8 +448,7 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_x16_q23k_tokens_256(const int type, const int T
         const __m256 cw = q3 ? _mm256_mul_ps(d, _mm256_set1_ps(4.0f)) : zd_x16_halves_256(group, 32, h);
         ZD_UNROLL
         for (int j = 0; j < T; j++)
-            F[j] = _mm256_fnmadd_ps(cw, m[j], _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[j]),
-                                                              _mm256_mul_ps(d, _mm256_set1_ps(xd[j][sb])), F[j]));
+            F[j] = zd_x16_fold_256(F[j], _mm256_cvtepi32_ps(acc[j]), m[j], d, cw, xd[j][sb]);
     }
     ZD_UNROLL
     for (int j = 0; j < T; j++)
