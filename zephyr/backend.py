@@ -446,9 +446,8 @@ class HostKVCache(KVCache):
 
     def __init__(self, shape: CacheShape):
         self.shape = shape
-        # np.zeros maps fresh pages lazily: positions never written cost no memory.
-        self.data = np.zeros((shape.n_layers, 2, shape.n_seqs, shape.n_kv_heads, shape.n_ctx, shape.row_bytes),
-                             np.uint8)
+        # positions never written cost no memory, and a sequence's first token commits a few pages
+        self.data = memory.lazy_zeros((shape.n_layers, 2, shape.n_seqs, shape.n_kv_heads, shape.n_ctx, shape.row_bytes))
 
     def store(self, layer: int, batch: Batch, k: np.ndarray, v: np.ndarray):
         """k, v: float32 [n, h_kv * hd] -> the rows of `batch` in layer `layer`, rounded to the cache type."""

@@ -77,6 +77,20 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+def lazy_zeros(shape, dtype=np.uint8) -> np.ndarray:
+    """A zeroed array whose memory is taken a small page at a time, where it is first written.
+    np.zeros takes transparent huge pages for large arrays, so one write commits the 2 MB around it:
+    a KV cache's first token of a sequence writes a row into every head's run of positions and
+    would commit (and zero) that sequence's whole share of the cache in its first forward pass."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if nbytes == 0:
+        return np.zeros(shape, dtype)
+    area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        area.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(area, dtype).reshape(shape)
+
+
 def release_pages(array) -> bool:
     """Let the OS drop this process's mapping of the pages under `array`, a view of a file's memory
     map (madvise MADV_DONTNEED), for data that has been copied elsewhere: they leave the process's
