@@ -120,6 +120,50 @@ def test_the_same_prompt_again_is_not_evaluated_and_answers_the_same(llm, counte
     assert generated(again) == generated(first)
 
 
+def test_a_prefix_held_by_a_busy_sequence_is_copied_not_evaluated(llm, counted):
+    """Conversations that start alike (a system prompt) while the first still runs: the second
+    copies the shared prefix's keys and values from the busy sequence, and answers as it would alone."""
+    system = llm.tokenize_prompt("You are a helpful assistant who answers in full sentences. " * 4)
+    question = llm.tokenize_prompt(" How do tides work?", add_bos_token=False)
+    scheduler = Scheduler(llm)
+    running = scheduler.submit(answer(llm, system + llm.tokenize_prompt(" Hi!", add_bos_token=False),
+                                      max_new_tokens=40))
+    scheduler.step()
+    counted.clear()
+    second = scheduler.submit(answer(llm, system + question, max_new_tokens=8))
+    scheduler.step()
+    assert counted[0] <= len(question) + 1, f"{counted[0]} tokens evaluated; the new part is {len(question)}"
+    while scheduler.step():
+        pass
+    assert running.error is None and second.error is None
+    cold = Scheduler(llm).run([answer(llm, system + question, max_new_tokens=8)])[0]
+    a, b = generated(cold), generated(second)
+    for step, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            assert greedy_flip_is_a_near_tie(second.generations[0].seen[step], cold.generations[0].seen[step])
+            break
+    else:
+        assert a == b
+
+
+def test_logits_kept_for_a_prompt_are_not_used_once_the_sequence_holds_other_tokens(smollm2_path):
+    """A prompt read in part (cancelled) over a sequence that held another prompt of the same length:
+    that prompt's kept logits must not answer the new one."""
+    with AutoModelForCausalLM.from_pretrained(str(smollm2_path), sequences=1, context_length=256) as llm:
+        scheduler = Scheduler(llm, token_budget=8)
+        first = llm.tokenize_prompt("The capital of France is a city on the Seine, and")[:10]
+        other = first[:2] + llm.tokenize_prompt(" water boils at a hundred degrees when the air is thin",
+                                                add_bos_token=False)[:18]
+        scheduler.run([answer(llm, first, max_new_tokens=1)])
+        cut = scheduler.submit(answer(llm, other, max_new_tokens=1))
+        scheduler.step()            # 8 of its tokens read after the 2 shared: the sequence holds 10 again
+        cut.cancel()
+        scheduler.step()
+        again = scheduler.run([answer(llm, other[:10], max_new_tokens=1)])[0]
+        cold = Scheduler(llm).run([answer(llm, other[:10], max_new_tokens=1)])[0]
+        np.testing.assert_allclose(again.generations[0].seen[0], cold.generations[0].seen[0], atol=0.05)
+
+
 def test_prefixes_lost_by_a_sequence_come_back_from_ram(smollm2_path):
     with AutoModelForCausalLM.from_pretrained(str(smollm2_path), sequences=1, context_length=512) as llm:
         passes = []

@@ -8,7 +8,9 @@ read once for all of them; then each answer's Generation picks its token from it
 Requests join at the next step and leave when they finish or are cancelled; the others go on.
 
 Prefix cache: a request takes the free slot whose tokens share the longest prefix with its prompt
-(llama.cpp's slot similarity) and evaluates only the rest. A slot keeps the logits that followed its
+(llama.cpp's slot similarity) and evaluates only the rest. When another slot, busy or not, holds a
+longer prefix (a system prompt that every conversation starts with), its keys and values are copied
+into the request's slot instead of evaluated again. A slot keeps the logits that followed its
 last prompt, so the same prompt again is not evaluated at all and answers exactly as before (its last
 token evaluated alone would round differently from the batch it was read in). With `cache_bytes`,
 what a slot is about to lose is kept in RAM (least recently used first out) and restored when a
@@ -111,6 +113,7 @@ class Scheduler:
     """
 
     MIN_KEPT_PREFIX = 32   # shorter prefixes are not worth the RAM or the copy
+    MIN_COPIED_GAIN = 16   # copy another slot's prefix when it spares at least this many tokens
 
     def __init__(self, llm, token_budget: int = None, cache_bytes: int = 0, max_waiting: int = 64):
         self.llm = llm
@@ -260,20 +263,30 @@ class Scheduler:
             self._active.append(active)
 
     def _reuse(self, slot, prompt) -> int:
-        """Prepare `slot` for `prompt`: keep the longest prefix it (or the RAM cache) has of it; the
-        number of prompt tokens already in the slot: all of them if the slot also kept the logits
-        after them, else at most len(prompt) - 1 (the last one is evaluated again for its logits)."""
+        """Prepare `slot` for `prompt`: put there the longest prefix of it that the slot, another
+        slot or the RAM cache holds; the number of prompt tokens then in the slot: all of them if
+        the slot also kept the logits after them, else at most len(prompt) - 1 (the last one is
+        evaluated again for its logits)."""
         held = _shared(slot.tokens, prompt)
-        whole = slot.prompt_logits is not None and slot.prompt_logits[0] == len(prompt) == held
-        shared = len(prompt) if whole else min(held, len(prompt) - 1)
+        if slot.prompt_logits is not None and slot.prompt_logits[0] == len(prompt) == held:
+            self._keep(slot, held)
+            del slot.tokens[held:]
+            return held
+        slot.prompt_logits = None   # the slot's tokens change: logits kept for them would be stale
+        most, shared = len(prompt) - 1, min(held, len(prompt) - 1)
+        other = max((s for s in self.slots if s is not slot), key=lambda s: _shared(s.tokens, prompt), default=None)
+        copied = min(_shared(other.tokens, prompt), most) if other is not None else 0
         kept = max(self._kept, key=lambda tokens: _shared(tokens, prompt), default=None)
-        if (not whole and kept is not None
-                and min(_shared(kept, prompt), len(prompt) - 1) > max(shared, self.MIN_KEPT_PREFIX - 1)):
+        restored = min(_shared(kept, prompt), most) if kept is not None else 0
+        if copied >= max(restored, shared + self.MIN_COPIED_GAIN):
+            self._keep(slot, 0)
+            self.llm.model.copy_sequence(other.index, slot.index, copied)
+            slot.tokens, shared = prompt[:copied], copied
+        elif restored > max(shared, self.MIN_KEPT_PREFIX - 1):
             self._keep(slot, 0)
             self.llm.model.write_sequence(slot.index, self._kept[kept])
             self._kept.move_to_end(kept)
-            slot.tokens = list(kept)
-            shared = min(_shared(kept, prompt), len(prompt) - 1)
+            slot.tokens, shared = list(kept), restored
         else:
             self._keep(slot, shared)
         del slot.tokens[shared:]
@@ -332,7 +345,7 @@ class Scheduler:
         for choice, (generation, slot) in enumerate(zip(active.request.generations, active.slots)):
             if slot is not first:
                 self.llm.model.copy_sequence(first.index, slot.index, len(first.tokens))
-                slot.tokens = list(first.tokens)
+                slot.tokens, slot.prompt_logits = list(first.tokens), first.prompt_logits
             answer = _Answer(choice, generation, slot)
             active.answers.append(answer)
         for answer in list(active.answers):
