@@ -105,6 +105,20 @@ def test_a_kv_cache_takes_memory_only_where_it_is_written():
     assert np.all(cache.rows(0, 1, 1, 1) == 1) and not cache.data[:, :, 0].any()
 
 
+def test_a_reservation_the_os_refuses_is_a_clear_memory_error():
+    script = textwrap.dedent("""
+        import resource
+        from zephyr import InsufficientMemoryError, memory
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, resource.RLIM_INFINITY))
+        try:
+            memory.lazy_zeros((4 << 30,))
+        except InsufficientMemoryError as exc:
+            print("refused:", exc)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "refused: could not reserve 4.00 GiB of memory" in done.stdout, done.stdout + done.stderr
+
+
 def test_available_memory_is_the_least_of_every_limit(monkeypatch):
     monkeypatch.setattr(memory, "_system_available", lambda: 8 << 30)
     monkeypatch.setattr(memory, "_cgroup_available", lambda: 2 << 30)

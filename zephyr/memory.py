@@ -85,7 +85,11 @@ def lazy_zeros(shape, dtype=np.uint8) -> np.ndarray:
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     if nbytes == 0:
         return np.zeros(shape, dtype)
-    area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as exc:   # an address-space limit, or strict overcommit
+        raise InsufficientMemoryError(f"could not reserve {_gib(nbytes)} of memory ({exc.strerror}); "
+                                      f"ask for less (a smaller context_length or fewer sequences)") from None
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         area.madvise(mmap.MADV_NOHUGEPAGE)
     return np.frombuffer(area, dtype).reshape(shape)
