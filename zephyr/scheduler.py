@@ -273,7 +273,8 @@ class Scheduler:
             del slot.tokens[held:]
             return held
         slot.prompt_logits = None   # the slot's tokens change: logits kept for them would be stale
-        most, shared = len(prompt) - 1, min(held, len(prompt) - 1)
+        most = len(prompt) - 1
+        shared = min(held, most)
         other = max((s for s in self.slots if s is not slot), key=lambda s: _shared(s.tokens, prompt), default=None)
         copied = min(_shared(other.tokens, prompt), most) if other is not None else 0
         kept = max(self._kept, key=lambda tokens: _shared(tokens, prompt), default=None)
