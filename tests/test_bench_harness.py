@@ -3,9 +3,10 @@ lists, rows, targets, kernel-rate fits, the host line, Markdown."""
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from zephyr import gguf
+from zephyr import AutoModelForCausalLM, gguf
 from zephyr.quants import SUPPORTED_TYPES, GGMLType
 from zephyr.testing.synthetic import PRESETS, llama_tensors, write_llama_model
 
@@ -145,9 +146,36 @@ def test_other_families_are_held_to_the_llama_familys_speed_per_weight_byte(benc
     verdict = bench.check_targets(qwen2, run(decode=4.5), None, bytes_at=llama_rate)
     assert verdict == "FAIL: decode 84.4 < 90 % of q4_k_m's weight bytes/s"
     assert bench.check_targets(qwen2, run(decode=4.9), None, bytes_at={}) == "PASS (bytes/s vs q4_k_m n/a)"
-    gemma = bench.MODELS["gemma3-270m"]
-    assert (gemma.layout, gemma.named, gemma.targets_at(128).per_byte_of) == (None, "gemma3-270m", (0.9, "demo"))
-    assert "of SmolLM2-135M Q4_1 (demo)'s" in bench.target_lines([gemma], {"gemma3-270m": [128]})[1]
+    gemma, twin = bench.MODELS["gemma3-270m"], bench.MODELS["gemma3-270m-llama"]
+    assert (gemma.layout, gemma.named, gemma.targets_at(128).per_byte_of) == (None, "gemma3-270m",
+                                                                             (0.9, "gemma3-270m-llama"))
+    assert (twin.layout, twin.named, twin.llama_twin) == (None, "gemma3-270m", True)
+    assert "of Gemma 3 270M's llama twin's" in bench.target_lines([gemma], {"gemma3-270m": [128]})[1]
+    assert {"gemma3-270m", "gemma3-270m-llama"} <= set(bench.DEFAULT_MODELS.split(","))
+
+
+def test_a_llama_twin_is_written_once_beside_the_named_file(bench, tmp_path):
+    source = write_llama_model(tmp_path / "gemma.gguf", "gemma3", "Q8_0")
+    spec = bench.MODELS["gemma3-270m-llama"]
+    cache = tmp_path / "cache"
+    path = bench.ensure_llama_twin(source, cache)
+    assert path == cache / "gemma.llama-twin.gguf" and not list(cache.glob("*.partial"))
+    with gguf.read(source) as original, gguf.read(path) as twin:
+        assert twin.architecture == "llama"
+        kept = {t.name for t in twin.tensors}
+        left_out = {t.name.split(".")[2] for t in original.tensors if t.name not in kept}
+        assert left_out == {"attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm"}
+        for name in kept:
+            assert np.array_equal(twin.tensor_data(name), original.tensor_data(name)), name
+        for key in ("block_count", "embedding_length", "attention.key_length", "attention.head_count_kv"):
+            assert twin.metadata[f"llama.{key}"] == original.metadata[f"gemma3.{key}"]
+        assert twin.metadata["tokenizer.ggml.tokens"] == original.metadata["tokenizer.ggml.tokens"]
+    with AutoModelForCausalLM.from_pretrained(str(path), context_length=32) as llm:
+        llm.eval(llm.tokenize("twin"))
+        assert llm.model_config.architecture == "llama" and np.isfinite(llm.logits).all()
+    written = path.stat().st_mtime_ns
+    assert bench.ensure_llama_twin(source, cache).stat().st_mtime_ns == written
+    assert spec.llama_twin
 
 
 def test_rss_budget_holds_the_kv_cache_the_row_fills(bench, tmp_path):

@@ -248,6 +248,42 @@ def rope_factor_tensors(shape: ModelShape, seed: int = 0):
     return []
 
 
+# The hyperparameters a llama block reads, under `<arch>.`: what a twin carries over.
+_LLAMA_KEYS = ("context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
+               "attention.head_count_kv", "attention.key_length", "attention.value_length",
+               "attention.layer_norm_rms_epsilon", "rope.freq_base")
+
+
+def write_llama_twin(source, path):
+    """A llama-architecture copy of the GGUF file `source` of another family: the same matrices
+    (bytes, types, shapes), token embedding and vocabulary, run by llama's block. Tensors llama has
+    no place for (per-head Q/K norms, post-norms) are left out; so are the family's window, caps and
+    RoPE of local layers. Measured beside the original, the twin tells what the family's own ops cost
+    at the same weight bytes (benchmarks/bench_cpu.py). Returns `path`."""
+    from .. import gguf
+
+    llama = {"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"}
+    with gguf.read(source) as f:
+        arch = f.architecture
+        meta = {"general.architecture": "llama", "general.name": f"{f.metadata.get('general.name', arch)} (llama twin)"}
+        meta.update((f"llama.{key}", f.metadata[f"{arch}.{key}"]) for key in _LLAMA_KEYS
+                    if f"{arch}.{key}" in f.metadata)
+        for key, value in f.metadata.items():
+            if key.startswith("tokenizer."):
+                meta[key] = _typed_list(value) if isinstance(value, list) else value
+        tensors = [TensorSpec(t.name, t.type, t.shape, lambda t=t: f.tensor_data(t)) for t in f.tensors
+                   if not t.name.startswith("blk.") or t.name.split(".")[2] in llama]
+        write_gguf(path, meta, tensors)
+    return path
+
+
+def _typed_list(values):
+    """A list of metadata values with the item type llama.cpp expects of it (strings, float32, int32)."""
+    kind = (GGUFValueType.STRING if all(isinstance(v, str) for v in values) else
+            GGUFValueType.INT32 if all(isinstance(v, int) for v in values) else GGUFValueType.FLOAT32)
+    return Typed(kind, list(values))
+
+
 def write_llama_model(path, shape="tiny", layout="Q4_K_M", vocab=None, name="huggingfaceh4_zephyr-7b-beta",
                       seed=0, chat_template=None, **overrides):
     """Write a synthetic GGUF (llama-architecture unless the shape says otherwise). `shape` is a
