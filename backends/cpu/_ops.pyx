@@ -89,8 +89,7 @@ cdef extern from "attention.h" nogil:
     void zd_attention(zd_att_job *job, float *scratch, int64_t stride, int isa, int nth)
 
 cdef extern from "elementwise.h" nogil:
-    void zd_swiglu(const float *gate, const float *up, float *out, int64_t count)
-    void zd_geglu(const float *gate, const float *up, float *out, int64_t count)
+    void zd_glu(const float *gate, const float *up, float *out, int64_t count, int gelu, int isa)
     void zd_add(const float *a, const float *b, float *out, int64_t count)
 
 
@@ -406,14 +405,22 @@ cdef void _pairwise(zd_pairwise fn, const float[::1] a, const float[::1] b, floa
             fn(&a[start], &b[start], &out[start], stop - start)
 
 
+cdef void _swiglu(const float *gate, const float *up, float *out, int64_t count) noexcept nogil:
+    zd_glu(gate, up, out, count, 0, _isa)
+
+
+cdef void _geglu(const float *gate, const float *up, float *out, int64_t count) noexcept nogil:
+    zd_glu(gate, up, out, count, 1, _isa)
+
+
 def swiglu(const float[::1] gate, const float[::1] up, float[::1] out, int threads):
     """out = silu(gate) * up, over flat arrays."""
-    _pairwise(zd_swiglu, gate, up, out, threads)
+    _pairwise(_swiglu, gate, up, out, threads)
 
 
 def geglu(const float[::1] gate, const float[::1] up, float[::1] out, int threads):
     """out = gelu(gate) * up (GELU's tanh approximation), over flat arrays."""
-    _pairwise(zd_geglu, gate, up, out, threads)
+    _pairwise(_geglu, gate, up, out, threads)
 
 
 def add(const float[::1] a, const float[::1] b, float[::1] out, int threads):

@@ -27,6 +27,7 @@
 #include <string.h>
 #include "common.h"
 #include "dequant.h"
+#include "elementwise.h"
 #include "quantize.h"
 
 #define ZD_ATT_KEYS 32          /* keys per tile */
@@ -154,24 +155,6 @@ static void zd_att_plan(zd_att_job *job) {
         t = end;
     }
     job->n_items = count;
-}
-
-/* e^x for finite x <= 0 (0 below about -87), to 3e-7 relative; plain arithmetic, so gcc
- * vectorises the loops that call it. x = n ln2 + r, e^r by its Taylor series to r^6. */
-static inline float zd_att_exp(float x) {
-    const int32_t ni = (int32_t)(x * 1.44269504f - 0.5f);
-    const float n = (float)ni;
-    const float r = fmaf(n, 2.12194440e-4f, fmaf(n, -0.693359375f, x));
-    float p = 1.0f / 720;
-    p = fmaf(p, r, 1.0f / 120);
-    p = fmaf(p, r, 1.0f / 24);
-    p = fmaf(p, r, 1.0f / 6);
-    p = fmaf(p, r, 0.5f);
-    p = fmaf(p, r, 1.0f);
-    p = fmaf(p, r, 1.0f);
-    union { int32_t i; float f; } scale;
-    scale.i = (ni > -127 ? ni + 127 : 0) << 23;
-    return p * scale.f;
 }
 
 /* The inner loops, written once in plain C and compiled for each instruction-set path
@@ -573,14 +556,14 @@ static void zd_att_run_item(const zd_att_job *job, const zd_att_item *it, float 
             float total = 0.0f;
 #pragma omp simd reduction(+:total)
             for (int64_t j = j0; j < j1; j++) {
-                p[j] = zd_att_exp(p[j] - m_new);
+                p[j] = zd_exp_nonpos(p[j] - m_new);
                 total += p[j];
             }
             for (int64_t j = j_lo; j < j0; j++)   /* keys other rows see, this one not */
                 p[j] = 0.0f;
             for (int64_t j = j1; j < j_hi; j++)
                 p[j] = 0.0f;
-            corr[r] = m[r] == -INFINITY ? 0.0f : zd_att_exp(m[r] - m_new);
+            corr[r] = m[r] == -INFINITY ? 0.0f : zd_exp_nonpos(m[r] - m_new);
             l[r] = l[r] * corr[r] + total;
             m[r] = m_new;
         }
@@ -638,7 +621,7 @@ static void zd_att_merge(const zd_att_job *job, int ith, int nth) {
                 top = part[s * (hdp + 2)] > top ? part[s * (hdp + 2)] : top;
             float weight[ZD_ATT_MAX_SPLITS];
             for (int64_t s = 0; s < shares; s++) {
-                weight[s] = zd_att_exp(part[s * (hdp + 2)] - top);
+                weight[s] = zd_exp_nonpos(part[s * (hdp + 2)] - top);
                 total += weight[s] * part[s * (hdp + 2) + 1];
             }
             float *dst = job->out + (t * job->n_heads + head) * hd;

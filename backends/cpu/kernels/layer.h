@@ -309,10 +309,7 @@ static void zd_decoder_layer(const zd_layer_weights *w, const zd_layer_params *p
                 const int64_t at = t * f + u0 * unit, count = (u1 - u0) * unit;
                 zd_layer_bias(s->gate + at, w->gate_bias ? w->gate_bias + u0 * unit : NULL, count);
                 zd_layer_bias(s->up + at, w->up_bias ? w->up_bias + u0 * unit : NULL, count);
-                if (p->gelu)
-                    zd_geglu(s->gate + at, s->up + at, s->h + at, count);
-                else
-                    zd_swiglu(s->gate + at, s->up + at, s->h + at, count);
+                zd_glu(s->gate + at, s->up + at, s->h + at, count, p->gelu, isa);
                 zd_layer_quantize(a_down, down_kind, s->h + t * f, isa, t, unit, u0, u1);
             }
         }
