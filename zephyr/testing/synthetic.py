@@ -261,8 +261,8 @@ def write_llama_twin(source, path):
     RoPE of local layers. Measured beside the original, the twin tells what the family's own ops cost
     at the same weight bytes (benchmarks/bench_cpu.py). Returns `path`."""
     from .. import gguf
+    from ..model import NORM_TENSORS
 
-    llama = {"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"}
     with gguf.read(source) as f:
         arch = f.architecture
         meta = {"general.architecture": "llama", "general.name": f"{f.metadata.get('general.name', arch)} (llama twin)"}
@@ -272,7 +272,7 @@ def write_llama_twin(source, path):
             if key.startswith("tokenizer."):
                 meta[key] = _typed_list(value) if isinstance(value, list) else value
         tensors = [TensorSpec(t.name, t.type, t.shape, lambda t=t: f.tensor_data(t)) for t in f.tensors
-                   if not t.name.startswith("blk.") or t.name.split(".")[2] in llama]
+                   if not t.name.startswith("blk.") or t.name.split(".")[2] not in NORM_TENSORS.values()]
         write_gguf(path, meta, tensors)
     return path
 
