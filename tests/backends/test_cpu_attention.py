@@ -77,3 +77,33 @@ def test_one_kv_head_with_many_query_heads(isa):
     batches = (Batch.of(0, 70), Batch.of(70, 1), Batch.of(71, 1))
     error = run(2, GGMLType.F16, 256, 8, 1, batches)
     assert error < TOLERANCE, f"{isa}: error {error:.3g}"
+
+
+def test_soft_capped_scores_match_float64(isa):
+    """Soft-capped scores (cap tanh(s / cap), Gemma 2) through the vectorised tanh, read back as the
+    probabilities themselves: key j's value is the one-hot vector e_j and its score s_j (query e_0,
+    scale 1), so a row's output is softmax(cap tanh(s / cap)) over the keys it sees. Scores on both
+    sides of the series/exponential seam (|s| / cap = 1/4), the clamp (10), zeros and extremes."""
+    cap, hd = 2.0, 64
+    marks = [0.0, 1e-30, 1e-6, 1e-3, 0.1, 0.2499, 0.25, 0.2501, 0.5, 1.0, 3.0, 9.99, 10.01, 50.0, 1e4]
+    y = np.array(marks + [-m for m in marks[1:]], np.float64)
+    y = np.concatenate([y, np.random.default_rng(20).uniform(-12, 12, hd - y.size)])
+    scores = (cap * y).astype(np.float32)
+    n = scores.size
+    backend = CPUBackend(threads=1)
+    cache = backend.new_kv_cache(CacheShape(1, 1, n + 1, 1, hd, GGMLType.F32))
+    q = np.zeros((n, hd), np.float32)
+    q[:, 0] = 1.0
+    k = np.zeros((n, hd), np.float32)
+    k[:, 0] = scores
+    v = np.eye(n, hd, dtype=np.float32)
+    got = backend.to_host(backend.attention(cache, 0, q, k, v, Batch.of(0, n), 1, 1, scale=1.0, softcap=cap))
+    step = backend.to_host(backend.attention(cache, 0, q[:1], np.zeros((1, hd), np.float32),
+                                             np.zeros((1, hd), np.float32), Batch.of(n, 1), 1, 1, scale=1.0,
+                                             softcap=cap))
+    capped = cap * np.tanh(scores.astype(np.float64) / cap)
+    for row, (seen, out) in enumerate([(t + 1, got[t]) for t in range(n)] + [(n + 1, step[0])]):
+        logits = np.append(capped, 0.0)[:seen]   # the decode step's own key: score 0, value 0
+        want = np.exp(logits - logits.max())
+        want /= want.sum()
+        assert np.allclose(out[:min(seen, n)], want[:n], rtol=1e-5, atol=0), f"{isa}, row {row}"

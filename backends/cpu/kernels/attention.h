@@ -545,9 +545,11 @@ static void zd_att_run_item(const zd_att_job *job, const zd_att_item *it, float 
             if (transpose)   /* ZD_ATT_LANES keys at a time */
                 for (int64_t jb = 0; jb < j1; jb += ZD_ATT_LANES)
                     L->lanes(p + jb, NULL, 0.0f, qb + r * hdp, kt + jb, ZD_ATT_KEYS, hd);
-            if (job->softcap > 0.0f)
+            if (job->softcap > 0.0f) {
+                const float cap = job->softcap;
                 for (int64_t j = j0; j < j1; j++)
-                    p[j] = job->softcap * tanhf(p[j] / job->softcap);
+                    p[j] = cap * zd_tanh(p[j] / cap);
+            }
             float top = -INFINITY;
 #pragma omp simd reduction(max:top)
             for (int64_t j = j0; j < j1; j++)

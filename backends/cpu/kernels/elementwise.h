@@ -35,6 +35,25 @@ static inline float zd_sigmoid(float z) {
     return (z >= 0.0f ? 1.0f : e) / (1.0f + e);
 }
 
+/* tanh(y) for any y, to 3e-7 relative: (1 - e) / (1 + e) with e = e^-2|y|, which cannot overflow,
+ * and below |y| = 1/4, where 1 - e cancels, the Taylor series to y^9; the sign put back by its bit.
+ * Plain arithmetic on bits (|y| held at 10, where tanh is 1 in float; a NaN gives +-1), so the
+ * loops calling it vectorise: the two forms are picked by a mask, as a select let gcc move the
+ * division into a branch. */
+static inline float zd_tanh(float y) {
+    union { float f; uint32_t i; } a = {y};
+    const uint32_t sign = a.i & 0x80000000u;
+    a.i &= 0x7fffffffu;                                 /* |y| */
+    a.i = a.i < 0x41200000u ? a.i : 0x41200000u;        /* min(|y|, 10.0f); a NaN gives 10 */
+    const float e = zd_exp_nonpos(-2.0f * a.f), y2 = a.f * a.f;
+    union { float f; uint32_t i; } series = {a.f * (1.0f + y2 * (-1.0f / 3 + y2 * (2.0f / 15 + y2 * (-17.0f / 315 + y2 * (62.0f / 2835)))))};
+    union { float f; uint32_t i; } ratio = {(1.0f - e) / (1.0f + e)};
+    const uint32_t small = 0u - (uint32_t)(a.i < 0x3e800000u);   /* all ones where |y| < 0.25f */
+    union { float f; uint32_t i; } t;
+    t.i = ((series.i & small) | (ratio.i & ~small)) | sign;
+    return t.f;
+}
+
 /* out = act(gate) * up, act SiLU (g sigmoid(g)) or GELU's tanh approximation,
  * 0.5 g (1 + tanh(y)) with y = sqrt(2/pi) (g + 0.044715 g^3), written g sigmoid(2y): the same
  * function, which stays accurate where tanh(y) nears -1. Loops of plain arithmetic (no libm
