@@ -64,19 +64,21 @@ def serving(model, threads, replicas, log: Path, options=()):
 
 
 def stream_one(client, prompt, max_tokens) -> dict:
-    """One streaming chat request: completion tokens, time to the first token, time after it, replica."""
+    """One streaming chat request: completion tokens, time to the first token, time after it, replica,
+    and when each chunk of text came (perf_counter seconds)."""
     began = time.perf_counter()
-    first = usage = fingerprint = None
+    usage = fingerprint = None
+    times = []
     for chunk in client.chat.completions.create(model="bench", messages=[{"role": "user", "content": prompt}],
                                                 temperature=0, max_tokens=max_tokens, stream=True,
                                                 stream_options={"include_usage": True}):
-        if first is None and chunk.choices and chunk.choices[0].delta.content:
-            first = time.perf_counter()
+        if chunk.choices and chunk.choices[0].delta.content:
+            times.append(time.perf_counter())
         usage = chunk.usage or usage
         fingerprint = chunk.system_fingerprint
     ended = time.perf_counter()
-    return {"tokens": usage.completion_tokens, "ttft": first - began, "after_first": ended - first,
-            "fingerprint": fingerprint}
+    return {"tokens": usage.completion_tokens, "ttft": times[0] - began, "after_first": ended - times[0],
+            "fingerprint": fingerprint, "times": times}
 
 
 def measure(url, clients, requests, max_tokens) -> dict:

@@ -379,3 +379,16 @@ def test_section_names_must_be_safe_in_a_comment(bench, capsys):
 def test_unpaired_markers_are_refused(bench):
     with pytest.raises(ValueError, match="unpaired"):
         bench.replace_generated_section(f"{bench.BEGIN_MARKER}\nhalf a section\n", "new\n")
+
+
+# -- benchmarks/bench_serve.py --------------------------------------------------------------------
+def test_decoding_rate_counts_only_while_every_stream_decodes(monkeypatch):
+    """The window opens at the last stream's first chunk and closes at the first stream's last:
+    a stream still waiting for its prompt, or one already done, leaves the others' chunks out."""
+    pytest.importorskip("openai")
+    monkeypatch.syspath_prepend(str(BENCH_PATH.parent))
+    from bench_serve import decoding_rate
+    assert decoding_rate([[0.0, 1.0, 2.0, 3.0]]) == pytest.approx(1.0)           # one stream: (n - 1) / its span
+    early, late = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0], [1.0, 2.0, 3.0, 4.0]     # late waits for its prompt
+    assert decoding_rate([early, late]) == pytest.approx((4 + 2) / 2.0)         # (1, 3]: 4 of early's, 2 of late's
+    assert np.isnan(decoding_rate([[0.0, 1.0], [2.0, 3.0]]))                      # never all decoding at once
