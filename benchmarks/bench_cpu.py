@@ -237,6 +237,9 @@ def run_child(job: dict) -> dict:
     engine_class = {"zephyr": ZephyrEngine, "llama.cpp": LlamaCppEngine}[job["engine"]]
     if job["engine"] == "zephyr":
         import zephyr  # noqa: F401
+        if job.get("isa"):
+            from zephyr_backends.cpu import _ops
+            _ops.set_isa(job["isa"])
     else:
         import llama_cpp  # noqa: F401
     prompt = job["prompt"]
@@ -1076,8 +1079,9 @@ def parse_args(argv=None):
     parser.add_argument("--repack", action=argparse.BooleanOptionalAction, default=None,
                         help="with --kernel-rates: every type interleaved where a kernel reads it so (--no-repack: "
                              "none; default: this host's choice, as zephyr's repack option)")
-    parser.add_argument("--isa", help="with --kernel-rates: force the kernels' instruction-set path (avx2, "
-                                      "scalar) to measure what a CPU without the best one runs")
+    parser.add_argument("--isa", help="force zephyr's kernels onto an instruction-set path (avx2, scalar) to "
+                                      "measure what a CPU without the best one runs; llama.cpp runs the build "
+                                      "installed (benchmarks/README.md: build it for that path too)")
     parser.add_argument("--out", type=Path, help="Markdown file whose generated section gets the results "
                                                  "(e.g. docs/benchmarks.md)")
     parser.add_argument("--section", help="name of the generated section of --out to write (default: the "
@@ -1095,8 +1099,6 @@ def parse_args(argv=None):
         if unknown or not keys:
             parser.error(f"unknown model(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(MODELS)}")
         args.models = keys
-        if args.isa is not None and not args.kernel_rates:
-            parser.error("--isa applies to --kernel-rates only")
         if args.section is None and args.kernel_rates:
             args.section = KERNEL_RATES_SECTION
         if args.section is not None and not re.fullmatch(r"[a-z0-9][a-z0-9-]*", args.section):
@@ -1206,7 +1208,7 @@ def main(argv=None) -> int:
                         warm_s = warm_page_cache(facts.path)
                         job = {"engine": engine, "path": str(facts.path), "threads": args.threads, "prompt": prompt,
                                "decode_tokens": args.decode_tokens, "n_ctx": facts.n_ctx,
-                               "flash_attn": args.llama_cpp_flash_attn}
+                               "flash_attn": args.llama_cpp_flash_attn, "isa": args.isa}
                         label = f"  [{repeat + 1}/{args.repeats}] {row.case.prompt:>5} tokens {engine:<9}"
                         try:
                             run = spawn_child(job, args.timeout)

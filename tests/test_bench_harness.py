@@ -102,8 +102,25 @@ def test_kernel_rates_take_the_repack_option(bench):
     assert bench.parse_args(["--kernel-rates", "--repack"]).repack is True
     assert bench.parse_args(["--kernel-rates", "--no-repack"]).repack is False
     assert bench.parse_args(["--kernel-rates", "--isa", "avx2"]).isa == "avx2"
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--isa", "avx2"])
+    assert bench.parse_args(["--isa", "avx2"]).isa == "avx2"   # the engine runs too
+
+
+def test_the_zephyr_child_runs_the_forced_path(bench, monkeypatch):
+    """--isa reaches the child that loads zephyr, which forces the path before it loads anything."""
+    from zephyr_backends.cpu import _ops
+    forced = []
+    monkeypatch.setattr(_ops, "set_isa", forced.append)
+
+    class Stop(Exception):
+        pass
+
+    def engine(*args):
+        raise Stop
+    monkeypatch.setattr(bench, "ZephyrEngine", engine)
+    with pytest.raises(Stop):
+        bench.run_child({"engine": "zephyr", "isa": "avx2", "prompt": [1], "path": "x", "threads": 1, "n_ctx": 8,
+                         "flash_attn": False, "decode_tokens": 0})
+    assert forced == ["avx2"]
 
 
 # -- targets ------------------------------------------------------------------------------------
