@@ -39,6 +39,17 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_rows8_store(const zd_tile *tile, int64_t j, int
         dst[r] = tile->accumulate ? dst[r] + lanes[r] : lanes[r];
 }
 
+/* Every token's results of the halves h0 .. h0 + nh - 1 a pass read (F[hh][j]: half h0 + hh,
+ * token j0 + j). */
+ZD_TARGET_AVX2 ZD_INLINE void zd_x16_store_256(const zd_tile *tile, int T, int64_t j0, int h0, int nh,
+                                               const __m256 F[2][4]) {
+    ZD_UNROLL
+    for (int hh = 0; hh < nh; hh++)
+        ZD_UNROLL
+        for (int j = 0; j < T; j++)
+            zd_rows8_store(tile, j0 + j, h0 + hh, F[hh][j]);
+}
+
 /* The 8 f16 fields of half h at `at` in a group (d or the mins of 16 rows), as floats. */
 ZD_TARGET_AVX2 ZD_INLINE __m256 zd_x16_halves_256(const uint8_t *group, int at, int h) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(group + at + 16 * h)));
@@ -146,11 +157,7 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_x16_legacy_tokens_256(const int type, const int
             }
         }
     }
-    ZD_UNROLL
-    for (int hh = 0; hh < nh; hh++)
-        ZD_UNROLL
-        for (int j = 0; j < T; j++)
-            zd_rows8_store(tile, j0 + j, h0 + hh, F[hh][j]);
+    zd_x16_store_256(tile, T, j0, h0, nh, F);
 }
 
 /* Q8_0, rows 8h .. 8h + 7, T tokens from j0: per block, 8 quant vectors of values 4i .. 4i + 3
@@ -195,11 +202,7 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_x16_q8_0_tokens_256(const int T, const zd_tile 
                 F[hh][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(S[j]), _mm256_mul_ps(dw, _mm256_set1_ps(xd[j][b])), F[hh][j]);
         }
     }
-    ZD_UNROLL
-    for (int hh = 0; hh < nh; hh++)
-        ZD_UNROLL
-        for (int j = 0; j < T; j++)
-            zd_rows8_store(tile, j0 + j, h0 + hh, F[hh][j]);
+    zd_x16_store_256(tile, T, j0, h0, nh, F);
 }
 
 /* Q4_K and Q5_K, rows 8h .. 8h + 7, T tokens from j0. Per super-block (the layout of
@@ -287,11 +290,7 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_x16_kq_tokens_256(const int type, const int T, 
                 F[hh][j] = zd_x16_fold_256(F[hh][j], acc[j], m[j], d, dmin, xd[j][sb]);
         }
     }
-    ZD_UNROLL
-    for (int hh = 0; hh < nh; hh++)
-        ZD_UNROLL
-        for (int j = 0; j < T; j++)
-            zd_rows8_store(tile, j0 + j, h0 + hh, F[hh][j]);
+    zd_x16_store_256(tile, T, j0, h0, nh, F);
 }
 
 /* Q6_K, rows 8h .. 8h + 7, T tokens from j0 (at most 2: AVX2 has 16 vector registers). The
@@ -308,7 +307,7 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_x16_q6k_tokens_256(const int T, const zd_tile *
     const float *xd[4], *xs[4];
     zd_x16_token_operands(tile, T, j0, 1, q, xd, xs);
     const __m256i low = _mm256_set1_epi8(0x0f), two = _mm256_set1_epi8(0x30);
-    __m256 F[2][2];   /* half h0 + hh, token */
+    __m256 F[2][4];   /* half h0 + hh, token */
     ZD_UNROLL
     for (int hh = 0; hh < nh; hh++)
         ZD_UNROLL
@@ -379,11 +378,7 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_x16_q6k_tokens_256(const int T, const zd_tile *
                 F[hh][j] = zd_x16_fold_256(F[hh][j], _mm256_cvtepi32_ps(acc[j]), m[j], d, cw, xd[j][sb]);
         }
     }
-    ZD_UNROLL
-    for (int hh = 0; hh < nh; hh++)
-        ZD_UNROLL
-        for (int j = 0; j < T; j++)
-            zd_rows8_store(tile, j0 + j, h0 + hh, F[hh][j]);
+    zd_x16_store_256(tile, T, j0, h0, nh, F);
 }
 
 /* Q2_K and Q3_K, rows 8h .. 8h + 7, T tokens from j0 (at most 2). The layout is
@@ -402,7 +397,7 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_x16_q23k_tokens_256(const int type, const int T
     const float *xd[4], *xs[4];
     zd_x16_token_operands(tile, T, j0, 1, q, xd, xs);
     const __m256i three = _mm256_set1_epi8(3), four = _mm256_set1_epi8(4), nibble = _mm256_set1_epi8(0x0f);
-    __m256 F[2][2];   /* half h0 + hh, token */
+    __m256 F[2][4];   /* half h0 + hh, token */
     ZD_UNROLL
     for (int hh = 0; hh < nh; hh++)
         ZD_UNROLL
@@ -489,11 +484,7 @@ ZD_TARGET_AVX2 ZD_INLINE void zd_x16_q23k_tokens_256(const int type, const int T
                 F[hh][j] = zd_x16_fold_256(F[hh][j], _mm256_cvtepi32_ps(acc[j]), m[j], d, cw, xd[j][sb]);
         }
     }
-    ZD_UNROLL
-    for (int hh = 0; hh < nh; hh++)
-        ZD_UNROLL
-        for (int j = 0; j < T; j++)
-            zd_rows8_store(tile, j0 + j, h0 + hh, F[hh][j]);
+    zd_x16_store_256(tile, T, j0, h0, nh, F);
 }
 
 /* One pass over halves h0 .. h0 + nh - 1 of the tile's weights for T tokens from j0. */
