@@ -67,8 +67,9 @@ def measure(url, clients, max_tokens, rounds) -> dict:
         return (sum(result["tokens"] for result in results) / (time.perf_counter() - began),
                 decoding_rate([result["times"] for result in results]))
     # alternating rounds, medians: one stream's rate varies by 2x from run to run on a shared 2-core VM
-    (singles, single_decoding), (aggregates, all_decoding) = (
-        zip(*pair) for pair in zip(*((alone(r), together(r)) for r in range(rounds))))
+    played = [(alone(r), together(r)) for r in range(rounds)]
+    singles, single_decoding = zip(*(one for one, _ in played))
+    aggregates, all_decoding = zip(*(everyone for _, everyone in played))
     single, aggregate = statistics.median(singles), statistics.median(aggregates)
 
     def question(i):   # a new prompt from its first word on, so no cached prefix shortens its prefill
