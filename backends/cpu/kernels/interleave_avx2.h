@@ -7,8 +7,10 @@
  * per 8 rows (for Q2_K, Q3_K and Q6_K they also apply the group's scale), and a block's float
  * scale is one vector for the 8 rows, where the row-major kernels reduce and scale every row's
  * block on its own (dot_legacy.h, dot_kquant.h). Each 64-byte vector of a group holds 4 bytes of
- * rows 0..15: half h (32 bytes) is rows 8h .. 8h + 7, and the two halves are two passes over the
- * tile, the second reading the group from cache.
+ * rows 0..15: half h (32 bytes) is rows 8h .. 8h + 7. Each kernel reads the halves h0 .. h0 + nh - 1
+ * of every group: both in one pass for one token, which streams the weights from memory without
+ * pause; one half a pass for several tokens (their sums need the registers), the second pass
+ * reading the tile from cache (zd_x16_tile_256).
  *
  * Every type with an AVX-512 interleaved kernel has one here.
  */
