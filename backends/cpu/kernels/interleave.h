@@ -530,26 +530,34 @@ ZD_TARGET_AVX512 ZD_INLINE __m512i zd_lane_int8_512(__m512i v, int s) {
  * value l, is bit s of hmask byte l (hmask vector i, the same lane byte). The first 4 and the
  * last 4 vectors of a sub-block are different 16-value groups, each with its own scale: Q2_K's
  * a nibble (and a min, value d sc u - dmin min), Q3_K's 6 bits biased by 32 (value
- * d sc (u - 4)). Offsets and mins meet the activations' sums per 16 values (s16). */
+ * d sc (u - 4)). Their scaling is integer work, two groups per instruction: the group sums
+ * (within 16 bits) of two sub-blocks meet their scales as int16 pairs in one dpwssd, and the
+ * offsets or mins meet the activations' sums per 16 values (split16) in two dpbusd per four
+ * groups; a float multiply per group had cost as much as the quants' own dpbusd. */
 ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q23k_tokens_512(const int type, const int T, const zd_tile *tile, int64_t j0) {
     const zd_act *x = tile->x;
     const int q3 = type == ZD_Q3_K;
     const int64_t nsb = x->k / 256, bytes = 16 * zd_block_bytes(type);
     const int8_t *q[4];
     const float *xd[4], *xs[4];
+    const uint8_t *split[4];
     zd_x16_token_operands(tile, T, j0, 1, q, xd, xs);
     __m512 F[4], C[4];
     ZD_UNROLL
-    for (int j = 0; j < T; j++)
+    for (int j = 0; j < T; j++) {
+        split[j] = x->split16 + 2 * (tile->t0 + j0 + j) * x->s_stride;
         F[j] = C[j] = _mm512_setzero_ps();
-    const __m512i three = _mm512_set1_epi8(3), four = _mm512_set1_epi8(4), nibble = _mm512_set1_epi8(0x0f);
+    }
+    const __m512i three = _mm512_set1_epi8(3), nibble = _mm512_set1_epi8(0x0f);
+    const __m512i low16 = _mm512_set1_epi32(0xffff), ones = _mm512_set1_epi8(1);
     for (int64_t sb = 0; sb < nsb; sb++) {
         __m512 d;
         const uint8_t *group = zd_x16_group_512(tile, sb, bytes, &d);
         const uint8_t *body = group + 16 * zd_x16_head(type);
         const uint8_t *hmask = body, *qs = body + (q3 ? 8 : 4) * 64, *packed = q3 ? qs + 16 * 64 : body;
-        /* lane r, byte b of S[v] (M[v]): the scale (min) of 16-value group 4v + b */
-        __m512i S[4], M[4];
+        /* lane r, byte b of S[v] (M[v]): the scale (min) of 16-value group 4v + b, Q3_K's less
+         * its bias; c[v] the bytes that meet the activations' sums (Q3_K's scales, Q2_K's mins) */
+        __m512i S[4], c[4];
         if (q3) {
             const __m512i a = _mm512_loadu_si512(packed), b = _mm512_loadu_si512(packed + 64);
             const __m512i h = _mm512_loadu_si512(packed + 128);
@@ -558,23 +566,47 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q23k_tokens_512(const int type, const int
                 const __m512i src = v % 2 ? b : a;
                 const __m512i lowbits = _mm512_and_si512(v < 2 ? src : _mm512_srli_epi32(src, 4), nibble);
                 const __m512i top = _mm512_and_si512(_mm512_srli_epi32(h, 2 * v), three);
-                S[v] = _mm512_or_si512(lowbits, _mm512_slli_epi32(top, 4));
+                S[v] = c[v] = _mm512_sub_epi8(_mm512_or_si512(lowbits, _mm512_slli_epi32(top, 4)), _mm512_set1_epi8(32));
             }
         } else {
             ZD_UNROLL
             for (int v = 0; v < 4; v++) {
                 const __m512i both = _mm512_loadu_si512(packed + 64 * v);
                 S[v] = _mm512_and_si512(both, nibble);
-                M[v] = _mm512_and_si512(_mm512_srli_epi32(both, 4), nibble);
+                c[v] = _mm512_and_si512(_mm512_srli_epi32(both, 4), nibble);
             }
         }
-        __m512i acc[4];
+        /* per token, sum over groups of c times the activations' sum, in integers: split16's
+         * high bytes carry + 128, which takes 128 times each lane's sum of c back out */
+        __m512i csum = _mm512_setzero_si512();
+        ZD_UNROLL
+        for (int v = 0; v < 4; v++)
+            csum = _mm512_dpbusd_epi32(csum, ones, c[v]);
         __m512 m[4];
         ZD_UNROLL
         for (int j = 0; j < T; j++) {
-            acc[j] = _mm512_setzero_si512();
-            m[j] = _mm512_setzero_ps();
+            const uint8_t *hi = split[j] + 32 * sb, *lo = hi + 16;
+            __m512i H = _mm512_setzero_si512(), L = _mm512_setzero_si512();
+            ZD_UNROLL
+            for (int v = 0; v < 4; v++) {
+                H = _mm512_dpbusd_epi32(H, _mm512_set1_epi32((int)zd_u32_at(hi + 4 * v)), c[v]);
+                L = _mm512_dpbusd_epi32(L, _mm512_set1_epi32((int)zd_u32_at(lo + 4 * v)), c[v]);
+            }
+            const __m512i sums = _mm512_add_epi32(_mm512_slli_epi32(_mm512_sub_epi32(H, _mm512_slli_epi32(csum, 7)), 4), L);
+            m[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(xd[j][sb]));
         }
+        /* int16 lanes of the scales: groups (4v, 4v + 2) in P[v][0], (4v + 1, 4v + 3) in P[v][1],
+         * the pairs an even sub-block 2v and its odd neighbour make */
+        __m512i P[4][2];
+        ZD_UNROLL
+        for (int v = 0; v < 4; v++) {
+            P[v][0] = _mm512_srai_epi16(_mm512_slli_epi16(S[v], 8), 8);
+            P[v][1] = _mm512_srai_epi16(S[v], 8);
+        }
+        __m512i acc[4], even[4][2];
+        ZD_UNROLL
+        for (int j = 0; j < T; j++)
+            acc[j] = _mm512_setzero_si512();
         ZD_UNROLL
         for (int n = 0; n < 2; n++)
             ZD_UNROLL
@@ -588,35 +620,34 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q23k_tokens_512(const int type, const int
                 ZD_UNROLL
                 for (int i = 0; i < 8; i++) {
                     const __m512i v = _mm512_loadu_si512(qs + 64 * (8 * n + i));
-                    /* Q2_K's 2 bits in place (4^sh times their value; the sums are divided after) */
-                    __m512i u = q3 ? _mm512_and_si512(sh ? _mm512_srli_epi32(v, 2 * sh) : v, three)
-                                   : _mm512_and_si512(v, _mm512_set1_epi8((char)(3 << 2 * sh)));
+                    /* the 2 bits in place (4^sh times their value), but Q3_K's top pair: its
+                     * third bit, next above them, would not fit in the byte */
+                    const int low = q3 && sh == 3 ? 0 : 2 * sh;
+                    __m512i u = low == 2 * sh ? _mm512_and_si512(v, _mm512_set1_epi8((char)(3 << low)))
+                                              : _mm512_and_si512(_mm512_srli_epi32(v, 6), three);
                     if (q3) {
                         const __m512i hm = _mm512_loadu_si512(hmask + 64 * i);
-                        const __m512i bit = s < 2 ? _mm512_slli_epi32(hm, 2 - s) : _mm512_srli_epi32(hm, s - 2);
-                        u = _mm512_ternarylogic_epi32(u, bit, four, 0xF8);   /* u | (bit & four) */
+                        const int up = low + 2 - s;   /* bit s of hmask to bit low + 2 */
+                        const __m512i bit = up > 0 ? _mm512_slli_epi32(hm, up) : up < 0 ? _mm512_srli_epi32(hm, -up) : hm;
+                        u = _mm512_ternarylogic_epi32(u, bit, _mm512_set1_epi8((char)(4 << low)), 0xF8);   /* u | (bit & 4 << low) */
                     }
                     ZD_UNROLL
                     for (int j = 0; j < T; j++)
                         I[j][i / 4] = _mm512_dpbusd_epi32(I[j][i / 4], u, zd_x4_512(q[j] + at + 4 * i));
                 }
-                if (!q3 && sh)
-                    ZD_UNROLL
-                    for (int j = 0; j < T; j++)
-                        I[j][0] = _mm512_srai_epi32(I[j][0], 2 * sh), I[j][1] = _mm512_srai_epi32(I[j][1], 2 * sh);
+                /* each group's sum fits 16 bits (|sum| <= 16 * 7 * 127): an even sub-block's go to
+                 * the low halves, the next one's to the high halves, unscaled (Q2_K's by 4^sh) */
+                const int scaled = q3 && sh == 3 ? 0 : 2 * sh;
                 ZD_UNROLL
-                for (int e = 0; e < 2; e++) {
-                    const int g = 2 * s + e;
-                    __m512i sc = zd_lane_byte_512(S[g / 4], g % 4);
-                    if (q3)
-                        sc = _mm512_sub_epi32(sc, _mm512_set1_epi32(32));
-                    const __m512 c = _mm512_cvtepi32_ps(q3 ? sc : zd_lane_byte_512(M[g / 4], g % 4));
+                for (int j = 0; j < T; j++)
                     ZD_UNROLL
-                    for (int j = 0; j < T; j++) {
-                        acc[j] = _mm512_add_epi32(acc[j], _mm512_mullo_epi32(I[j][e], sc));
-                        m[j] = _mm512_fmadd_ps(c, _mm512_set1_ps(xs[j][16 * sb + g]), m[j]);
+                    for (int e = 0; e < 2; e++) {
+                        if (s % 2 == 0)
+                            even[j][e] = scaled ? _mm512_srai_epi32(I[j][e], scaled) : I[j][e];
+                        else
+                            acc[j] = _mm512_dpwssd_epi32(acc[j], _mm512_ternarylogic_epi32(even[j][e],
+                                _mm512_slli_epi32(I[j][e], 16 - scaled), low16, 0xEC), P[s / 2][e]);
                     }
-                }
             }
         /* the offsets: dmin per min (Q2_K), 4 d per scale (Q3_K) */
         const __m512 cw = q3 ? _mm512_mul_ps(d, _mm512_set1_ps(4.0f))

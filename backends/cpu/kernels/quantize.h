@@ -36,6 +36,10 @@ typedef struct {
     int64_t d_stride;
     float *s16, *s32;        /* d * sum of the quants, per 16 (Q8_K only) and per 32 values */
     int64_t s_stride;
+    /* Q8_K: each super-block's 16 sums of 16 quants as bytes a dpbusd takes, row t at
+     * split16 + 2 * t * s_stride: 16 of (sum >> 4) + 128, then 16 of sum & 15 (exact: sum =
+     * 16 (hi - 128) + lo, |sum| <= 16 * 127). */
+    uint8_t *split16;
     /* Q8_K quants on the AVX-512 path are stored in "Q4_K order": each super-block's four
      * 64-value vectors hold its 32-value sub-blocks (0, 2), (1, 3), (4, 6), (5, 7), the pairs one
      * 64-byte load of Q4_K quants yields as low and high nibbles (dot_kquant.h). */
@@ -66,7 +70,7 @@ static int64_t zd_act_bytes(int kind, int64_t n, int64_t k) {
         return 0;
     const int64_t q = zd_round_up(k + ZD_ACT_PAD, 64), d = zd_round_up(k / 32 + 16, 16);
     const int64_t s = zd_round_up(k / 16 + 16, 16);
-    return 64 + n * (q + 4 * d + 8 * s);
+    return 64 + n * (q + 4 * d + 10 * s);
 }
 
 /* Lay out a quantised activation of n rows of k values over `buffer` (zd_act_bytes long), for
@@ -90,6 +94,8 @@ static void zd_act_init(zd_act *a, int kind, int64_t n, int64_t k, void *buffer,
     a->s16 = (float *)p;
     p += n * a->s_stride * 4;
     a->s32 = (float *)p;
+    p += n * a->s_stride * 4;
+    a->split16 = p;
 }
 
 /* ---- Q8_0: per 32 values d = max|x| / 127 (stored as f16), q = roundf(x / d) ------------------- */
@@ -116,31 +122,38 @@ static void zd_quantize_q8_0_scalar(const float *ZD_RESTRICT x, int64_t k, int8_
 /* ---- Q8_K: per 256 values, with `peak` the first value of largest magnitude, iscale =
  * -127 / peak, q = min(127, rint(iscale * x)), d = 1 / iscale ---------------------------------- */
 
-/* A super-block's s16 and s32 from its sums of quants per 16 values. */
-static inline void zd_q8_k_put_sums(const int sums[16], float d, float *ZD_RESTRICT s16, float *ZD_RESTRICT s32) {
-    for (int g = 0; g < 16; g++)
+/* A super-block's s16, s32 and split16 from its sums of quants per 16 values. */
+static inline void zd_q8_k_put_sums(const int sums[16], float d, float *ZD_RESTRICT s16, float *ZD_RESTRICT s32,
+                                    uint8_t *ZD_RESTRICT split16) {
+    for (int g = 0; g < 16; g++) {
         s16[g] = d * (float)sums[g];
+        split16[g] = (uint8_t)((sums[g] >> 4) + 128);
+        split16[16 + g] = (uint8_t)(sums[g] & 15);
+    }
     for (int j = 0; j < 8; j++)
         s32[j] = d * (float)(sums[2 * j] + sums[2 * j + 1]);
 }
 
 /* A super-block of zeros: quants, scale and sums. */
-static inline void zd_q8_k_zero(int8_t *q, float *d, float *ZD_RESTRICT s16, float *ZD_RESTRICT s32) {
+static inline void zd_q8_k_zero(int8_t *q, float *d, float *ZD_RESTRICT s16, float *ZD_RESTRICT s32,
+                                uint8_t *ZD_RESTRICT split16) {
     static const int none[16];
     memset(q, 0, 256);
     *d = 0.0f;
-    zd_q8_k_put_sums(none, 0.0f, s16, s32);
+    zd_q8_k_put_sums(none, 0.0f, s16, s32, split16);
 }
 
-static void zd_q8_k_sums(const int8_t *q, float d, float *ZD_RESTRICT s16, float *ZD_RESTRICT s32) {
+static void zd_q8_k_sums(const int8_t *q, float d, float *ZD_RESTRICT s16, float *ZD_RESTRICT s32,
+                         uint8_t *ZD_RESTRICT split16) {
     int sums[16] = {0};
     for (int v = 0; v < 256; v++)
         sums[v / 16] += q[v];
-    zd_q8_k_put_sums(sums, d, s16, s32);
+    zd_q8_k_put_sums(sums, d, s16, s32, split16);
 }
 
 static void zd_quantize_q8_k_scalar(const float *ZD_RESTRICT x, int64_t k, int8_t *ZD_RESTRICT q,
-                                    float *ZD_RESTRICT d, float *ZD_RESTRICT s16, float *ZD_RESTRICT s32) {
+                                    float *ZD_RESTRICT d, float *ZD_RESTRICT s16, float *ZD_RESTRICT s32,
+                                    uint8_t *ZD_RESTRICT split16) {
     for (int64_t b = 0; b < k / 256; b++, x += 256, q += 256) {
         float amax = 0.0f, peak = 0.0f;
         for (int j = 0; j < 256; j++)
@@ -154,7 +167,7 @@ static void zd_quantize_q8_k_scalar(const float *ZD_RESTRICT x, int64_t k, int8_
             q[j] = (int8_t)(v < 127 ? v : 127);
         }
         d[b] = amax != 0.0f ? 1.0f / iscale : 0.0f;
-        zd_q8_k_sums(q, d[b], s16 + 16 * b, s32 + 8 * b);
+        zd_q8_k_sums(q, d[b], s16 + 16 * b, s32 + 8 * b, split16 + 32 * b);
     }
 }
 
@@ -235,15 +248,15 @@ ZD_TARGET_AVX2 static void zd_quantize_q8_0_avx2(const float *ZD_RESTRICT x, int
 
 ZD_TARGET_AVX512 static void zd_quantize_q8_k_avx512(const float *ZD_RESTRICT x, int64_t k, int8_t *ZD_RESTRICT q,
                                                      float *ZD_RESTRICT d, float *ZD_RESTRICT s16,
-                                                     float *ZD_RESTRICT s32) {
+                                                     float *ZD_RESTRICT s32, uint8_t *ZD_RESTRICT split16) {
     const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-    for (int64_t b = 0; b < k / 256; b++, x += 256, q += 256, s16 += 16, s32 += 8) {
+    for (int64_t b = 0; b < k / 256; b++, x += 256, q += 256, s16 += 16, s32 += 8, split16 += 32) {
         __m512 m = _mm512_setzero_ps();
         for (int i = 0; i < 16; i++)
             m = _mm512_max_ps(m, _mm512_and_ps(_mm512_loadu_ps(x + 16 * i), abs_mask));
         const float amax = _mm512_reduce_max_ps(m);
         if (amax == 0.0f) {
-            zd_q8_k_zero(q, &d[b], s16, s32);
+            zd_q8_k_zero(q, &d[b], s16, s32, split16);
             continue;
         }
         float peak = 0.0f;
@@ -266,21 +279,21 @@ ZD_TARGET_AVX512 static void zd_quantize_q8_k_avx512(const float *ZD_RESTRICT x,
             _mm_storeu_si128((__m128i *)(q + zd_kq_order_at(16 * i)), _mm512_cvtepi32_epi8(v));
             sums[i] = _mm512_reduce_add_epi32(v);
         }
-        zd_q8_k_put_sums(sums, d[b], s16, s32);
+        zd_q8_k_put_sums(sums, d[b], s16, s32, split16);
     }
 }
 
 ZD_TARGET_AVX2 static void zd_quantize_q8_k_avx2(const float *ZD_RESTRICT x, int64_t k, int8_t *ZD_RESTRICT q,
                                                  float *ZD_RESTRICT d, float *ZD_RESTRICT s16,
-                                                 float *ZD_RESTRICT s32) {
+                                                 float *ZD_RESTRICT s32, uint8_t *ZD_RESTRICT split16) {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    for (int64_t b = 0; b < k / 256; b++, x += 256, q += 256, s16 += 16, s32 += 8) {
+    for (int64_t b = 0; b < k / 256; b++, x += 256, q += 256, s16 += 16, s32 += 8, split16 += 32) {
         __m256 m = _mm256_setzero_ps();
         for (int i = 0; i < 32; i++)
             m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(x + 8 * i), abs_mask));
         const float amax = zd_hmax_256(m);
         if (amax == 0.0f) {
-            zd_q8_k_zero(q, &d[b], s16, s32);
+            zd_q8_k_zero(q, &d[b], s16, s32, split16);
             continue;
         }
         float peak = 0.0f;
@@ -308,7 +321,7 @@ ZD_TARGET_AVX2 static void zd_quantize_q8_k_avx2(const float *ZD_RESTRICT x, int
             sums[2 * i] = zd_hsum_epi32_256(_mm256_add_epi32(r[0], r[1]));
             sums[2 * i + 1] = zd_hsum_epi32_256(_mm256_add_epi32(r[2], r[3]));
         }
-        zd_q8_k_put_sums(sums, d[b], s16, s32);
+        zd_q8_k_put_sums(sums, d[b], s16, s32, split16);
     }
 }
 #endif
@@ -341,11 +354,12 @@ static void zd_quantize_blocks(const float *row, zd_act *a, int isa, int64_t t, 
         zd_quantize_q8_0_scalar(x, k, q, d, s32);
     } else {
         float *s16 = a->s16 + t * a->s_stride + 16 * b0, *s32 = a->s32 + t * a->s_stride + 8 * b0;
+        uint8_t *split16 = a->split16 + 2 * t * a->s_stride + 32 * b0;
 #if ZD_X86
-        if (isa == ZD_ISA_AVX512) { zd_quantize_q8_k_avx512(x, k, q, d, s16, s32); return; }
-        if (isa == ZD_ISA_AVX2) { zd_quantize_q8_k_avx2(x, k, q, d, s16, s32); return; }
+        if (isa == ZD_ISA_AVX512) { zd_quantize_q8_k_avx512(x, k, q, d, s16, s32, split16); return; }
+        if (isa == ZD_ISA_AVX2) { zd_quantize_q8_k_avx2(x, k, q, d, s16, s32, split16); return; }
 #endif
-        zd_quantize_q8_k_scalar(x, k, q, d, s16, s32);
+        zd_quantize_q8_k_scalar(x, k, q, d, s16, s32, split16);
     }
 }
 
