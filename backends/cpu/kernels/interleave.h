@@ -39,7 +39,7 @@
 /* Rows shorter than this gain from interleaving in every type; longer ones only where the
  * row-major kernel cannot keep pace with the memory: Q4_0, Q4_1, Q5_0 and Q5_1 (a scale, and a
  * min, per 32 values; 7B Q4_0 decode +10-30 % here), Q2_K and Q3_K (13-14 GB/s per core from L2
- * row-major on the AMD host below, 24-30 interleaved; 7B Q3_K_M decode 7.8-7.9 -> 8.9-10.6 tok/s,
+ * row-major on the AMD host below, 27-35 interleaved; 7B Q3_K_M decode 7.8-7.9 -> 8.9-10.6 tok/s,
  * prefill 25-27 -> 30, load 0.15 -> 4.8 s), and Q4_K, Q5_K and Q8_0 on Intel cores. On
  * this project's AMD Zen 4 machine a 7B model's Q8_0 and Q4_K rows stream at memory speed
  * already (Q4_K A/B: decode 6.05 tok/s interleaved, 6.06-6.46 not), and copying 4-7 GB costs

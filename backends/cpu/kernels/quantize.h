@@ -391,10 +391,10 @@ static void zd_act_pack_row(const zd_act *a, int64_t t, uint8_t *out) {
             memcpy(out, &d[b], 4);
             for (int v = 0; v < 256; v++)
                 out[4 + v] = (uint8_t)q[256 * b + (a->kq_order ? zd_kq_order_at(v) : v)];
+            /* GGML's sums per 16 values, from the kernels' own copy (split16) */
+            const uint8_t *split = a->split16 + 2 * t * a->s_stride + 32 * b;
             for (int g = 0; g < 16; g++) {
-                int16_t sum = 0;
-                for (int j = 0; j < 16; j++)
-                    sum = (int16_t)(sum + (int8_t)out[4 + 16 * g + j]);
+                const int16_t sum = (int16_t)(16 * (split[g] - 128) + split[16 + g]);
                 memcpy(out + 260 + 2 * g, &sum, 2);
             }
         }
