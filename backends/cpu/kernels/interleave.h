@@ -613,6 +613,9 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q23k_tokens_512(const int type, const int
             for (int sh = 0; sh < 4; sh++) {
                 const int s = 4 * n + sh;
                 const int64_t at = 256 * sb + 64 * (2 * (s / 4) + s % 2) + 32 * ((s % 4) / 2);   /* Q4_K order */
+                /* the 2 bits in place, 4^sh times their value (the sums are unscaled below), but
+                 * Q3_K's top pair: its third bit, next above them, would not fit in the byte */
+                const int top = q3 && sh == 3, scaled = top ? 0 : 2 * sh;
                 __m512i I[4][2];
                 ZD_UNROLL
                 for (int j = 0; j < T; j++)
@@ -620,24 +623,20 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q23k_tokens_512(const int type, const int
                 ZD_UNROLL
                 for (int i = 0; i < 8; i++) {
                     const __m512i v = _mm512_loadu_si512(qs + 64 * (8 * n + i));
-                    /* the 2 bits in place (4^sh times their value), but Q3_K's top pair: its
-                     * third bit, next above them, would not fit in the byte */
-                    const int low = q3 && sh == 3 ? 0 : 2 * sh;
-                    __m512i u = low == 2 * sh ? _mm512_and_si512(v, _mm512_set1_epi8((char)(3 << low)))
-                                              : _mm512_and_si512(_mm512_srli_epi32(v, 6), three);
+                    __m512i u = top ? _mm512_and_si512(_mm512_srli_epi32(v, 6), three)
+                                    : _mm512_and_si512(v, _mm512_set1_epi8((char)(3 << scaled)));
                     if (q3) {
                         const __m512i hm = _mm512_loadu_si512(hmask + 64 * i);
-                        const int up = low + 2 - s;   /* bit s of hmask to bit low + 2 */
+                        const int up = scaled + 2 - s;   /* bit s of hmask to bit scaled + 2 */
                         const __m512i bit = up > 0 ? _mm512_slli_epi32(hm, up) : up < 0 ? _mm512_srli_epi32(hm, -up) : hm;
-                        u = _mm512_ternarylogic_epi32(u, bit, _mm512_set1_epi8((char)(4 << low)), 0xF8);   /* u | (bit & 4 << low) */
+                        u = _mm512_ternarylogic_epi32(u, bit, _mm512_set1_epi8((char)(4 << scaled)), 0xF8);   /* u | (bit & 4 << scaled) */
                     }
                     ZD_UNROLL
                     for (int j = 0; j < T; j++)
                         I[j][i / 4] = _mm512_dpbusd_epi32(I[j][i / 4], u, zd_x4_512(q[j] + at + 4 * i));
                 }
                 /* each group's sum fits 16 bits (|sum| <= 16 * 7 * 127): an even sub-block's go to
-                 * the low halves, the next one's to the high halves, unscaled (Q2_K's by 4^sh) */
-                const int scaled = q3 && sh == 3 ? 0 : 2 * sh;
+                 * the low halves, the next one's to the high halves */
                 ZD_UNROLL
                 for (int j = 0; j < T; j++)
                     ZD_UNROLL
