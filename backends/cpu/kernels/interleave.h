@@ -555,8 +555,8 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q23k_tokens_512(const int type, const int
         const uint8_t *group = zd_x16_group_512(tile, sb, bytes, &d);
         const uint8_t *body = group + 16 * zd_x16_head(type);
         const uint8_t *hmask = body, *qs = body + (q3 ? 8 : 4) * 64, *packed = q3 ? qs + 16 * 64 : body;
-        /* lane r, byte b of S[v] (M[v]): the scale (min) of 16-value group 4v + b, Q3_K's less
-         * its bias; c[v] the bytes that meet the activations' sums (Q3_K's scales, Q2_K's mins) */
+        /* lane r, byte b of S[v]: the scale of 16-value group 4v + b (Q3_K's less its bias); of
+         * c[v]: what meets that group's activation sum (Q3_K's scale, Q2_K's min) */
         __m512i S[4], c[4];
         if (q3) {
             const __m512i a = _mm512_loadu_si512(packed), b = _mm512_loadu_si512(packed + 64);
