@@ -545,7 +545,7 @@ ZD_TARGET_AVX512 ZD_INLINE void zd_x16_q23k_tokens_512(const int type, const int
     __m512 F[4], C[4];
     ZD_UNROLL
     for (int j = 0; j < T; j++) {
-        split[j] = x->split16 + 2 * (tile->t0 + j0 + j) * x->s_stride;
+        split[j] = zd_act_split16(x, tile->t0 + j0 + j);
         F[j] = C[j] = _mm512_setzero_ps();
     }
     const __m512i three = _mm512_set1_epi8(3), nibble = _mm512_set1_epi8(0x0f);

@@ -36,9 +36,9 @@ typedef struct {
     int64_t d_stride;
     float *s16, *s32;        /* d * sum of the quants, per 16 (Q8_K only) and per 32 values */
     int64_t s_stride;
-    /* Q8_K: each super-block's 16 sums of 16 quants as bytes a dpbusd takes, row t at
-     * split16 + 2 * t * s_stride: 16 of (sum >> 4) + 128, then 16 of sum & 15 (exact: sum =
-     * 16 (hi - 128) + lo, |sum| <= 16 * 127). */
+    /* Q8_K: each super-block's 16 sums of 16 quants as bytes a dpbusd takes (row t at
+     * zd_act_split16), 32 per super-block: 16 of (sum >> 4) + 128, then 16 of sum & 15 (exact:
+     * sum = 16 (hi - 128) + lo, |sum| <= 16 * 127). */
     uint8_t *split16;
     /* Q8_K quants on the AVX-512 path are stored in "Q4_K order": each super-block's four
      * 64-value vectors hold its 32-value sub-blocks (0, 2), (1, 3), (4, 6), (5, 7), the pairs one
@@ -72,6 +72,9 @@ static int64_t zd_act_bytes(int kind, int64_t n, int64_t k) {
     const int64_t s = zd_round_up(k / 16 + 16, 16);
     return 64 + n * (q + 4 * d + 10 * s);
 }
+
+/* Row t of a Q8_K activation's split16 (2 bytes per 16 values, within s_stride's room). */
+static inline uint8_t *zd_act_split16(const zd_act *a, int64_t t) { return a->split16 + 2 * t * a->s_stride; }
 
 /* Lay out a quantised activation of n rows of k values over `buffer` (zd_act_bytes long), for
  * the kernels of path `isa`. */
@@ -354,7 +357,7 @@ static void zd_quantize_blocks(const float *row, zd_act *a, int isa, int64_t t, 
         zd_quantize_q8_0_scalar(x, k, q, d, s32);
     } else {
         float *s16 = a->s16 + t * a->s_stride + 16 * b0, *s32 = a->s32 + t * a->s_stride + 8 * b0;
-        uint8_t *split16 = a->split16 + 2 * t * a->s_stride + 32 * b0;
+        uint8_t *split16 = zd_act_split16(a, t) + 32 * b0;
 #if ZD_X86
         if (isa == ZD_ISA_AVX512) { zd_quantize_q8_k_avx512(x, k, q, d, s16, s32, split16); return; }
         if (isa == ZD_ISA_AVX2) { zd_quantize_q8_k_avx2(x, k, q, d, s16, s32, split16); return; }
@@ -392,7 +395,7 @@ static void zd_act_pack_row(const zd_act *a, int64_t t, uint8_t *out) {
             for (int v = 0; v < 256; v++)
                 out[4 + v] = (uint8_t)q[256 * b + (a->kq_order ? zd_kq_order_at(v) : v)];
             /* GGML's sums per 16 values, from the kernels' own copy (split16) */
-            const uint8_t *split = a->split16 + 2 * t * a->s_stride + 32 * b;
+            const uint8_t *split = zd_act_split16(a, t) + 32 * b;
             for (int g = 0; g < 16; g++) {
                 const int16_t sum = (int16_t)(16 * (split[g] - 128) + split[16 + g]);
                 memcpy(out + 260 + 2 * g, &sum, 2);
